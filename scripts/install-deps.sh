@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Installs what strangler's build, tests and demo need on a Debian machine.
+# Idempotent: each step checks first, so a second run takes a second or two.
+set -euo pipefail
+
+CACHE_DIR="${STRANGLER_CACHE:-$HOME/.cache/strangler}"
+UNLEASH_VERSION="7.5.1"
+
+log() { printf '[install-deps] %s\n' "$*" >&2; }
+
+need_apt=()
+# Map each binary the tests or the build look for to the Debian package that ships it.
+check_bin() { # binary package
+  if ! command -v "$1" >/dev/null 2>&1 && [ ! -e "$1" ]; then need_apt+=("$2"); fi
+}
+check_bin cmake cmake
+check_bin /usr/sbin/clickhouse-server clickhouse-server
+check_bin /usr/sbin/mariadbd mariadb-server
+check_bin /usr/bin/mariadb mariadb-client
+check_bin /usr/lib/postgresql/15/bin/initdb postgresql-15
+check_bin /usr/bin/psql postgresql-client-15
+check_bin /usr/bin/chromium chromium
+check_bin node nodejs
+check_bin npm npm
+check_bin pkg-config pkg-config
+check_bin /usr/include/postgresql/libpq-fe.h libpq-dev
+if [ "${STRANGLER_BENCH:-0}" = 1 ]; then
+  check_bin /usr/sbin/nginx nginx
+  check_bin /usr/sbin/haproxy haproxy
+  check_bin wrk wrk
+fi
+
+if [ "${#need_apt[@]}" -gt 0 ]; then
+  log "installing Debian packages: ${need_apt[*]}"
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  # Packages must not start their system services: the tests start their own servers.
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+    $SUDO chmod +x /usr/sbin/policy-rc.d
+    remove_policy=1
+  fi
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  if [ "${remove_policy:-0}" = 1 ]; then $SUDO rm -f /usr/sbin/policy-rc.d; fi
+fi
+
+# Unleash server from npm, into a cache directory outside the clone.
+UNLEASH_DIR="$CACHE_DIR/unleash-$UNLEASH_VERSION"
+if [ ! -f "$UNLEASH_DIR/node_modules/unleash-server/package.json" ]; then
+  log "installing unleash-server@$UNLEASH_VERSION into $UNLEASH_DIR"
+  mkdir -p "$UNLEASH_DIR"
+  (cd "$UNLEASH_DIR" && [ -f package.json ] || echo '{"name":"strangler-unleash","private":true}' > "$UNLEASH_DIR/package.json")
+  (cd "$UNLEASH_DIR" && npm install --no-audit --no-fund --loglevel=error "unleash-server@$UNLEASH_VERSION" >/dev/null)
+fi
+log "ok (unleash in $UNLEASH_DIR)"
