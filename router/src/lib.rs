@@ -1,5 +1,19 @@
 //! The strangler router owns everything on the request path: the route table
 //! compiled from config, the per-request decision (override > flag > default),
-//! upstream selection, shadowing and comparison, fallback, telemetry and the
-//! admin API. It is one pingora `ProxyHttp` implementation that calls a module per
-//! concern, each testable without a socket.
+//! upstream selection, telemetry and the admin API. It is one pingora `ProxyHttp`
+//! implementation ([`proxy::StranglerProxy`]) that calls a module per concern, each
+//! testable without a socket.
+
+pub mod admin;
+pub mod config;
+pub mod decide;
+pub mod flags;
+pub mod metrics;
+pub mod proxy;
+pub mod route;
+pub mod server;
+pub mod state;
+pub mod telemetry;
+
+pub use config::{ConfigError, RouterConfig};
+pub use server::{StartError, run};

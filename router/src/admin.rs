@@ -1,0 +1,249 @@
+//! The admin API: route states, overrides, health, readiness and metrics.
+//!
+//! | method | path | what |
+//! |---|---|---|
+//! | GET | `/health` | liveness, no token needed |
+//! | GET | `/ready` | 200 once flags were read, 503 before; no token needed |
+//! | GET | `/metrics` | Prometheus text format |
+//! | GET | `/routes` | every route with override, flag state and last-minute counts |
+//! | GET | `/routes/{name}` | one route |
+//! | PUT | `/routes/{name}/override` | body `{"backend": "legacy" \| "new"}` |
+//! | DELETE | `/routes/{name}/override` | clears the override |
+//!
+//! With a token configured every other endpoint needs `Authorization: Bearer <token>`.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::{Method, Response, StatusCode};
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use serde::{Deserialize, Serialize};
+
+use crate::config::RouteConfig;
+use crate::decide::Backend;
+use crate::flags::{FlagState, Freshness};
+use crate::state::RouterState;
+
+/// Request bodies above this are refused: the API only takes tiny JSON documents.
+const MAX_BODY: usize = 64 * 1024;
+
+/// The admin API application.
+pub struct AdminApi {
+    state: Arc<RouterState>,
+}
+
+impl AdminApi {
+    /// The API over shared state.
+    pub fn new(state: Arc<RouterState>) -> Self {
+        Self { state }
+    }
+}
+
+/// Per-backend counts over the last minute.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Counts {
+    /// Requests.
+    pub requests: u64,
+    /// Requests that failed (no response or 5xx).
+    pub errors: u64,
+}
+
+/// A route as the admin API reports it.
+#[derive(Debug, Serialize)]
+pub struct RouteStatus {
+    /// Name.
+    pub name: String,
+    /// `http.route` as written.
+    pub path: String,
+    /// The new upstream.
+    pub new_upstream: String,
+    /// The toggle.
+    pub flag: String,
+    /// The override, if any.
+    #[serde(rename = "override")]
+    pub override_backend: Option<Backend>,
+    /// The toggle's state.
+    pub flag_state: FlagState,
+    /// Last-minute counts for legacy.
+    pub legacy: Counts,
+    /// Last-minute counts for new.
+    pub new: Counts,
+}
+
+#[derive(Debug, Serialize)]
+struct RoutesDocument {
+    routes: Vec<RouteStatus>,
+    flags: Freshness,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OverrideBody {
+    backend: Backend,
+}
+
+fn json_response<T: Serialize>(status: StatusCode, body: &T) -> Response<Vec<u8>> {
+    let bytes = serde_json::to_vec_pretty(body).unwrap_or_else(|_| b"{}".to_vec());
+    respond(status, "application/json", bytes)
+}
+
+fn error(status: StatusCode, message: &str) -> Response<Vec<u8>> {
+    json_response(status, &serde_json::json!({ "error": message }))
+}
+
+fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    let len = response.body().len();
+    let headers = response.headers_mut();
+    if let Ok(v) = content_type.parse() {
+        headers.insert(http::header::CONTENT_TYPE, v);
+    }
+    headers.insert(http::header::CONTENT_LENGTH, len.into());
+    headers.insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+    response
+}
+
+/// Compares tokens in time independent of where they differ.
+fn token_matches(given: &[u8], expected: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    given.len() == expected.len() && bool::from(given.ct_eq(expected))
+}
+
+impl AdminApi {
+    fn status_of(&self, route: &RouteConfig) -> RouteStatus {
+        let name = route.name.as_str();
+        let counts = |b: Backend| {
+            let (requests, errors) = self.state.windows.get(name, b).totals();
+            Counts { requests, errors }
+        };
+        RouteStatus {
+            name: name.to_string(),
+            path: route.path_text.clone(),
+            new_upstream: route.new_upstream.authority.clone(),
+            flag: route.flag.clone(),
+            override_backend: self.state.overrides.get(name),
+            flag_state: self.state.flags.state(&route.flag),
+            legacy: counts(Backend::Legacy),
+            new: counts(Backend::New),
+        }
+    }
+
+    async fn handle(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let method = session.req_header().method.clone();
+        let path = session.req_header().uri.path().to_string();
+        match (&method, path.as_str()) {
+            (&Method::GET, "/health") => return respond(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+            (&Method::GET, "/ready") => {
+                return if self.state.ready() {
+                    respond(StatusCode::OK, "text/plain", b"ready\n".to_vec())
+                } else {
+                    respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", b"flags not loaded yet\n".to_vec())
+                };
+            }
+            _ => {}
+        }
+        if let Some(expected) = &self.state.config().admin.token {
+            let given = session
+                .req_header()
+                .headers
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if !token_matches(given.as_bytes(), expected.as_bytes()) {
+                let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+                r.headers_mut()
+                    .insert(http::header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
+                return r;
+            }
+        }
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        match (&method, segments.as_slice()) {
+            (&Method::GET, ["metrics"]) => {
+                let f = self.state.flags.freshness();
+                self.state.metrics.set_flag_freshness(f.last_success_age_ms, f.last_error.is_some());
+                respond(StatusCode::OK, "text/plain; version=0.0.4", self.state.metrics.render())
+            }
+            (&Method::GET, ["routes"]) => {
+                let table = self.state.table();
+                let mut routes: Vec<RouteStatus> = table.routes().iter().map(|r| self.status_of(r)).collect();
+                routes.sort_by(|a, b| a.name.cmp(&b.name));
+                json_response(StatusCode::OK, &RoutesDocument { routes, flags: self.state.flags.freshness() })
+            }
+            (&Method::GET, ["routes", name]) => match self.state.table().get(name) {
+                Some(r) => json_response(StatusCode::OK, &self.status_of(r)),
+                None => error(StatusCode::NOT_FOUND, &format!("no route named {name:?}")),
+            },
+            (&Method::PUT, ["routes", name, "override"]) => {
+                let table = self.state.table();
+                let Some(route) = table.get(name) else {
+                    return error(StatusCode::NOT_FOUND, &format!("no route named {name:?}"));
+                };
+                let body = match read_body(session).await {
+                    Ok(b) => b,
+                    Err(r) => return r,
+                };
+                match serde_json::from_slice::<OverrideBody>(&body) {
+                    Ok(o) => {
+                        self.state.overrides.set(name, Some(o.backend));
+                        tracing::info!(route = name, backend = o.backend.as_str(), "override set through the admin API");
+                        json_response(StatusCode::OK, &self.status_of(route))
+                    }
+                    Err(e) => error(
+                        StatusCode::BAD_REQUEST,
+                        &format!("body must be {{\"backend\": \"legacy\"|\"new\"}}: {e}"),
+                    ),
+                }
+            }
+            (&Method::DELETE, ["routes", name, "override"]) => {
+                let table = self.state.table();
+                let Some(route) = table.get(name) else {
+                    return error(StatusCode::NOT_FOUND, &format!("no route named {name:?}"));
+                };
+                self.state.overrides.set(name, None);
+                tracing::info!(route = name, "override cleared through the admin API");
+                json_response(StatusCode::OK, &self.status_of(route))
+            }
+            (_, ["routes", ..] | ["metrics"]) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here"),
+            _ => error(StatusCode::NOT_FOUND, "unknown admin endpoint"),
+        }
+    }
+}
+
+async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, Response<Vec<u8>>> {
+    let mut body = Vec::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > MAX_BODY {
+                    return Err(error(StatusCode::PAYLOAD_TOO_LARGE, "body too large"));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(e) => return Err(error(StatusCode::BAD_REQUEST, &format!("cannot read body: {e}"))),
+        }
+    }
+}
+
+#[async_trait]
+impl ServeHttp for AdminApi {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        self.handle(session).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison_needs_an_exact_match() {
+        assert!(token_matches(b"secret", b"secret"));
+        assert!(!token_matches(b"secret", b"secreT"));
+        assert!(!token_matches(b"secre", b"secret"));
+        assert!(!token_matches(b"", b"secret"));
+    }
+}

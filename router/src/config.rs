@@ -1,0 +1,735 @@
+//! The router's TOML configuration: parsed strictly, validated once into [`RouterConfig`].
+//!
+//! Unknown keys are errors; every error names the file, line and column.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Where clients connect by default.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+/// The admin API stays on loopback unless told otherwise: it can flip production traffic.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9080";
+/// Env var holding the admin bearer token, unless `admin.token_env` names another.
+pub const DEFAULT_ADMIN_TOKEN_ENV: &str = "STRANGLER_ADMIN_TOKEN";
+/// Env var holding the Unleash client token, unless `flags.token_env` names another.
+pub const DEFAULT_UNLEASH_TOKEN_ENV: &str = "UNLEASH_CLIENT_TOKEN";
+/// A flip should reach every router within about a second.
+pub const DEFAULT_POLL_INTERVAL_MS: u64 = 1_000;
+/// Connecting on a LAN takes milliseconds; a second means the upstream is in trouble.
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 1_000;
+/// Generous for a monolith's slow pages, but bounded so a hung upstream frees its connection.
+pub const DEFAULT_READ_TIMEOUT_MS: u64 = 30_000;
+/// Same bound for sending the request body upstream.
+pub const DEFAULT_WRITE_TIMEOUT_MS: u64 = 30_000;
+/// Idle upstream connections are kept this long for reuse.
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
+/// Matches pingora's own default: one worker thread per core on the 2-core baseline.
+pub const DEFAULT_THREADS: usize = 2;
+
+/// A configuration error with its place in the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TOML syntax or a field of the wrong type or name.
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// The values parse but do not make a working router.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, naming the route or section.
+        message: String,
+    },
+}
+
+/// A route's name: lowercase letters, digits, `-` and `_`; it names the flag and the metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RouteName(String);
+
+impl RouteName {
+    /// Checks and wraps a route name.
+    pub fn new(name: &str) -> Result<Self, String> {
+        let ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+        if ok {
+            Ok(Self(name.to_string()))
+        } else {
+            Err(format!(
+                "route name {name:?} must be 1-64 characters of a-z, 0-9, '-' or '_'"
+            ))
+        }
+    }
+
+    /// The name as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for RouteName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An upstream `host:port` reached over plain HTTP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamAddr {
+    /// `host:port` as written.
+    pub authority: String,
+    /// The host part, used as SNI/Host when needed.
+    pub host: String,
+    /// The address, resolved when the config is loaded (and again on reload).
+    pub addr: std::net::SocketAddr,
+}
+
+impl UpstreamAddr {
+    /// Parses `host:port` or `http://host:port`.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let trimmed = raw.strip_prefix("http://").unwrap_or(raw).trim_end_matches('/');
+        if raw.starts_with("https://") {
+            return Err(format!(
+                "upstream {raw:?}: TLS to upstreams is not supported yet; use http:// or host:port"
+            ));
+        }
+        let Some((host, port)) = trimmed.rsplit_once(':') else {
+            return Err(format!("upstream {raw:?} must be host:port"));
+        };
+        if host.is_empty() || port.parse::<u16>().is_err() || trimmed.contains('/') {
+            return Err(format!("upstream {raw:?} must be host:port"));
+        }
+        use std::net::ToSocketAddrs;
+        let addr = trimmed
+            .to_socket_addrs()
+            .map_err(|e| format!("upstream {raw:?} does not resolve: {e}"))?
+            .next()
+            .ok_or_else(|| format!("upstream {raw:?} resolves to no address"))?;
+        Ok(Self {
+            authority: trimmed.to_string(),
+            host: host.trim_matches(['[', ']']).to_string(),
+            addr,
+        })
+    }
+}
+
+/// Per-upstream timeouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP connect.
+    pub connect: Duration,
+    /// Waiting for each read from the upstream (first byte and between chunks).
+    pub read: Duration,
+    /// Each write to the upstream.
+    pub write: Duration,
+    /// How long idle pooled connections are kept.
+    pub idle: Duration,
+}
+
+/// Where the stickiness key of a request comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stickiness {
+    /// A request header, used as Unleash `userId`.
+    Header(String),
+    /// A cookie, used as Unleash `sessionId`.
+    Cookie(String),
+    /// The client IP, used as Unleash `remoteAddress` and as `userId`, so that
+    /// default stickiness keeps each address on one side.
+    ClientIp,
+}
+
+impl Stickiness {
+    fn parse(raw: &str) -> Result<Self, String> {
+        if raw == "ip" {
+            return Ok(Self::ClientIp);
+        }
+        match raw.split_once(':') {
+            Some(("header", name)) if !name.is_empty() => Ok(Self::Header(name.to_ascii_lowercase())),
+            Some(("cookie", name)) if !name.is_empty() => Ok(Self::Cookie(name.to_string())),
+            _ => Err(format!(
+                "sticky = {raw:?}: expected \"header:NAME\", \"cookie:NAME\" or \"ip\""
+            )),
+        }
+    }
+}
+
+/// How a route's path is matched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatch {
+    /// The path equals the prefix or continues it at a `/`.
+    Prefix(String),
+    /// Segments match one by one; `{name}` matches one segment, a final `{*name}` the rest.
+    Pattern(Vec<Segment>),
+}
+
+/// One segment of a path pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Segment {
+    /// Matches exactly this text.
+    Literal(String),
+    /// Matches any one non-empty segment.
+    Param(String),
+    /// Matches the rest of the path (last segment only).
+    Rest(String),
+}
+
+/// A validated route.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// The route's name.
+    pub name: RouteName,
+    /// Path matcher.
+    pub path: PathMatch,
+    /// The matcher as written, reported as `http.route`.
+    pub path_text: String,
+    /// Methods this route takes; empty means all.
+    pub methods: Vec<http::Method>,
+    /// Optional header that must be present (and equal `value` when given).
+    pub header: Option<(String, Option<String>)>,
+    /// The new service.
+    pub new_upstream: UpstreamAddr,
+    /// Timeouts toward the new service.
+    pub new_timeouts: Timeouts,
+    /// The Unleash toggle deciding this route.
+    pub flag: String,
+    /// Where the stickiness key comes from.
+    pub sticky: Stickiness,
+    /// Position in the file, the last tie-breaker.
+    pub index: usize,
+}
+
+/// Which flag source the router reads.
+#[derive(Debug, Clone)]
+pub enum FlagsConfig {
+    /// A file in Unleash's client-features format, watched for changes.
+    File {
+        /// The file.
+        path: PathBuf,
+    },
+    /// An Unleash server, polled.
+    Unleash {
+        /// The client API URL (`http://host:4242/api/`).
+        url: String,
+        /// The client token.
+        token: String,
+        /// Poll interval.
+        interval: Duration,
+        /// `appName` sent to Unleash.
+        app_name: String,
+    },
+}
+
+/// Telemetry settings.
+#[derive(Debug, Clone)]
+pub struct TelemetryConfig {
+    /// OTLP/gRPC endpoint; spans are not exported when unset.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` resource attribute.
+    pub service_name: String,
+    /// Log as JSON lines instead of plain text.
+    pub json_logs: bool,
+    /// Spans buffered before new ones are dropped (and counted).
+    pub queue_size: usize,
+}
+
+/// Admin API settings.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// Bearer token; `None` only on loopback.
+    pub token: Option<String>,
+}
+
+/// A validated router configuration.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// The file it came from (relative paths in it are relative to its directory).
+    pub source: PathBuf,
+    /// Client-facing listen address.
+    pub listen: SocketAddr,
+    /// Worker threads.
+    pub threads: usize,
+    /// The legacy monolith, default for everything.
+    pub legacy: UpstreamAddr,
+    /// Timeouts toward legacy.
+    pub legacy_timeouts: Timeouts,
+    /// Routes in file order.
+    pub routes: Vec<RouteConfig>,
+    /// Flag source.
+    pub flags: FlagsConfig,
+    /// Admin API.
+    pub admin: AdminConfig,
+    /// Telemetry.
+    pub telemetry: TelemetryConfig,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    legacy: RawUpstream,
+    #[serde(default)]
+    flags: RawFlags,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    telemetry: RawTelemetry,
+    #[serde(default, rename = "route")]
+    routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    threads: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    upstream: String,
+    connect_timeout_ms: Option<u64>,
+    read_timeout_ms: Option<u64>,
+    write_timeout_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
+}
+
+// No `#[serde(flatten)]`: it would hide the position of an unknown key.
+macro_rules! timeouts_of {
+    ($raw:expr) => {
+        timeouts($raw.connect_timeout_ms, $raw.read_timeout_ms, $raw.write_timeout_ms, $raw.idle_timeout_ms)
+    };
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFlags {
+    source: Option<String>,
+    file: Option<PathBuf>,
+    url: Option<String>,
+    token_env: Option<String>,
+    poll_interval_ms: Option<u64>,
+    app_name: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<String>,
+    token_env: Option<String>,
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTelemetry {
+    otlp_endpoint: Option<String>,
+    service_name: Option<String>,
+    log_format: Option<String>,
+    queue_size: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    name: String,
+    #[serde(rename = "match")]
+    matcher: RawMatch,
+    new: String,
+    flag: Option<String>,
+    sticky: Option<String>,
+    connect_timeout_ms: Option<u64>,
+    read_timeout_ms: Option<u64>,
+    write_timeout_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMatch {
+    prefix: Option<String>,
+    path: Option<String>,
+    #[serde(default)]
+    methods: Vec<String>,
+    header: Option<String>,
+    header_value: Option<String>,
+}
+
+impl RouterConfig {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` is for messages and relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let (line, column) = e
+                .span()
+                .map(|span| line_col(text, span.start))
+                .unwrap_or((1, 1));
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: e.message().to_string(),
+            }
+        })?;
+        validate(raw, path).map_err(|message| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+fn timeouts(connect: Option<u64>, read: Option<u64>, write: Option<u64>, idle: Option<u64>) -> Timeouts {
+    let ms = |v: Option<u64>, d| Duration::from_millis(v.unwrap_or(d));
+    Timeouts {
+        connect: ms(connect, DEFAULT_CONNECT_TIMEOUT_MS),
+        read: ms(read, DEFAULT_READ_TIMEOUT_MS),
+        write: ms(write, DEFAULT_WRITE_TIMEOUT_MS),
+        idle: ms(idle, DEFAULT_IDLE_TIMEOUT_MS),
+    }
+}
+
+fn socket(raw: &str, what: &str) -> Result<SocketAddr, String> {
+    raw.parse()
+        .map_err(|_| format!("{what} = {raw:?} must be an IP:port such as 127.0.0.1:8080"))
+}
+
+fn validate(raw: RawConfig, path: &Path) -> Result<RouterConfig, String> {
+    let base = path.parent().unwrap_or(Path::new("."));
+    let listen = socket(raw.server.listen.as_deref().unwrap_or(DEFAULT_LISTEN), "server.listen")?;
+    let threads = raw.server.threads.unwrap_or(DEFAULT_THREADS);
+    if threads == 0 {
+        return Err("server.threads must be at least 1".into());
+    }
+    let legacy = UpstreamAddr::parse(&raw.legacy.upstream).map_err(|e| format!("legacy: {e}"))?;
+
+    let mut routes = Vec::with_capacity(raw.routes.len());
+    let mut names = HashSet::new();
+    for (index, r) in raw.routes.into_iter().enumerate() {
+        let name = RouteName::new(&r.name).map_err(|e| format!("route #{}: {e}", index + 1))?;
+        let ctx = |e: String| format!("route {name}: {e}");
+        if !names.insert(name.clone()) {
+            return Err(ctx("defined twice".into()));
+        }
+        let path_text = r.matcher.path.clone().or_else(|| r.matcher.prefix.clone()).unwrap_or_default();
+        let path = match (&r.matcher.prefix, &r.matcher.path) {
+            (Some(p), None) => {
+                if !p.starts_with('/') {
+                    return Err(ctx(format!("match.prefix {p:?} must start with '/'")));
+                }
+                PathMatch::Prefix(p.trim_end_matches('/').to_string())
+            }
+            (None, Some(p)) => PathMatch::Pattern(parse_pattern(p).map_err(ctx)?),
+            _ => {
+                return Err(ctx(
+                    "match needs exactly one of prefix = \"/api/x\" or path = \"/api/x/{id}\"".into(),
+                ));
+            }
+        };
+        let mut methods = Vec::new();
+        for m in &r.matcher.methods {
+            let method = http::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                .map_err(|_| ctx(format!("match.methods: {m:?} is not an HTTP method")))?;
+            methods.push(method);
+        }
+        let header = match (&r.matcher.header, &r.matcher.header_value) {
+            (Some(h), v) => Some((h.to_ascii_lowercase(), v.clone())),
+            (None, Some(_)) => return Err(ctx("match.header_value needs match.header".into())),
+            (None, None) => None,
+        };
+        let new_upstream = UpstreamAddr::parse(&r.new).map_err(ctx)?;
+        let flag = r.flag.clone().unwrap_or_else(|| format!("strangler.{name}"));
+        let sticky = match &r.sticky {
+            Some(s) => Stickiness::parse(s).map_err(ctx)?,
+            None => Stickiness::Header("x-user-id".into()),
+        };
+        routes.push(RouteConfig {
+            name,
+            path,
+            path_text,
+            methods,
+            header,
+            new_upstream,
+            new_timeouts: timeouts_of!(r),
+            flag,
+            sticky,
+            index,
+        });
+    }
+
+    let flags = match raw.flags.source.as_deref().unwrap_or("file") {
+        "file" => {
+            let file = raw.flags.file.clone().unwrap_or_else(|| PathBuf::from("flags.json"));
+            if raw.flags.url.is_some() {
+                return Err("flags.url is only used with flags.source = \"unleash\"".into());
+            }
+            FlagsConfig::File {
+                path: base.join(file),
+            }
+        }
+        "unleash" => {
+            let url = raw
+                .flags
+                .url
+                .clone()
+                .ok_or("flags.source = \"unleash\" needs flags.url (e.g. http://127.0.0.1:4242/api/)")?;
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(format!("flags.url {url:?} must start with http:// or https://"));
+            }
+            let env = raw
+                .flags
+                .token_env
+                .clone()
+                .unwrap_or_else(|| DEFAULT_UNLEASH_TOKEN_ENV.into());
+            let token = std::env::var(&env)
+                .map_err(|_| format!("flags: the Unleash client token env var {env} is not set"))?;
+            let interval =
+                Duration::from_millis(raw.flags.poll_interval_ms.unwrap_or(DEFAULT_POLL_INTERVAL_MS));
+            if interval < Duration::from_millis(100) {
+                return Err("flags.poll_interval_ms must be at least 100".into());
+            }
+            FlagsConfig::Unleash {
+                url: if url.ends_with('/') { url } else { format!("{url}/") },
+                token,
+                interval,
+                app_name: raw
+                    .flags
+                    .app_name
+                    .clone()
+                    .unwrap_or_else(|| "strangler-router".into()),
+            }
+        }
+        other => {
+            return Err(format!(
+                "flags.source = {other:?}: expected \"file\" or \"unleash\""
+            ));
+        }
+    };
+
+    let admin_listen = socket(
+        raw.admin.listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN),
+        "admin.listen",
+    )?;
+    let token = match (&raw.admin.token_file, &raw.admin.token_env) {
+        (Some(file), _) => {
+            let file = base.join(file);
+            let token = std::fs::read_to_string(&file)
+                .map_err(|e| format!("admin.token_file {}: {e}", file.display()))?;
+            let token = token.trim().to_string();
+            if token.is_empty() {
+                return Err(format!("admin.token_file {} is empty", file.display()));
+            }
+            Some(token)
+        }
+        (None, env) => {
+            let env = env.clone().unwrap_or_else(|| DEFAULT_ADMIN_TOKEN_ENV.into());
+            std::env::var(&env).ok().filter(|t| !t.trim().is_empty())
+        }
+    };
+    if token.is_none() && !admin_listen.ip().is_loopback() {
+        return Err(format!(
+            "admin.listen = {admin_listen} is not a loopback address and no admin token is set \
+             (set {DEFAULT_ADMIN_TOKEN_ENV} or admin.token_file); refusing to expose an unauthenticated admin API"
+        ));
+    }
+
+    let json_logs = match raw.telemetry.log_format.as_deref().unwrap_or("plain") {
+        "plain" => false,
+        "json" => true,
+        other => return Err(format!("telemetry.log_format = {other:?}: expected \"plain\" or \"json\"")),
+    };
+    Ok(RouterConfig {
+        source: path.to_path_buf(),
+        listen,
+        threads,
+        legacy,
+        legacy_timeouts: timeouts_of!(raw.legacy),
+        routes,
+        flags,
+        admin: AdminConfig {
+            listen: admin_listen,
+            token,
+        },
+        telemetry: TelemetryConfig {
+            otlp_endpoint: raw.telemetry.otlp_endpoint,
+            service_name: raw
+                .telemetry
+                .service_name
+                .unwrap_or_else(|| "strangler-router".into()),
+            json_logs,
+            queue_size: raw.telemetry.queue_size.unwrap_or(8_192),
+        },
+    })
+}
+
+fn parse_pattern(p: &str) -> Result<Vec<Segment>, String> {
+    if !p.starts_with('/') {
+        return Err(format!("match.path {p:?} must start with '/'"));
+    }
+    let parts: Vec<&str> = p.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+    let mut segments = Vec::with_capacity(parts.len());
+    for (i, part) in parts.iter().enumerate() {
+        let segment = if let Some(inner) = part.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+            if let Some(rest) = inner.strip_prefix('*') {
+                if i + 1 != parts.len() {
+                    return Err(format!("match.path {p:?}: {{*{rest}}} must be the last segment"));
+                }
+                Segment::Rest(rest.to_string())
+            } else if inner.is_empty() || inner.contains(['{', '}']) {
+                return Err(format!("match.path {p:?}: bad parameter {part:?}"));
+            } else {
+                Segment::Param(inner.to_string())
+            }
+        } else if part.contains(['{', '}']) {
+            return Err(format!(
+                "match.path {p:?}: a parameter must be a whole segment, like /{{id}}"
+            ));
+        } else {
+            Segment::Literal((*part).to_string())
+        };
+        segments.push(segment);
+    }
+    Ok(segments)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<RouterConfig, ConfigError> {
+        RouterConfig::parse(text, Path::new("/etc/strangler/strangler.toml"))
+    }
+
+    const MINIMAL: &str = r#"
+[legacy]
+upstream = "127.0.0.1:3000"
+
+[[route]]
+name = "orders"
+match = { prefix = "/api/orders", methods = ["get", "POST"] }
+new = "http://127.0.0.1:4000"
+sticky = "cookie:session"
+"#;
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = parse(MINIMAL).expect("valid");
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.admin.listen.to_string(), DEFAULT_ADMIN_LISTEN);
+        let r = &c.routes[0];
+        assert_eq!(r.flag, "strangler.orders");
+        assert_eq!(r.new_upstream.authority, "127.0.0.1:4000");
+        assert_eq!(r.methods, vec![http::Method::GET, http::Method::POST]);
+        assert_eq!(r.sticky, Stickiness::Cookie("session".into()));
+        assert_eq!(r.new_timeouts.connect, Duration::from_millis(DEFAULT_CONNECT_TIMEOUT_MS));
+        assert!(matches!(&c.flags, FlagsConfig::File { path } if path == Path::new("/etc/strangler/flags.json")));
+    }
+
+    #[test]
+    fn unknown_route_field_is_rejected_with_line_number() {
+        let text = format!("{MINIMAL}colour = \"blue\"\n");
+        let err = parse(&text).expect_err("unknown key");
+        let msg = err.to_string();
+        assert!(msg.contains("strangler.toml:"), "{msg}");
+        assert!(msg.contains("colour"), "{msg}");
+        let ConfigError::Parse { line, .. } = err else {
+            panic!("expected a parse error, got {err:?}");
+        };
+        assert_eq!(line, 10, "the unknown key's own line");
+    }
+
+    #[test]
+    fn syntax_error_points_at_its_line() {
+        let err = parse("[legacy]\nupstream = \"127.0.0.1:3000\"\n[[route]\n").expect_err("bad toml");
+        let ConfigError::Parse { line, .. } = err else {
+            panic!("expected parse error");
+        };
+        assert_eq!(line, 3);
+    }
+
+    #[test]
+    fn duplicate_route_names_are_rejected() {
+        let text = format!("{MINIMAL}{}", &MINIMAL[MINIMAL.find("[[route]]").expect("route")..]);
+        let err = parse(&text).expect_err("duplicate");
+        assert!(err.to_string().contains("route orders: defined twice"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_get_clear_messages() {
+        for (bad, needle) in [
+            (MINIMAL.replace("127.0.0.1:4000", "nowhere"), "must be host:port"),
+            (MINIMAL.replace("cookie:session", "query:x"), "expected \"header:NAME\""),
+            (MINIMAL.replace("\"orders\"", "\"Orders!\""), "route name"),
+            (MINIMAL.replace("\"get\"", "\"G E T\""), "not an HTTP method"),
+            (MINIMAL.replace("prefix = \"/api/orders\"", "path = \"/api/{*rest}/x\""), "must be the last segment"),
+            (MINIMAL.replace("prefix = \"/api/orders\"", "prefix = \"/a\", path = \"/b\""), "exactly one of"),
+        ] {
+            let err = parse(&bad).expect_err(needle);
+            assert!(err.to_string().contains(needle), "{needle}: {err}");
+        }
+    }
+
+    #[test]
+    fn admin_without_token_refuses_non_loopback() {
+        let text = format!("[admin]\nlisten = \"0.0.0.0:9080\"\ntoken_env = \"STRANGLER_TEST_UNSET_TOKEN\"\n{MINIMAL}");
+        let err = parse(&text).expect_err("must refuse");
+        assert!(err.to_string().contains("refusing"), "{err}");
+    }
+
+    #[test]
+    fn patterns_parse_params_and_rest() {
+        assert_eq!(
+            parse_pattern("/api/orders/{id}/items/{*rest}").expect("valid"),
+            vec![
+                Segment::Literal("api".into()),
+                Segment::Literal("orders".into()),
+                Segment::Param("id".into()),
+                Segment::Literal("items".into()),
+                Segment::Rest("rest".into()),
+            ]
+        );
+        assert!(parse_pattern("/api/or{id}").is_err());
+    }
+}

@@ -1,0 +1,184 @@
+//! Running the router: pingora server, proxy and admin services, and background tasks
+//! (flag source, config reload on file change or SIGHUP).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{Server, ShutdownWatch};
+use pingora::services::background::{BackgroundService, background_service};
+use pingora::services::listening::Service;
+
+use crate::admin::AdminApi;
+use crate::config::{ConfigError, FlagsConfig, RouterConfig};
+use crate::flags::{FileFlagSource, FlagEngine, FlagError, FlagSource, UnleashFlagSource, drive};
+use crate::metrics::Metrics;
+use crate::proxy::StranglerProxy;
+use crate::state::RouterState;
+use crate::telemetry::{Telemetry, TelemetryError};
+
+/// Why the router could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The flag engine could not be set up.
+    #[error(transparent)]
+    Flags(#[from] FlagError),
+    /// Telemetry could not be set up.
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryError),
+    /// A listen address is taken or not ours.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn check_bindable(addr: std::net::SocketAddr) -> Result<(), StartError> {
+    // pingora panics deep inside on a bind failure; probe first for a clear message.
+    std::net::TcpListener::bind(addr)
+        .map(drop)
+        .map_err(|source| StartError::Listen { addr, source })
+}
+
+/// Builds the router from a config file and runs it until SIGTERM/SIGINT. Does not return
+/// on success (pingora exits the process after a graceful shutdown).
+pub fn run(config_path: &Path) -> Result<(), StartError> {
+    let config = RouterConfig::load(config_path)?;
+    check_bindable(config.listen)?;
+    check_bindable(config.admin.listen)?;
+    let metrics = Metrics::new();
+    let telemetry = Telemetry::new(&config.telemetry, &metrics)?;
+    let source: Arc<dyn FlagSource> = match &config.flags {
+        FlagsConfig::File { path } => Arc::new(FileFlagSource::new(path)),
+        FlagsConfig::Unleash {
+            url,
+            token,
+            interval,
+            app_name,
+        } => Arc::new(UnleashFlagSource::new(url, token, app_name, *interval)?),
+    };
+    let flags = Arc::new(FlagEngine::new(source.describe())?);
+    let listen = config.listen;
+    let admin_listen = config.admin.listen;
+    let threads = config.threads;
+    let state = Arc::new(RouterState::new(config, Arc::clone(&flags), metrics, telemetry));
+
+    let conf = ServerConf {
+        threads,
+        // Each router gets its own pid file and upgrade socket so several can share a host.
+        pid_file: format!("/tmp/strangler-router-{}.pid", listen.port()),
+        upgrade_sock: format!("/tmp/strangler-router-{}.sock", listen.port()),
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(10),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
+    server.bootstrap();
+
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        StranglerProxy::new(Arc::clone(&state)),
+        "strangler-router",
+    );
+    if let Some(logic) = proxy.app_logic_mut() {
+        let mut options = pingora::apps::HttpServerOptions::default();
+        options.h2c = true;
+        logic.server_options = Some(options);
+    }
+    proxy.add_tcp(&listen.to_string());
+    server.add_service(proxy);
+
+    let mut admin = Service::new("strangler-admin".to_string(), AdminApi::new(Arc::clone(&state)));
+    admin.add_tcp(&admin_listen.to_string());
+    server.add_service(admin);
+
+    server.add_service(background_service(
+        "strangler-background",
+        Background {
+            state: Arc::clone(&state),
+            source,
+            config_path: config_path.to_path_buf(),
+        },
+    ));
+    tracing::info!(%listen, admin = %admin_listen, "strangler router starting");
+    server.run_forever()
+}
+
+struct Background {
+    state: Arc<RouterState>,
+    source: Arc<dyn FlagSource>,
+    config_path: PathBuf,
+}
+
+#[async_trait]
+impl BackgroundService for Background {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let flags = tokio::spawn(drive(Arc::clone(&self.source), Arc::clone(&self.state.flags)));
+        let reload = tokio::spawn(watch_config(Arc::clone(&self.state), self.config_path.clone()));
+        let _ = shutdown.changed().await;
+        self.state.begin_shutdown();
+        flags.abort();
+        reload.abort();
+        let state = Arc::clone(&self.state);
+        // The SDK flush blocks; keep it off the runtime.
+        let _ = tokio::task::spawn_blocking(move || state.telemetry.flush()).await;
+    }
+}
+
+/// Reloads on SIGHUP and when the config file changes.
+async fn watch_config(state: Arc<RouterState>, path: PathBuf) {
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let notify_on = Arc::clone(&changed);
+    let name = path.file_name().map(|n| n.to_os_string());
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(event) = event
+            && event.kind.is_modify() | event.kind.is_create()
+            && event.paths.iter().any(|p| p.file_name().map(|n| n.to_os_string()) == name)
+        {
+            notify_on.notify_one();
+        }
+    });
+    let _watcher = match watcher {
+        Ok(mut w) => {
+            use notify::Watcher;
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            if let Err(e) = w.watch(dir, notify::RecursiveMode::NonRecursive) {
+                tracing::warn!("cannot watch {} for config changes: {e}; reload with SIGHUP", dir.display());
+            }
+            Some(w)
+        }
+        Err(e) => {
+            tracing::warn!("no file watcher ({e}); reload with SIGHUP");
+            None
+        }
+    };
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!("cannot listen for SIGHUP: {e}");
+            None
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = changed.notified() => {}
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                tracing::info!("SIGHUP: reloading config");
+            }
+        }
+        // Let an editor finish writing before reading.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if let Err(e) = state.reload(&path) {
+            tracing::error!("config reload rejected, keeping the running config: {e}");
+        }
+    }
+}
