@@ -101,7 +101,10 @@ fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Ve
         headers.insert(http::header::CONTENT_TYPE, v);
     }
     headers.insert(http::header::CONTENT_LENGTH, len.into());
-    headers.insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+    headers.insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
     response
 }
 
@@ -134,12 +137,18 @@ impl AdminApi {
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_string();
         match (&method, path.as_str()) {
-            (&Method::GET, "/health") => return respond(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+            (&Method::GET, "/health") => {
+                return respond(StatusCode::OK, "text/plain", b"ok\n".to_vec());
+            }
             (&Method::GET, "/ready") => {
                 return if self.state.ready() {
                     respond(StatusCode::OK, "text/plain", b"ready\n".to_vec())
                 } else {
-                    respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", b"flags not loaded yet\n".to_vec())
+                    respond(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        b"flags not loaded yet\n".to_vec(),
+                    )
                 };
             }
             _ => {}
@@ -154,8 +163,10 @@ impl AdminApi {
                 .unwrap_or("");
             if !token_matches(given.as_bytes(), expected.as_bytes()) {
                 let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-                r.headers_mut()
-                    .insert(http::header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
+                r.headers_mut().insert(
+                    http::header::WWW_AUTHENTICATE,
+                    http::HeaderValue::from_static("Bearer"),
+                );
                 return r;
             }
         }
@@ -163,14 +174,27 @@ impl AdminApi {
         match (&method, segments.as_slice()) {
             (&Method::GET, ["metrics"]) => {
                 let f = self.state.flags.freshness();
-                self.state.metrics.set_flag_freshness(f.last_success_age_ms, f.last_error.is_some());
-                respond(StatusCode::OK, "text/plain; version=0.0.4", self.state.metrics.render())
+                self.state
+                    .metrics
+                    .set_flag_freshness(f.last_success_age_ms, f.last_error.is_some());
+                respond(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4",
+                    self.state.metrics.render(),
+                )
             }
             (&Method::GET, ["routes"]) => {
                 let table = self.state.table();
-                let mut routes: Vec<RouteStatus> = table.routes().iter().map(|r| self.status_of(r)).collect();
+                let mut routes: Vec<RouteStatus> =
+                    table.routes().iter().map(|r| self.status_of(r)).collect();
                 routes.sort_by(|a, b| a.name.cmp(&b.name));
-                json_response(StatusCode::OK, &RoutesDocument { routes, flags: self.state.flags.freshness() })
+                json_response(
+                    StatusCode::OK,
+                    &RoutesDocument {
+                        routes,
+                        flags: self.state.flags.freshness(),
+                    },
+                )
             }
             (&Method::GET, ["routes", name]) => match self.state.table().get(name) {
                 Some(r) => json_response(StatusCode::OK, &self.status_of(r)),
@@ -188,7 +212,11 @@ impl AdminApi {
                 match serde_json::from_slice::<OverrideBody>(&body) {
                     Ok(o) => {
                         self.state.overrides.set(name, Some(o.backend));
-                        tracing::info!(route = name, backend = o.backend.as_str(), "override set through the admin API");
+                        tracing::info!(
+                            route = name,
+                            backend = o.backend.as_str(),
+                            "override set through the admin API"
+                        );
                         json_response(StatusCode::OK, &self.status_of(route))
                     }
                     Err(e) => error(
@@ -206,7 +234,9 @@ impl AdminApi {
                 tracing::info!(route = name, "override cleared through the admin API");
                 json_response(StatusCode::OK, &self.status_of(route))
             }
-            (_, ["routes", ..] | ["metrics"]) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here"),
+            (_, ["routes", ..] | ["metrics"]) => {
+                error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
+            }
             _ => error(StatusCode::NOT_FOUND, "unknown admin endpoint"),
         }
     }
@@ -223,7 +253,12 @@ async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, Response<Vec<
                 body.extend_from_slice(&chunk);
             }
             Ok(None) => return Ok(body),
-            Err(e) => return Err(error(StatusCode::BAD_REQUEST, &format!("cannot read body: {e}"))),
+            Err(e) => {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("cannot read body: {e}"),
+                ));
+            }
         }
     }
 }

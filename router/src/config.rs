@@ -112,7 +112,10 @@ pub struct UpstreamAddr {
 impl UpstreamAddr {
     /// Parses `host:port` or `http://host:port`.
     pub fn parse(raw: &str) -> Result<Self, String> {
-        let trimmed = raw.strip_prefix("http://").unwrap_or(raw).trim_end_matches('/');
+        let trimmed = raw
+            .strip_prefix("http://")
+            .unwrap_or(raw)
+            .trim_end_matches('/');
         if raw.starts_with("https://") {
             return Err(format!(
                 "upstream {raw:?}: TLS to upstreams is not supported yet; use http:// or host:port"
@@ -169,7 +172,9 @@ impl Stickiness {
             return Ok(Self::ClientIp);
         }
         match raw.split_once(':') {
-            Some(("header", name)) if !name.is_empty() => Ok(Self::Header(name.to_ascii_lowercase())),
+            Some(("header", name)) if !name.is_empty() => {
+                Ok(Self::Header(name.to_ascii_lowercase()))
+            }
             Some(("cookie", name)) if !name.is_empty() => Ok(Self::Cookie(name.to_string())),
             _ => Err(format!(
                 "sticky = {raw:?}: expected \"header:NAME\", \"cookie:NAME\" or \"ip\""
@@ -325,7 +330,12 @@ struct RawUpstream {
 // No `#[serde(flatten)]`: it would hide the position of an unknown key.
 macro_rules! timeouts_of {
     ($raw:expr) => {
-        timeouts($raw.connect_timeout_ms, $raw.read_timeout_ms, $raw.write_timeout_ms, $raw.idle_timeout_ms)
+        timeouts(
+            $raw.connect_timeout_ms,
+            $raw.read_timeout_ms,
+            $raw.write_timeout_ms,
+            $raw.idle_timeout_ms,
+        )
     };
 }
 
@@ -421,7 +431,12 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-fn timeouts(connect: Option<u64>, read: Option<u64>, write: Option<u64>, idle: Option<u64>) -> Timeouts {
+fn timeouts(
+    connect: Option<u64>,
+    read: Option<u64>,
+    write: Option<u64>,
+    idle: Option<u64>,
+) -> Timeouts {
     let ms = |v: Option<u64>, d| Duration::from_millis(v.unwrap_or(d));
     Timeouts {
         connect: ms(connect, DEFAULT_CONNECT_TIMEOUT_MS),
@@ -438,7 +453,10 @@ fn socket(raw: &str, what: &str) -> Result<SocketAddr, String> {
 
 fn validate(raw: RawConfig, path: &Path) -> Result<RouterConfig, String> {
     let base = path.parent().unwrap_or(Path::new("."));
-    let listen = socket(raw.server.listen.as_deref().unwrap_or(DEFAULT_LISTEN), "server.listen")?;
+    let listen = socket(
+        raw.server.listen.as_deref().unwrap_or(DEFAULT_LISTEN),
+        "server.listen",
+    )?;
     let threads = raw.server.threads.unwrap_or(DEFAULT_THREADS);
     if threads == 0 {
         return Err("server.threads must be at least 1".into());
@@ -453,7 +471,12 @@ fn validate(raw: RawConfig, path: &Path) -> Result<RouterConfig, String> {
         if !names.insert(name.clone()) {
             return Err(ctx("defined twice".into()));
         }
-        let path_text = r.matcher.path.clone().or_else(|| r.matcher.prefix.clone()).unwrap_or_default();
+        let path_text = r
+            .matcher
+            .path
+            .clone()
+            .or_else(|| r.matcher.prefix.clone())
+            .unwrap_or_default();
         let path = match (&r.matcher.prefix, &r.matcher.path) {
             (Some(p), None) => {
                 if !p.starts_with('/') {
@@ -464,7 +487,8 @@ fn validate(raw: RawConfig, path: &Path) -> Result<RouterConfig, String> {
             (None, Some(p)) => PathMatch::Pattern(parse_pattern(p).map_err(ctx)?),
             _ => {
                 return Err(ctx(
-                    "match needs exactly one of prefix = \"/api/x\" or path = \"/api/x/{id}\"".into(),
+                    "match needs exactly one of prefix = \"/api/x\" or path = \"/api/x/{id}\""
+                        .into(),
                 ));
             }
         };
@@ -480,7 +504,10 @@ fn validate(raw: RawConfig, path: &Path) -> Result<RouterConfig, String> {
             (None, None) => None,
         };
         let new_upstream = UpstreamAddr::parse(&r.new).map_err(ctx)?;
-        let flag = r.flag.clone().unwrap_or_else(|| format!("strangler.{name}"));
+        let flag = r
+            .flag
+            .clone()
+            .unwrap_or_else(|| format!("strangler.{name}"));
         let sticky = match &r.sticky {
             Some(s) => Stickiness::parse(s).map_err(ctx)?,
             None => Stickiness::Header("x-user-id".into()),
@@ -501,7 +528,11 @@ fn validate(raw: RawConfig, path: &Path) -> Result<RouterConfig, String> {
 
     let flags = match raw.flags.source.as_deref().unwrap_or("file") {
         "file" => {
-            let file = raw.flags.file.clone().unwrap_or_else(|| PathBuf::from("flags.json"));
+            let file = raw
+                .flags
+                .file
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("flags.json"));
             if raw.flags.url.is_some() {
                 return Err("flags.url is only used with flags.source = \"unleash\"".into());
             }
@@ -510,13 +541,13 @@ fn validate(raw: RawConfig, path: &Path) -> Result<RouterConfig, String> {
             }
         }
         "unleash" => {
-            let url = raw
-                .flags
-                .url
-                .clone()
-                .ok_or("flags.source = \"unleash\" needs flags.url (e.g. http://127.0.0.1:4242/api/)")?;
+            let url = raw.flags.url.clone().ok_or(
+                "flags.source = \"unleash\" needs flags.url (e.g. http://127.0.0.1:4242/api/)",
+            )?;
             if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(format!("flags.url {url:?} must start with http:// or https://"));
+                return Err(format!(
+                    "flags.url {url:?} must start with http:// or https://"
+                ));
             }
             let env = raw
                 .flags
@@ -525,13 +556,20 @@ fn validate(raw: RawConfig, path: &Path) -> Result<RouterConfig, String> {
                 .unwrap_or_else(|| DEFAULT_UNLEASH_TOKEN_ENV.into());
             let token = std::env::var(&env)
                 .map_err(|_| format!("flags: the Unleash client token env var {env} is not set"))?;
-            let interval =
-                Duration::from_millis(raw.flags.poll_interval_ms.unwrap_or(DEFAULT_POLL_INTERVAL_MS));
+            let interval = Duration::from_millis(
+                raw.flags
+                    .poll_interval_ms
+                    .unwrap_or(DEFAULT_POLL_INTERVAL_MS),
+            );
             if interval < Duration::from_millis(100) {
                 return Err("flags.poll_interval_ms must be at least 100".into());
             }
             FlagsConfig::Unleash {
-                url: if url.ends_with('/') { url } else { format!("{url}/") },
+                url: if url.ends_with('/') {
+                    url
+                } else {
+                    format!("{url}/")
+                },
                 token,
                 interval,
                 app_name: raw
@@ -564,7 +602,9 @@ fn validate(raw: RawConfig, path: &Path) -> Result<RouterConfig, String> {
             Some(token)
         }
         (None, env) => {
-            let env = env.clone().unwrap_or_else(|| DEFAULT_ADMIN_TOKEN_ENV.into());
+            let env = env
+                .clone()
+                .unwrap_or_else(|| DEFAULT_ADMIN_TOKEN_ENV.into());
             std::env::var(&env).ok().filter(|t| !t.trim().is_empty())
         }
     };
@@ -578,7 +618,11 @@ fn validate(raw: RawConfig, path: &Path) -> Result<RouterConfig, String> {
     let json_logs = match raw.telemetry.log_format.as_deref().unwrap_or("plain") {
         "plain" => false,
         "json" => true,
-        other => return Err(format!("telemetry.log_format = {other:?}: expected \"plain\" or \"json\"")),
+        other => {
+            return Err(format!(
+                "telemetry.log_format = {other:?}: expected \"plain\" or \"json\""
+            ));
+        }
     };
     Ok(RouterConfig {
         source: path.to_path_buf(),
@@ -608,13 +652,20 @@ fn parse_pattern(p: &str) -> Result<Vec<Segment>, String> {
     if !p.starts_with('/') {
         return Err(format!("match.path {p:?} must start with '/'"));
     }
-    let parts: Vec<&str> = p.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+    let parts: Vec<&str> = p
+        .trim_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
     let mut segments = Vec::with_capacity(parts.len());
     for (i, part) in parts.iter().enumerate() {
-        let segment = if let Some(inner) = part.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+        let segment = if let Some(inner) = part.strip_prefix('{').and_then(|s| s.strip_suffix('}'))
+        {
             if let Some(rest) = inner.strip_prefix('*') {
                 if i + 1 != parts.len() {
-                    return Err(format!("match.path {p:?}: {{*{rest}}} must be the last segment"));
+                    return Err(format!(
+                        "match.path {p:?}: {{*{rest}}} must be the last segment"
+                    ));
                 }
                 Segment::Rest(rest.to_string())
             } else if inner.is_empty() || inner.contains(['{', '}']) {
@@ -663,8 +714,13 @@ sticky = "cookie:session"
         assert_eq!(r.new_upstream.authority, "127.0.0.1:4000");
         assert_eq!(r.methods, vec![http::Method::GET, http::Method::POST]);
         assert_eq!(r.sticky, Stickiness::Cookie("session".into()));
-        assert_eq!(r.new_timeouts.connect, Duration::from_millis(DEFAULT_CONNECT_TIMEOUT_MS));
-        assert!(matches!(&c.flags, FlagsConfig::File { path } if path == Path::new("/etc/strangler/flags.json")));
+        assert_eq!(
+            r.new_timeouts.connect,
+            Duration::from_millis(DEFAULT_CONNECT_TIMEOUT_MS)
+        );
+        assert!(
+            matches!(&c.flags, FlagsConfig::File { path } if path == Path::new("/etc/strangler/flags.json"))
+        );
     }
 
     #[test]
@@ -682,7 +738,8 @@ sticky = "cookie:session"
 
     #[test]
     fn syntax_error_points_at_its_line() {
-        let err = parse("[legacy]\nupstream = \"127.0.0.1:3000\"\n[[route]\n").expect_err("bad toml");
+        let err =
+            parse("[legacy]\nupstream = \"127.0.0.1:3000\"\n[[route]\n").expect_err("bad toml");
         let ConfigError::Parse { line, .. } = err else {
             panic!("expected parse error");
         };
@@ -691,20 +748,41 @@ sticky = "cookie:session"
 
     #[test]
     fn duplicate_route_names_are_rejected() {
-        let text = format!("{MINIMAL}{}", &MINIMAL[MINIMAL.find("[[route]]").expect("route")..]);
+        let text = format!(
+            "{MINIMAL}{}",
+            &MINIMAL[MINIMAL.find("[[route]]").expect("route")..]
+        );
         let err = parse(&text).expect_err("duplicate");
-        assert!(err.to_string().contains("route orders: defined twice"), "{err}");
+        assert!(
+            err.to_string().contains("route orders: defined twice"),
+            "{err}"
+        );
     }
 
     #[test]
     fn bad_values_get_clear_messages() {
         for (bad, needle) in [
-            (MINIMAL.replace("127.0.0.1:4000", "nowhere"), "must be host:port"),
-            (MINIMAL.replace("cookie:session", "query:x"), "expected \"header:NAME\""),
+            (
+                MINIMAL.replace("127.0.0.1:4000", "nowhere"),
+                "must be host:port",
+            ),
+            (
+                MINIMAL.replace("cookie:session", "query:x"),
+                "expected \"header:NAME\"",
+            ),
             (MINIMAL.replace("\"orders\"", "\"Orders!\""), "route name"),
-            (MINIMAL.replace("\"get\"", "\"G E T\""), "not an HTTP method"),
-            (MINIMAL.replace("prefix = \"/api/orders\"", "path = \"/api/{*rest}/x\""), "must be the last segment"),
-            (MINIMAL.replace("prefix = \"/api/orders\"", "prefix = \"/a\", path = \"/b\""), "exactly one of"),
+            (
+                MINIMAL.replace("\"get\"", "\"G E T\""),
+                "not an HTTP method",
+            ),
+            (
+                MINIMAL.replace("prefix = \"/api/orders\"", "path = \"/api/{*rest}/x\""),
+                "must be the last segment",
+            ),
+            (
+                MINIMAL.replace("prefix = \"/api/orders\"", "prefix = \"/a\", path = \"/b\""),
+                "exactly one of",
+            ),
         ] {
             let err = parse(&bad).expect_err(needle);
             assert!(err.to_string().contains(needle), "{needle}: {err}");
@@ -713,7 +791,9 @@ sticky = "cookie:session"
 
     #[test]
     fn admin_without_token_refuses_non_loopback() {
-        let text = format!("[admin]\nlisten = \"0.0.0.0:9080\"\ntoken_env = \"STRANGLER_TEST_UNSET_TOKEN\"\n{MINIMAL}");
+        let text = format!(
+            "[admin]\nlisten = \"0.0.0.0:9080\"\ntoken_env = \"STRANGLER_TEST_UNSET_TOKEN\"\n{MINIMAL}"
+        );
         let err = parse(&text).expect_err("must refuse");
         assert!(err.to_string().contains("refusing"), "{err}");
     }

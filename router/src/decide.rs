@@ -89,7 +89,11 @@ impl Overrides {
 }
 
 /// Reads the stickiness key of a request.
-pub fn sticky_key<'a>(sticky: &Stickiness, headers: &'a HeaderMap, client_ip: Option<&'a str>) -> Option<std::borrow::Cow<'a, str>> {
+pub fn sticky_key<'a>(
+    sticky: &Stickiness,
+    headers: &'a HeaderMap,
+    client_ip: Option<&'a str>,
+) -> Option<std::borrow::Cow<'a, str>> {
     match sticky {
         Stickiness::Header(name) => headers
             .get(name.as_str())
@@ -135,7 +139,11 @@ pub fn decide(
         };
     }
     Decision {
-        backend: if flag.enabled { Backend::New } else { Backend::Legacy },
+        backend: if flag.enabled {
+            Backend::New
+        } else {
+            Backend::Legacy
+        },
         reason: Reason::Flag,
         variant: flag.variant,
     }
@@ -166,7 +174,8 @@ mod tests {
         let e = FlagEngine::new("test").expect("engine");
         let doc = serde_json::json!({"version": 2, "features": [{"name": "strangler.orders", "enabled": enabled,
             "strategies": [{"name": "flexibleRollout", "parameters": {"rollout": rollout.to_string(), "stickiness": "default", "groupId": "strangler.orders"}}]}]});
-        e.apply(parse_features(doc.to_string().as_bytes(), "t").expect("doc")).expect("apply");
+        e.apply(parse_features(doc.to_string().as_bytes(), "t").expect("doc"))
+            .expect("apply");
         e
     }
 
@@ -176,19 +185,31 @@ mod tests {
         let overrides = Overrides::default();
         let flags = engine(true, 100);
         let headers = HeaderMap::new();
-        assert_eq!(decide(&r, &overrides, &flags, &headers, None).backend, Backend::New);
+        assert_eq!(
+            decide(&r, &overrides, &flags, &headers, None).backend,
+            Backend::New
+        );
         overrides.set("orders", Some(Backend::Legacy));
         let d = decide(&r, &overrides, &flags, &headers, None);
         assert_eq!((d.backend, d.reason), (Backend::Legacy, Reason::Override));
         overrides.set("orders", None);
-        assert_eq!(decide(&r, &overrides, &flags, &headers, None).reason, Reason::Flag);
+        assert_eq!(
+            decide(&r, &overrides, &flags, &headers, None).reason,
+            Reason::Flag
+        );
     }
 
     #[test]
     fn unknown_flag_defaults_to_legacy() {
         let r = route("ip");
         let flags = FlagEngine::new("empty").expect("engine");
-        let d = decide(&r, &Overrides::default(), &flags, &HeaderMap::new(), Some("10.0.0.1"));
+        let d = decide(
+            &r,
+            &Overrides::default(),
+            &flags,
+            &HeaderMap::new(),
+            Some("10.0.0.1"),
+        );
         assert_eq!((d.backend, d.reason), (Backend::Legacy, Reason::Default));
     }
 
@@ -197,7 +218,9 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert("x-user-id", "u1".parse().expect("v"));
         headers.insert("cookie", "a=1; session=\"s-9\"; b=2".parse().expect("v"));
-        let key = |s: &str| sticky_key(&route(s).sticky, &headers, Some("10.1.2.3")).map(|k| k.into_owned());
+        let key = |s: &str| {
+            sticky_key(&route(s).sticky, &headers, Some("10.1.2.3")).map(|k| k.into_owned())
+        };
         assert_eq!(key("header:x-user-id").as_deref(), Some("u1"));
         assert_eq!(key("cookie:session").as_deref(), Some("s-9"));
         assert_eq!(key("cookie:missing"), None);
@@ -215,10 +238,16 @@ mod tests {
             headers.insert("cookie", format!("sid=s{i}").parse().expect("v"));
             let first = decide(&r, &overrides, &flags, &headers, None).backend;
             for _ in 0..3 {
-                assert_eq!(decide(&r, &overrides, &flags, &headers, None).backend, first);
+                assert_eq!(
+                    decide(&r, &overrides, &flags, &headers, None).backend,
+                    first
+                );
             }
             new += usize::from(first == Backend::New);
         }
-        assert!((140..=260).contains(&new), "about half of 400 sessions, got {new}");
+        assert!(
+            (140..=260).contains(&new),
+            "about half of 400 sessions, got {new}"
+        );
     }
 }

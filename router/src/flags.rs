@@ -143,7 +143,9 @@ struct SourceStatus {
 
 impl std::fmt::Debug for FlagEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FlagEngine").field("source", &self.source).finish()
+        f.debug_struct("FlagEngine")
+            .field("source", &self.source)
+            .finish()
     }
 }
 
@@ -337,11 +339,17 @@ impl FileFlagSource {
         let watcher = match watcher {
             Ok(mut w) => {
                 use notify::Watcher;
-                let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                let dir = path
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
                 match w.watch(dir, notify::RecursiveMode::NonRecursive) {
                     Ok(()) => Some(w),
                     Err(e) => {
-                        tracing::warn!("cannot watch {}: {e}; re-reading every {FILE_RESCAN:?}", dir.display());
+                        tracing::warn!(
+                            "cannot watch {}: {e}; re-reading every {FILE_RESCAN:?}",
+                            dir.display()
+                        );
                         None
                     }
                 }
@@ -394,7 +402,12 @@ pub struct UnleashFlagSource {
 
 impl UnleashFlagSource {
     /// Polls `{api_url}client/features` every `interval`.
-    pub fn new(api_url: &str, token: &str, app_name: &str, interval: Duration) -> Result<Self, FlagError> {
+    pub fn new(
+        api_url: &str,
+        token: &str,
+        app_name: &str,
+        interval: Duration,
+    ) -> Result<Self, FlagError> {
         let http = reqwest::Client::builder()
             // A poll must not outlive the next one by much.
             .timeout(interval.max(Duration::from_secs(2)))
@@ -439,7 +452,10 @@ impl FlagSource for UnleashFlagSource {
         }
         if !status.is_success() {
             let body = response.text().await.unwrap_or_default();
-            return Err(err(format!("HTTP {status}: {}", body.chars().take(200).collect::<String>())));
+            return Err(err(format!(
+                "HTTP {status}: {}",
+                body.chars().take(200).collect::<String>()
+            )));
         }
         let etag = response
             .headers()
@@ -481,7 +497,10 @@ mod tests {
     fn share_enabled(engine: &FlagEngine, users: usize) -> usize {
         (0..users)
             .filter(|u| {
-                let ctx = context_for(&Stickiness::Header("x-user-id".into()), Some(&format!("user-{u}")));
+                let ctx = context_for(
+                    &Stickiness::Header("x-user-id".into()),
+                    Some(&format!("user-{u}")),
+                );
                 engine.evaluate("strangler.orders", &ctx).enabled
             })
             .count()
@@ -494,10 +513,24 @@ mod tests {
         let on = share_enabled(&engine, 2_000);
         assert!((500..=700).contains(&on), "30% of 2000 users, got {on}");
         let first: Vec<bool> = (0..200)
-            .map(|u| engine.evaluate("strangler.orders", &context_for(&Stickiness::Header("h".into()), Some(&u.to_string()))).enabled)
+            .map(|u| {
+                engine
+                    .evaluate(
+                        "strangler.orders",
+                        &context_for(&Stickiness::Header("h".into()), Some(&u.to_string())),
+                    )
+                    .enabled
+            })
             .collect();
         let again: Vec<bool> = (0..200)
-            .map(|u| engine.evaluate("strangler.orders", &context_for(&Stickiness::Header("h".into()), Some(&u.to_string()))).enabled)
+            .map(|u| {
+                engine
+                    .evaluate(
+                        "strangler.orders",
+                        &context_for(&Stickiness::Header("h".into()), Some(&u.to_string())),
+                    )
+                    .enabled
+            })
             .collect();
         assert_eq!(first, again);
     }
@@ -506,20 +539,29 @@ mod tests {
     fn disabled_or_unknown_toggle_sends_nobody_to_new() {
         let engine = FlagEngine::new("test").expect("engine");
         assert_eq!(share_enabled(&engine, 100), 0);
-        assert!(!engine.evaluate("strangler.orders", &Context::default()).known);
+        assert!(
+            !engine
+                .evaluate("strangler.orders", &Context::default())
+                .known
+        );
         engine.apply(doc(100, false)).expect("apply");
         assert_eq!(share_enabled(&engine, 100), 0);
         engine.apply(doc(100, true)).expect("apply");
         assert_eq!(share_enabled(&engine, 100), 100);
         assert_eq!(
             engine.state("strangler.orders"),
-            FlagState { known: true, enabled: true, rollout_percent: Some(100) }
+            FlagState {
+                known: true,
+                enabled: true,
+                rollout_percent: Some(100)
+            }
         );
     }
 
     #[test]
     fn a_bad_document_is_a_parse_error_with_position() {
-        let err = parse_features(b"{\"version\": 2, \"features\": [}", "flags.json").expect_err("bad");
+        let err =
+            parse_features(b"{\"version\": 2, \"features\": [}", "flags.json").expect_err("bad");
         assert!(!err.is_retryable());
         assert!(err.to_string().contains("line 1"), "{err}");
     }
@@ -528,7 +570,10 @@ mod tests {
     fn errors_keep_the_last_good_state_and_report_freshness() {
         let engine = FlagEngine::new("test").expect("engine");
         engine.apply(doc(100, true)).expect("apply");
-        engine.mark_error(&FlagError::Unleash { url: "u".into(), message: "refused".into() });
+        engine.mark_error(&FlagError::Unleash {
+            url: "u".into(),
+            message: "refused".into(),
+        });
         assert_eq!(share_enabled(&engine, 10), 10);
         let f = engine.freshness();
         assert_eq!(f.toggles, 1);

@@ -4,7 +4,10 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
 
 use crate::decide::{Backend, Reason};
 
@@ -50,30 +53,51 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let requests = must(IntCounterVec::new(
-            Opts::new("strangler_requests_total", "Requests by route, backend and status class"),
+            Opts::new(
+                "strangler_requests_total",
+                "Requests by route, backend and status class",
+            ),
             &["route", "backend", "status_class"],
         ));
         let errors = must(IntCounterVec::new(
-            Opts::new("strangler_upstream_errors_total", "Requests that failed at the upstream (no response or 5xx)"),
+            Opts::new(
+                "strangler_upstream_errors_total",
+                "Requests that failed at the upstream (no response or 5xx)",
+            ),
             &["route", "backend"],
         ));
         let latency = must(HistogramVec::new(
-            HistogramOpts::new("strangler_request_duration_seconds", "Time from request to end of response")
-                .buckets(LATENCY_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "strangler_request_duration_seconds",
+                "Time from request to end of response",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
             &["route", "backend"],
         ));
         let decisions = must(IntCounterVec::new(
             Opts::new("strangler_decisions_total", "Routing decisions by reason"),
             &["route", "backend", "reason"],
         ));
-        let spans_dropped = must(IntCounter::new("strangler_spans_dropped_total", "Spans dropped because the export queue was full"));
-        let spans_exported = must(IntCounter::new("strangler_spans_exported_total", "Spans sent to the OTLP endpoint"));
-        let spans_failed = must(IntCounter::new("strangler_spans_export_failed_total", "Spans the OTLP exporter could not send"));
+        let spans_dropped = must(IntCounter::new(
+            "strangler_spans_dropped_total",
+            "Spans dropped because the export queue was full",
+        ));
+        let spans_exported = must(IntCounter::new(
+            "strangler_spans_exported_total",
+            "Spans sent to the OTLP endpoint",
+        ));
+        let spans_failed = must(IntCounter::new(
+            "strangler_spans_export_failed_total",
+            "Spans the OTLP exporter could not send",
+        ));
         let flag_age = must(IntGauge::new(
             "strangler_flag_source_age_seconds",
             "Seconds since flags were last read successfully (-1 before the first read)",
         ));
-        let flag_errors = must(IntGauge::new("strangler_flag_source_failing", "1 while the flag source is failing"));
+        let flag_errors = must(IntGauge::new(
+            "strangler_flag_source_failing",
+            "1 while the flag source is failing",
+        ));
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(errors.clone()),
@@ -102,7 +126,15 @@ impl Metrics {
     }
 
     /// Records one finished request.
-    pub fn observe(&self, route: &str, backend: Backend, reason: Reason, status: u16, failed: bool, seconds: f64) {
+    pub fn observe(
+        &self,
+        route: &str,
+        backend: Backend,
+        reason: Reason,
+        status: u16,
+        failed: bool,
+        seconds: f64,
+    ) {
         let class = match status {
             0 => "none",
             100..=199 => "1xx",
@@ -111,13 +143,19 @@ impl Metrics {
             400..=499 => "4xx",
             _ => "5xx",
         };
-        self.requests.with_label_values(&[route, backend.as_str(), class]).inc();
-        self.latency.with_label_values(&[route, backend.as_str()]).observe(seconds);
+        self.requests
+            .with_label_values(&[route, backend.as_str(), class])
+            .inc();
+        self.latency
+            .with_label_values(&[route, backend.as_str()])
+            .observe(seconds);
         self.decisions
             .with_label_values(&[route, backend.as_str(), reason.as_str()])
             .inc();
         if failed {
-            self.errors.with_label_values(&[route, backend.as_str()]).inc();
+            self.errors
+                .with_label_values(&[route, backend.as_str()])
+                .inc();
         }
     }
 
@@ -195,9 +233,14 @@ impl MinuteWindow {
     pub fn totals_at(&self, now: u64) -> (u64, u64) {
         self.slots
             .iter()
-            .filter(|s| now.saturating_sub(s.second.load(Ordering::Acquire)) < WINDOW_SECONDS as u64)
+            .filter(|s| {
+                now.saturating_sub(s.second.load(Ordering::Acquire)) < WINDOW_SECONDS as u64
+            })
             .fold((0, 0), |(r, e), s| {
-                (r + s.requests.load(Ordering::Acquire), e + s.errors.load(Ordering::Acquire))
+                (
+                    r + s.requests.load(Ordering::Acquire),
+                    e + s.errors.load(Ordering::Acquire),
+                )
             })
     }
 
@@ -217,7 +260,12 @@ impl RouteWindows {
     /// The window for a route and backend, created on first use.
     pub fn get(&self, route: &str, backend: Backend) -> std::sync::Arc<MinuteWindow> {
         let key = (route.to_string(), backend);
-        if let Some(w) = self.windows.read().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        if let Some(w) = self
+            .windows
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
             return std::sync::Arc::clone(w);
         }
         let mut map = self.windows.write().unwrap_or_else(|p| p.into_inner());
@@ -249,8 +297,19 @@ mod tests {
         m.observe("orders", Backend::New, Reason::Flag, 200, false, 0.003);
         m.observe("orders", Backend::Legacy, Reason::Default, 502, true, 0.001);
         let text = String::from_utf8(m.render()).expect("utf8");
-        assert!(text.contains(r#"strangler_requests_total{backend="new",route="orders",status_class="2xx"} 1"#), "{text}");
-        assert!(text.contains(r#"strangler_upstream_errors_total{backend="legacy",route="orders"} 1"#), "{text}");
-        assert!(text.contains("strangler_request_duration_seconds_bucket"), "{text}");
+        assert!(
+            text.contains(
+                r#"strangler_requests_total{backend="new",route="orders",status_class="2xx"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"strangler_upstream_errors_total{backend="legacy",route="orders"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("strangler_request_duration_seconds_bucket"),
+            "{text}"
+        );
     }
 }

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use opentelemetry::trace::{Span as _, Status};
 use opentelemetry::KeyValue;
+use opentelemetry::trace::{Span as _, Status};
 use pingora::http::RequestHeader;
 use pingora::prelude::*;
 use pingora::upstreams::peer::HttpPeer;
@@ -70,9 +70,17 @@ impl ProxyHttp for StranglerProxy {
         let req = session.req_header();
         let config = self.state.config();
         let table = self.state.table();
-        let route = table.find(&req.method, req.uri.path(), &req.headers).cloned();
+        let route = table
+            .find(&req.method, req.uri.path(), &req.headers)
+            .cloned();
         if let Some(route) = &route {
-            ctx.decision = decide(route, &self.state.overrides, &self.state.flags, &req.headers, ctx.client_ip.as_deref());
+            ctx.decision = decide(
+                route,
+                &self.state.overrides,
+                &self.state.flags,
+                &req.headers,
+                ctx.client_ip.as_deref(),
+            );
         }
         ctx.upstream = Some(match (&route, ctx.decision.backend) {
             (Some(r), Backend::New) => (r.new_upstream.clone(), r.new_timeouts),
@@ -91,33 +99,56 @@ impl ProxyHttp for StranglerProxy {
         if let Some(q) = req.uri.query() {
             attributes.push(KeyValue::new("url.query", q.to_string()));
         }
-        if let Some(host) = req.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).or(req.uri.host()) {
+        if let Some(host) = req
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or(req.uri.host())
+        {
             attributes.push(KeyValue::new("server.address", host.to_string()));
         }
         if let Some(ip) = &ctx.client_ip {
             attributes.push(KeyValue::new("client.address", ip.clone()));
         }
-        if let Some(ua) = req.headers.get(http::header::USER_AGENT).and_then(|h| h.to_str().ok()) {
+        if let Some(ua) = req
+            .headers
+            .get(http::header::USER_AGENT)
+            .and_then(|h| h.to_str().ok())
+        {
             attributes.push(KeyValue::new("user_agent.original", ua.to_string()));
         }
-        attributes.push(KeyValue::new("network.protocol.version", match req.version {
-            http::Version::HTTP_2 => "2",
-            http::Version::HTTP_10 => "1.0",
-            _ => "1.1",
-        }));
+        attributes.push(KeyValue::new(
+            "network.protocol.version",
+            match req.version {
+                http::Version::HTTP_2 => "2",
+                http::Version::HTTP_10 => "1.0",
+                _ => "1.1",
+            },
+        ));
         if let Some(r) = &route {
             attributes.push(KeyValue::new("http.route", r.path_text.clone()));
             attributes.push(KeyValue::new("strangler.route", r.name.to_string()));
             attributes.push(KeyValue::new("strangler.flag", r.flag.clone()));
         }
-        ctx.span = Some(self.state.telemetry.start_server_span(name, &req.headers, attributes));
+        ctx.span = Some(
+            self.state
+                .telemetry
+                .start_server_span(name, &req.headers, attributes),
+        );
         ctx.route = route;
         Ok(false)
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Self::CTX) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut Self::CTX,
+    ) -> Result<Box<HttpPeer>> {
         let Some((upstream, timeouts)) = &ctx.upstream else {
-            return Err(Error::explain(ErrorType::InternalError, "no upstream chosen"));
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "no upstream chosen",
+            ));
         };
         let mut peer = HttpPeer::new(upstream.addr, false, upstream.host.clone());
         peer.options.connection_timeout = Some(timeouts.connect);
@@ -134,7 +165,11 @@ impl ProxyHttp for StranglerProxy {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         if let Some(ip) = &ctx.client_ip {
-            let forwarded = match upstream_request.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            let forwarded = match upstream_request
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+            {
                 Some(prior) => format!("{prior}, {ip}"),
                 None => ip.clone(),
             };
@@ -155,7 +190,11 @@ impl ProxyHttp for StranglerProxy {
                 upstream_request.insert_header(http::header::HOST, host.as_str())?;
             }
         }
-        let via = match upstream_request.headers.get(http::header::VIA).and_then(|v| v.to_str().ok()) {
+        let via = match upstream_request
+            .headers
+            .get(http::header::VIA)
+            .and_then(|v| v.to_str().ok())
+        {
             Some(prior) => format!("{prior}, {VIA}"),
             None => VIA.to_string(),
         };
@@ -174,7 +213,11 @@ impl ProxyHttp for StranglerProxy {
         let route_name = ctx.route.as_ref().map_or("", |r| r.name.as_str());
         let backend = ctx.decision.backend;
         self.state.metrics.observe(
-            if route_name.is_empty() { "(legacy)" } else { route_name },
+            if route_name.is_empty() {
+                "(legacy)"
+            } else {
+                route_name
+            },
             backend,
             ctx.decision.reason,
             status,
@@ -186,7 +229,10 @@ impl ProxyHttp for StranglerProxy {
         }
         if let Some(mut span) = ctx.span.take() {
             span.set_attribute(KeyValue::new("strangler.backend", backend.as_str()));
-            span.set_attribute(KeyValue::new("strangler.decision", ctx.decision.reason.as_str()));
+            span.set_attribute(KeyValue::new(
+                "strangler.decision",
+                ctx.decision.reason.as_str(),
+            ));
             if let Some(v) = &ctx.decision.variant {
                 span.set_attribute(KeyValue::new("strangler.flag.variant", v.clone()));
             }
@@ -194,7 +240,10 @@ impl ProxyHttp for StranglerProxy {
                 span.set_attribute(KeyValue::new("strangler.upstream", u.authority.clone()));
             }
             if status > 0 {
-                span.set_attribute(KeyValue::new("http.response.status_code", i64::from(status)));
+                span.set_attribute(KeyValue::new(
+                    "http.response.status_code",
+                    i64::from(status),
+                ));
             }
             if let Some(e) = e {
                 span.set_attribute(KeyValue::new("error.type", e.etype().as_str().to_string()));

@@ -28,9 +28,15 @@ fn specificity(route: &RouteConfig) -> Specificity {
     let (literals, exact, params) = match &route.path {
         PathMatch::Prefix(p) => (p.split('/').filter(|s| !s.is_empty()).count(), false, 0),
         PathMatch::Pattern(segments) => (
-            segments.iter().filter(|s| matches!(s, Segment::Literal(_))).count(),
+            segments
+                .iter()
+                .filter(|s| matches!(s, Segment::Literal(_)))
+                .count(),
             !segments.iter().any(|s| matches!(s, Segment::Rest(_))),
-            segments.iter().filter(|s| matches!(s, Segment::Param(_))).count(),
+            segments
+                .iter()
+                .filter(|s| matches!(s, Segment::Param(_)))
+                .count(),
         ),
     };
     Specificity {
@@ -62,7 +68,12 @@ impl RouteTable {
     }
 
     /// Finds the route for a request; `None` means legacy serves it.
-    pub fn find(&self, method: &Method, path: &str, headers: &HeaderMap) -> Option<&Arc<RouteConfig>> {
+    pub fn find(
+        &self,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Option<&Arc<RouteConfig>> {
         self.routes
             .iter()
             .find(|r| route_matches(r, method, path, headers))
@@ -146,12 +157,15 @@ mod tests {
     }
 
     fn find<'a>(t: &'a RouteTable, method: Method, path: &str) -> Option<&'a str> {
-        t.find(&method, path, &HeaderMap::new()).map(|r| r.name.as_str())
+        t.find(&method, path, &HeaderMap::new())
+            .map(|r| r.name.as_str())
     }
 
     #[test]
     fn prefix_matches_whole_segments_only() {
-        let t = table("[[route]]\nname = \"orders\"\nmatch = { prefix = \"/api/orders\" }\nnew = \"127.0.0.1:2\"\n");
+        let t = table(
+            "[[route]]\nname = \"orders\"\nmatch = { prefix = \"/api/orders\" }\nnew = \"127.0.0.1:2\"\n",
+        );
         assert_eq!(find(&t, Method::GET, "/api/orders"), Some("orders"));
         assert_eq!(find(&t, Method::GET, "/api/orders/17"), Some("orders"));
         assert_eq!(find(&t, Method::GET, "/api/ordersx"), None);
@@ -186,7 +200,10 @@ new = "127.0.0.1:2"
         );
         assert_eq!(find(&t, Method::GET, "/api/orders/export"), Some("export"));
         assert_eq!(find(&t, Method::GET, "/api/orders/17"), Some("order"));
-        assert_eq!(find(&t, Method::GET, "/api/orders/17/items"), Some("orders"));
+        assert_eq!(
+            find(&t, Method::GET, "/api/orders/17/items"),
+            Some("orders")
+        );
         assert_eq!(find(&t, Method::POST, "/api/orders"), Some("orders-post"));
         assert_eq!(find(&t, Method::GET, "/api/orders"), Some("orders"));
         assert_eq!(find(&t, Method::GET, "/api/customers"), Some("api"));
@@ -212,7 +229,11 @@ new = "127.0.0.1:2"
         headers.insert("x-beta", "0".parse().expect("value"));
         assert!(t.find(&Method::GET, "/a", &headers).is_none());
         headers.insert("x-beta", "1".parse().expect("value"));
-        assert_eq!(t.find(&Method::GET, "/a", &headers).map(|r| r.name.as_str()), Some("beta"));
+        assert_eq!(
+            t.find(&Method::GET, "/a", &headers)
+                .map(|r| r.name.as_str()),
+            Some("beta")
+        );
     }
 
     #[test]

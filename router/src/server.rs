@@ -70,7 +70,12 @@ pub fn run(config_path: &Path) -> Result<(), StartError> {
     let listen = config.listen;
     let admin_listen = config.admin.listen;
     let threads = config.threads;
-    let state = Arc::new(RouterState::new(config, Arc::clone(&flags), metrics, telemetry));
+    let state = Arc::new(RouterState::new(
+        config,
+        Arc::clone(&flags),
+        metrics,
+        telemetry,
+    ));
 
     let conf = ServerConf {
         threads,
@@ -97,7 +102,10 @@ pub fn run(config_path: &Path) -> Result<(), StartError> {
     proxy.add_tcp(&listen.to_string());
     server.add_service(proxy);
 
-    let mut admin = Service::new("strangler-admin".to_string(), AdminApi::new(Arc::clone(&state)));
+    let mut admin = Service::new(
+        "strangler-admin".to_string(),
+        AdminApi::new(Arc::clone(&state)),
+    );
     admin.add_tcp(&admin_listen.to_string());
     server.add_service(admin);
 
@@ -122,8 +130,14 @@ struct Background {
 #[async_trait]
 impl BackgroundService for Background {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let flags = tokio::spawn(drive(Arc::clone(&self.source), Arc::clone(&self.state.flags)));
-        let reload = tokio::spawn(watch_config(Arc::clone(&self.state), self.config_path.clone()));
+        let flags = tokio::spawn(drive(
+            Arc::clone(&self.source),
+            Arc::clone(&self.state.flags),
+        ));
+        let reload = tokio::spawn(watch_config(
+            Arc::clone(&self.state),
+            self.config_path.clone(),
+        ));
         let _ = shutdown.changed().await;
         self.state.begin_shutdown();
         flags.abort();
@@ -142,7 +156,10 @@ async fn watch_config(state: Arc<RouterState>, path: PathBuf) {
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if let Ok(event) = event
             && event.kind.is_modify() | event.kind.is_create()
-            && event.paths.iter().any(|p| p.file_name().map(|n| n.to_os_string()) == name)
+            && event
+                .paths
+                .iter()
+                .any(|p| p.file_name().map(|n| n.to_os_string()) == name)
         {
             notify_on.notify_one();
         }
@@ -150,9 +167,15 @@ async fn watch_config(state: Arc<RouterState>, path: PathBuf) {
     let _watcher = match watcher {
         Ok(mut w) => {
             use notify::Watcher;
-            let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            let dir = path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
             if let Err(e) = w.watch(dir, notify::RecursiveMode::NonRecursive) {
-                tracing::warn!("cannot watch {} for config changes: {e}; reload with SIGHUP", dir.display());
+                tracing::warn!(
+                    "cannot watch {} for config changes: {e}; reload with SIGHUP",
+                    dir.display()
+                );
             }
             Some(w)
         }

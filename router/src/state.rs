@@ -33,7 +33,12 @@ pub struct RouterState {
 
 impl RouterState {
     /// State for a validated config.
-    pub fn new(config: RouterConfig, flags: Arc<FlagEngine>, metrics: Metrics, telemetry: Telemetry) -> Self {
+    pub fn new(
+        config: RouterConfig,
+        flags: Arc<FlagEngine>,
+        metrics: Metrics,
+        telemetry: Telemetry,
+    ) -> Self {
         let table = RouteTable::new(&config.routes);
         Self {
             config: ArcSwap::from_pointee(config),
@@ -62,11 +67,18 @@ impl RouterState {
     pub fn reload(&self, path: &Path) -> Result<(), ConfigError> {
         let next = RouterConfig::load(path)?;
         let current = self.config();
-        if next.listen != current.listen || next.admin.listen != current.admin.listen || next.threads != current.threads {
-            tracing::warn!("listen addresses and threads change only on restart; applying routes and upstreams");
+        if next.listen != current.listen
+            || next.admin.listen != current.admin.listen
+            || next.threads != current.threads
+        {
+            tracing::warn!(
+                "listen addresses and threads change only on restart; applying routes and upstreams"
+            );
         }
         if format!("{:?}", next.flags) != format!("{:?}", current.flags) {
-            tracing::warn!("the flag source changes only on restart; applying routes and upstreams");
+            tracing::warn!(
+                "the flag source changes only on restart; applying routes and upstreams"
+            );
         }
         let routes = next.routes.len();
         self.table.store(Arc::new(RouteTable::new(&next.routes)));
@@ -82,6 +94,7 @@ impl RouterState {
 
     /// Ready to take traffic: flags were read at least once and not shutting down.
     pub fn ready(&self) -> bool {
-        !self.shutting_down.load(Ordering::Acquire) && self.flags.freshness().last_success_age_ms.is_some()
+        !self.shutting_down.load(Ordering::Acquire)
+            && self.flags.freshness().last_success_age_ms.is_some()
     }
 }

@@ -15,7 +15,9 @@ use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider, Span, SpanData, SpanExporter, SpanProcessor};
+use opentelemetry_sdk::trace::{
+    SdkTracer, SdkTracerProvider, Span, SpanData, SpanExporter, SpanProcessor,
+};
 use prometheus::IntCounter;
 
 use crate::config::TelemetryConfig;
@@ -99,7 +101,12 @@ impl SpanProcessor for QueueProcessor {
     }
 }
 
-fn export_loop<E: SpanExporter>(exporter: E, rx: Receiver<Message>, runtime: tokio::runtime::Runtime, metrics: Metrics) {
+fn export_loop<E: SpanExporter>(
+    exporter: E,
+    rx: Receiver<Message>,
+    runtime: tokio::runtime::Runtime,
+    metrics: Metrics,
+) {
     let mut batch: Vec<SpanData> = Vec::with_capacity(BATCH_SIZE);
     let mut waiting: Vec<std::sync::mpsc::Sender<()>> = Vec::new();
     let mut oldest: Option<Instant> = None;
@@ -123,7 +130,9 @@ fn export_loop<E: SpanExporter>(exporter: E, rx: Receiver<Message>, runtime: tok
             if !batch.is_empty() {
                 let spans = std::mem::take(&mut batch);
                 let count = spans.len() as u64;
-                let result = runtime.block_on(async { tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(spans)).await });
+                let result = runtime.block_on(async {
+                    tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(spans)).await
+                });
                 match result {
                     Ok(Ok(())) => metrics.spans_exported.inc_by(count),
                     Ok(Err(e)) => {
@@ -132,7 +141,9 @@ fn export_loop<E: SpanExporter>(exporter: E, rx: Receiver<Message>, runtime: tok
                     }
                     Err(_) => {
                         metrics.spans_failed.inc_by(count);
-                        tracing::warn!("OTLP export of {count} spans timed out after {EXPORT_TIMEOUT:?}");
+                        tracing::warn!(
+                            "OTLP export of {count} spans timed out after {EXPORT_TIMEOUT:?}"
+                        );
                     }
                 }
             }
@@ -166,14 +177,16 @@ impl Telemetry {
                 .enable_all()
                 .build()
                 .map_err(|e| err(e.to_string()))?;
-            let mut exporter = runtime.block_on(async {
-                use opentelemetry_otlp::WithExportConfig;
-                opentelemetry_otlp::SpanExporter::builder()
-                    .with_tonic()
-                    .with_endpoint(endpoint.clone())
-                    .with_timeout(EXPORT_TIMEOUT)
-                    .build()
-            }).map_err(|e| err(e.to_string()))?;
+            let mut exporter = runtime
+                .block_on(async {
+                    use opentelemetry_otlp::WithExportConfig;
+                    opentelemetry_otlp::SpanExporter::builder()
+                        .with_tonic()
+                        .with_endpoint(endpoint.clone())
+                        .with_timeout(EXPORT_TIMEOUT)
+                        .build()
+                })
+                .map_err(|e| err(e.to_string()))?;
             exporter.set_resource(&resource);
             let (tx, rx) = sync_channel(config.queue_size.max(1));
             let worker_metrics = metrics.clone();
@@ -202,7 +215,12 @@ impl Telemetry {
     }
 
     /// Starts a server span whose parent is the caller's `traceparent`, if any.
-    pub fn start_server_span(&self, name: String, headers: &http::HeaderMap, attributes: Vec<KeyValue>) -> Span {
+    pub fn start_server_span(
+        &self,
+        name: String,
+        headers: &http::HeaderMap,
+        attributes: Vec<KeyValue>,
+    ) -> Span {
         let parent = self.propagator.extract(&HeaderExtractor(headers));
         self.tracer
             .span_builder(name)
@@ -259,14 +277,25 @@ mod tests {
         let mut headers = http::HeaderMap::new();
         headers.insert(
             "traceparent",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse().expect("v"),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+                .parse()
+                .expect("v"),
         );
         let span = t.start_server_span("GET /x".into(), &headers, vec![]);
-        assert_eq!(span.span_context().trace_id().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(
+            span.span_context().trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
         let out = t.propagation_headers(&span);
         let tp = out.get("traceparent").expect("traceparent");
-        assert!(tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "{tp}");
-        assert!(!tp.contains("00f067aa0ba902b7"), "the upstream's parent is our span, not the caller's");
+        assert!(
+            tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+            "{tp}"
+        );
+        assert!(
+            !tp.contains("00f067aa0ba902b7"),
+            "the upstream's parent is our span, not the caller's"
+        );
     }
 
     #[test]
@@ -279,7 +308,10 @@ mod tests {
             let mut span = t.start_server_span(format!("s{i}"), &http::HeaderMap::new(), vec![]);
             span.end();
         }
-        assert!(started.elapsed() < Duration::from_secs(2), "ending spans must not block");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "ending spans must not block"
+        );
         assert!(metrics.spans_dropped.get() > 0);
     }
 }

@@ -1,0 +1,724 @@
+//! The router against real upstreams, a real Unleash server and a real OTLP receiver.
+
+mod support;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use reqwest::Method;
+use serde_json::{Value, json};
+use strangler_testkit::{Unleash, free_port, unleash};
+use support::*;
+use unleash_api_client::client::{ClientBuilder, FeatureKey};
+use unleash_api_client::context::Context;
+
+const USERS: usize = 2_000;
+
+#[derive(Debug, Clone, Copy)]
+enum Names {}
+impl FeatureKey for Names {
+    fn name(self) -> &'static str {
+        match self {}
+    }
+}
+
+/// An Unleash SDK engine as an application would have it, fed `doc`.
+fn sdk_with(doc: &str) -> unleash_api_client::Client<Names> {
+    let client = ClientBuilder::default()
+        .enable_string_features()
+        .disable_metric_submission()
+        .into_client::<Names>("http://127.0.0.1:1/api/", "app", "app", None)
+        .expect("sdk");
+    client
+        .memoize(serde_json::from_str(doc).expect("features"))
+        .expect("memoize");
+    client
+}
+
+fn sdk_says_new(sdk: &unleash_api_client::Client<Names>, user: &str) -> bool {
+    let ctx = Context {
+        user_id: Some(user.to_string()),
+        ..Context::default()
+    };
+    sdk.is_enabled_str("strangler.orders", Some(&ctx), false)
+}
+
+/// Sends `USERS` distinct users through the router; returns each user's side.
+async fn sides(router: &Router, users: usize) -> HashMap<String, String> {
+    let client = reqwest::Client::new();
+    let mut out = HashMap::with_capacity(users);
+    for u in 0..users {
+        let user = format!("user-{u}");
+        let side = side_for(&client, router, "/api/orders", &user).await;
+        out.insert(user, side);
+    }
+    out
+}
+
+fn count_new(sides: &HashMap<String, String>) -> usize {
+    sides.values().filter(|s| *s == "new").count()
+}
+
+#[tokio::test]
+async fn flags_file_splits_users_by_rollout_like_the_sdk_and_each_user_is_sticky() {
+    let legacy = Upstream::start("legacy").await;
+    let new = Upstream::start("new").await;
+    let zero = flags_doc("strangler.orders", true, 0);
+    let router = Router::start(
+        &route_config(
+            legacy.addr,
+            new.addr,
+            "[flags]\nsource = \"file\"\nfile = \"flags.json\"\n",
+        ),
+        &[("flags.json", &zero)],
+        &[],
+    )
+    .await;
+
+    let at_zero = sides(&router, 500).await;
+    assert_eq!(count_new(&at_zero), 0, "0 % must send everyone to legacy");
+
+    let thirty = flags_doc("strangler.orders", true, 30);
+    replace_file(&router.path("flags.json"), &thirty);
+    let client = reqwest::Client::new();
+    // Find a user who is on new at 30 %; the router must agree within the reload window.
+    let sdk = sdk_with(&thirty);
+    let probe = (0..)
+        .map(|u| format!("user-{u}"))
+        .find(|u| sdk_says_new(&sdk, u))
+        .expect("some user is in 30 %");
+    let took = wait_until(Duration::from_secs(3), "the flags file change", || {
+        let client = client.clone();
+        let router = &router;
+        let probe = probe.clone();
+        async move { side_for(&client, router, "/api/orders", &probe).await == "new" }
+    })
+    .await;
+    eprintln!("flags file change applied after {took:?}");
+    assert!(
+        took < Duration::from_millis(500),
+        "file change took {took:?}"
+    );
+
+    let at_thirty = sides(&router, USERS).await;
+    let on_new = count_new(&at_thirty);
+    assert!(
+        (500..=700).contains(&on_new),
+        "30 % of {USERS} users: got {on_new}"
+    );
+    for (user, side) in &at_thirty {
+        assert_eq!(
+            side == "new",
+            sdk_says_new(&sdk, user),
+            "router and SDK disagree on {user}"
+        );
+    }
+    let again = sides(&router, 300).await;
+    for (user, side) in &again {
+        assert_eq!(Some(side), at_thirty.get(user), "{user} switched sides");
+    }
+    assert!(legacy.hits() > 0 && new.hits() > 0);
+}
+
+#[tokio::test]
+async fn unleash_server_flags_match_the_sdk_and_a_flip_lands_within_one_poll() {
+    let unleash = Unleash::start().await.expect("unleash");
+    unleash
+        .create_toggle("strangler.orders")
+        .await
+        .expect("toggle");
+    let strategy = unleash
+        .add_rollout("strangler.orders", 0)
+        .await
+        .expect("strategy");
+    unleash
+        .set_enabled("strangler.orders", true)
+        .await
+        .expect("enable");
+    let legacy = Upstream::start("legacy").await;
+    let new = Upstream::start("new").await;
+    let poll = Duration::from_millis(1_000);
+    let flags = format!(
+        "[flags]\nsource = \"unleash\"\nurl = \"{}\"\npoll_interval_ms = {}\n",
+        unleash.api_url(),
+        poll.as_millis()
+    );
+    let router = Router::start(
+        &route_config(legacy.addr, new.addr, &flags),
+        &[],
+        &[("UNLEASH_CLIENT_TOKEN", unleash::CLIENT_TOKEN)],
+    )
+    .await;
+    // Readiness means flags were read once.
+    let client = reqwest::Client::new();
+    wait_until(Duration::from_secs(10), "router readiness", || {
+        let r = client.get(router.admin_url("/ready")).send();
+        async move { r.await.is_ok_and(|r| r.status().is_success()) }
+    })
+    .await;
+    assert_eq!(
+        count_new(&sides(&router, 500).await),
+        0,
+        "0 % must send everyone to legacy"
+    );
+
+    unleash
+        .set_rollout("strangler.orders", &strategy, 30)
+        .await
+        .expect("30 %");
+    // Wait until the router reports 30 %, then compare every user with the SDK fed the
+    // very document the server now serves.
+    wait_until(Duration::from_secs(10), "30 % to reach the router", || {
+        let router = &router;
+        async move {
+            let (_, doc) = router.admin(Method::GET, "/routes/orders", None).await;
+            doc["flag_state"]["rollout_percent"] == 30
+        }
+    })
+    .await;
+    let served = unleash
+        .client_features()
+        .await
+        .expect("features")
+        .to_string();
+    let sdk = sdk_with(&served);
+    let at_thirty = sides(&router, USERS).await;
+    let on_new = count_new(&at_thirty);
+    assert!(
+        (500..=700).contains(&on_new),
+        "30 % of {USERS}: got {on_new}"
+    );
+    for (user, side) in &at_thirty {
+        assert_eq!(
+            side == "new",
+            sdk_says_new(&sdk, user),
+            "router and SDK disagree on {user}"
+        );
+    }
+
+    // The kill switch: turn the toggle off and time how long until new gets nothing.
+    let probe = at_thirty
+        .iter()
+        .find(|(_, s)| *s == "new")
+        .map(|(u, _)| u.clone())
+        .expect("a user on new");
+    unleash
+        .set_enabled("strangler.orders", false)
+        .await
+        .expect("disable");
+    let took = wait_until(
+        Duration::from_secs(10),
+        "the flip to reach the router",
+        || {
+            let client = client.clone();
+            let router = &router;
+            let probe = probe.clone();
+            async move { side_for(&client, router, "/api/orders", &probe).await == "legacy" }
+        },
+    )
+    .await;
+    eprintln!("Unleash flip honoured after {took:?} (poll interval {poll:?})");
+    // One interval, plus the time Unleash itself takes to publish the change.
+    assert!(
+        took <= poll + Duration::from_millis(700),
+        "flip took {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_admin_override_beats_the_flag_until_cleared() {
+    let legacy = Upstream::start("legacy").await;
+    let new = Upstream::start("new").await;
+    let router = Router::start(
+        &route_config(legacy.addr, new.addr, ""),
+        &[("flags.json", &flags_doc("strangler.orders", true, 100))],
+        &[],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    assert_eq!(side_for(&client, &router, "/api/orders", "u1").await, "new");
+
+    let (status, doc) = router
+        .admin(
+            Method::PUT,
+            "/routes/orders/override",
+            Some(json!({"backend": "legacy"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{doc}");
+    assert_eq!(doc["override"], "legacy");
+    for u in 0..50 {
+        assert_eq!(
+            side_for(&client, &router, "/api/orders", &format!("u{u}")).await,
+            "legacy"
+        );
+    }
+    let (_, listed) = router.admin(Method::GET, "/routes", None).await;
+    let route = &listed["routes"][0];
+    assert_eq!(route["name"], "orders");
+    assert_eq!(route["flag_state"]["rollout_percent"], 100);
+    assert!(
+        route["legacy"]["requests"].as_u64().unwrap_or(0) >= 50,
+        "{listed}"
+    );
+
+    let (status, _) = router
+        .admin(Method::DELETE, "/routes/orders/override", None)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(side_for(&client, &router, "/api/orders", "u1").await, "new");
+
+    // Bad admin input: clear errors, nothing changes.
+    let (status, doc) = router
+        .admin(
+            Method::PUT,
+            "/routes/orders/override",
+            Some(json!({"backend": "sideways"})),
+        )
+        .await;
+    assert_eq!(status, 400, "{doc}");
+    let (status, _) = router
+        .admin(
+            Method::PUT,
+            "/routes/nope/override",
+            Some(json!({"backend": "new"})),
+        )
+        .await;
+    assert_eq!(status, 404);
+    let unauthenticated = client
+        .get(router.admin_url("/routes"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(unauthenticated.status().as_u16(), 401);
+    let wrong = client
+        .put(router.admin_url("/routes/orders/override"))
+        .bearer_auth("wrong")
+        .json(&json!({"backend": "legacy"}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(wrong.status().as_u16(), 401);
+    assert_eq!(side_for(&client, &router, "/api/orders", "u1").await, "new");
+
+    let metrics = client
+        .get(router.admin_url("/metrics"))
+        .bearer_auth(&router.token)
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains(
+            r#"strangler_decisions_total{backend="legacy",reason="override",route="orders"}"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("strangler_flag_source_age_seconds"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn requests_keep_method_path_query_body_and_get_forwarding_headers() {
+    let legacy = Upstream::start("legacy").await;
+    let new = Upstream::start("new").await;
+    let router = Router::start(
+        &route_config(legacy.addr, new.addr, ""),
+        &[("flags.json", &flags_doc("strangler.orders", true, 100))],
+        &[],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let body = "x".repeat(200_000);
+    let r: Value = client
+        .post(router.url("/api/orders/42?expand=items&x=1"))
+        .header("x-user-id", "u")
+        .header("x-forwarded-for", "203.0.113.9")
+        .body(body.clone())
+        .send()
+        .await
+        .expect("post")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(r["side"], "new");
+    assert_eq!(r["method"], "POST");
+    assert_eq!(r["path"], "/api/orders/42");
+    assert_eq!(r["query"], "expand=items&x=1");
+    assert_eq!(r["body"].as_str().map(str::len), Some(body.len()));
+    assert_eq!(r["headers"]["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(r["headers"]["x-forwarded-proto"], "http");
+    assert_eq!(
+        r["headers"]["x-forwarded-host"],
+        format!("127.0.0.1:{}", router.port.port())
+    );
+    assert!(
+        r["headers"]["via"]
+            .as_str()
+            .is_some_and(|v| v.contains("strangler"))
+    );
+
+    // HTTP/2 from the client (cleartext, prior knowledge) reaches the HTTP/1.1 upstream.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("h2 client");
+    let r = h2
+        .get(router.url("/home?a=b"))
+        .send()
+        .await
+        .expect("h2 request");
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    let doc: Value = r.json().await.expect("json");
+    assert_eq!(doc["side"], "legacy");
+    assert_eq!(doc["query"], "a=b");
+    assert!(
+        doc["headers"]["host"].is_string(),
+        "upstream needs a Host header: {doc}"
+    );
+}
+
+#[tokio::test]
+async fn a_dead_upstream_gets_a_502_and_everything_else_keeps_working() {
+    let legacy = Upstream::start("legacy").await;
+    // A leased port nobody listens on: connections are refused.
+    let dead = free_port().expect("port");
+    let dead_addr = format!("127.0.0.1:{}", dead.port()).parse().expect("addr");
+    let router = Router::start(
+        &route_config(legacy.addr, dead_addr, ""),
+        &[("flags.json", &flags_doc("strangler.orders", true, 100))],
+        &[],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let r = client
+        .get(router.url("/api/orders"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status().as_u16(), 502);
+    let r = client.get(router.url("/")).send().await.expect("request");
+    assert_eq!(r.status().as_u16(), 200);
+    let (_, doc) = router.admin(Method::GET, "/routes/orders", None).await;
+    assert_eq!(doc["new"]["errors"], 1, "{doc}");
+}
+
+#[tokio::test]
+async fn malformed_http_gets_a_400_and_the_router_keeps_serving() {
+    let legacy = Upstream::start("legacy").await;
+    let new = Upstream::start("new").await;
+    let router = Router::start(
+        &route_config(legacy.addr, new.addr, ""),
+        &[("flags.json", "{\"version\":2,\"features\":[]}")],
+        &[],
+    )
+    .await;
+    let port = router.port.port();
+    let response = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s.write_all(b"THIS IS NOT HTTP\r\n\x00\x01\r\n\r\n")
+            .expect("write");
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .await
+    .expect("join");
+    assert!(response.starts_with("HTTP/1.1 400"), "got {response:?}");
+    let client = reqwest::Client::new();
+    assert_eq!(
+        side_for(&client, &router, "/api/orders", "u").await,
+        "legacy"
+    );
+}
+
+#[tokio::test]
+async fn an_unparsable_flags_file_keeps_the_last_good_flags() {
+    let legacy = Upstream::start("legacy").await;
+    let new = Upstream::start("new").await;
+    let router = Router::start(
+        &route_config(legacy.addr, new.addr, ""),
+        &[("flags.json", &flags_doc("strangler.orders", true, 100))],
+        &[],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    assert_eq!(side_for(&client, &router, "/api/orders", "u").await, "new");
+    replace_file(
+        &router.path("flags.json"),
+        "{\"version\": 2, \"features\": [ oops",
+    );
+    wait_until(
+        Duration::from_secs(3),
+        "the parse error to be reported",
+        || {
+            let router = &router;
+            async move {
+                let (_, doc) = router.admin(Method::GET, "/routes", None).await;
+                doc["flags"]["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("line 1"))
+            }
+        },
+    )
+    .await;
+    for u in 0..20 {
+        assert_eq!(
+            side_for(&client, &router, "/api/orders", &format!("u{u}")).await,
+            "new"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_unleash_keeps_everything_on_legacy_and_says_so() {
+    let legacy = Upstream::start("legacy").await;
+    let new = Upstream::start("new").await;
+    let dead = free_port().expect("port");
+    let flags = format!(
+        "[flags]\nsource = \"unleash\"\nurl = \"http://127.0.0.1:{}/api/\"\npoll_interval_ms = 200\n",
+        dead.port()
+    );
+    let router = Router::start(
+        &route_config(legacy.addr, new.addr, &flags),
+        &[],
+        &[("UNLEASH_CLIENT_TOKEN", "x")],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    assert_eq!(
+        side_for(&client, &router, "/api/orders", "u").await,
+        "legacy"
+    );
+    let ready = client
+        .get(router.admin_url("/ready"))
+        .send()
+        .await
+        .expect("ready");
+    assert_eq!(ready.status().as_u16(), 503);
+    wait_until(Duration::from_secs(5), "the outage to be logged", || {
+        let router = &router;
+        async move {
+            router
+                .log()
+                .contains("cannot read flags, keeping the last good state")
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn config_reload_swaps_routes_without_dropping_requests_and_rejects_bad_files() {
+    let legacy = Upstream::start("legacy").await;
+    let new = Upstream::start("new").await;
+    let without_route = format!("[legacy]\nupstream = \"{}\"\n", legacy.addr);
+    let router = Router::start(
+        &without_route,
+        &[("flags.json", &flags_doc("strangler.orders", true, 100))],
+        &[],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    assert_eq!(
+        side_for(&client, &router, "/api/orders", "u").await,
+        "legacy"
+    );
+
+    // A slow request is in flight across the reload.
+    let slow = tokio::spawn({
+        let client = client.clone();
+        let url = router.url("/slow");
+        async move { client.get(url).send().await.map(|r| r.status().as_u16()) }
+    });
+    let config = std::fs::read_to_string(&router.config_path).expect("config");
+    let with_route = format!(
+        "{config}\n[[route]]\nname = \"orders\"\nmatch = {{ prefix = \"/api/orders\" }}\nnew = \"{}\"\n",
+        new.addr
+    );
+    replace_file(&router.config_path, &with_route);
+    wait_until(Duration::from_secs(3), "the reloaded route", || {
+        let client = client.clone();
+        let router = &router;
+        async move { side_for(&client, router, "/api/orders", "u").await == "new" }
+    })
+    .await;
+    assert_eq!(
+        slow.await
+            .expect("join")
+            .expect("slow request survived the reload"),
+        200
+    );
+
+    // A broken file is rejected and the running config stays.
+    std::fs::write(&router.config_path, format!("{with_route}\nbogus = 1\n")).expect("write");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(router.pid()),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .expect("sighup");
+    wait_until(Duration::from_secs(3), "the rejection to be logged", || {
+        let router = &router;
+        async move { router.log().contains("config reload rejected") }
+    })
+    .await;
+    assert_eq!(side_for(&client, &router, "/api/orders", "u").await, "new");
+}
+
+#[derive(Default, Clone)]
+struct Receiver {
+    spans: Arc<Mutex<Vec<Span>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.spans.lock().expect("lock");
+        for rs in request.into_inner().resource_spans {
+            for ss in rs.scope_spans {
+                spans.extend(ss.spans);
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+fn attr(span: &Span, key: &str) -> Option<String> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+            AnyValue::StringValue(s) => Some(s.clone()),
+            AnyValue::IntValue(i) => Some(i.to_string()),
+            AnyValue::BoolValue(b) => Some(b.to_string()),
+            other => Some(format!("{other:?}")),
+        })
+}
+
+#[tokio::test]
+async fn spans_reach_an_otlp_receiver_with_strangler_attributes_and_the_callers_trace_id() {
+    let receiver = Receiver::default();
+    let otlp_port = free_port().expect("port");
+    let addr = format!("127.0.0.1:{}", otlp_port.port())
+        .parse()
+        .expect("addr");
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(receiver.clone()))
+            .serve(addr),
+    );
+    let legacy = Upstream::start("legacy").await;
+    let new = Upstream::start("new").await;
+    let telemetry = format!("[telemetry]\notlp_endpoint = \"http://{addr}\"\n");
+    let router = Router::start(
+        &route_config(legacy.addr, new.addr, &telemetry),
+        &[("flags.json", &flags_doc("strangler.orders", true, 100))],
+        &[],
+    )
+    .await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let client = reqwest::Client::new();
+    let echoed: Value = client
+        .get(router.url("/api/orders/7"))
+        .header("x-user-id", "u1")
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    let upstream_tp = echoed["headers"]["traceparent"]
+        .as_str()
+        .expect("traceparent reached the upstream");
+    assert!(
+        upstream_tp.starts_with(&format!("00-{trace_id}-")),
+        "{upstream_tp}"
+    );
+
+    wait_until(Duration::from_secs(10), "the span at the receiver", || {
+        let spans = Arc::clone(&receiver.spans);
+        async move { !spans.lock().expect("lock").is_empty() }
+    })
+    .await;
+    let spans = receiver.spans.lock().expect("lock").clone();
+    let span = spans
+        .iter()
+        .find(|s| attr(s, "strangler.route").as_deref() == Some("orders"))
+        .expect("the route's span");
+    assert_eq!(hex(&span.trace_id), trace_id);
+    assert_eq!(hex(&span.parent_span_id), "00f067aa0ba902b7");
+    // The upstream's parent is the router's span.
+    assert!(upstream_tp.contains(&hex(&span.span_id)));
+    assert_eq!(span.name, "GET /api/orders");
+    for (key, want) in [
+        ("strangler.route", "orders"),
+        ("strangler.backend", "new"),
+        ("strangler.decision", "flag"),
+        ("strangler.flag", "strangler.orders"),
+        ("http.request.method", "GET"),
+        ("http.route", "/api/orders"),
+        ("url.path", "/api/orders/7"),
+        ("http.response.status_code", "200"),
+    ] {
+        assert_eq!(attr(span, key).as_deref(), Some(want), "{key} in {span:?}");
+    }
+    server.abort();
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn config_check_reports_what_is_wrong_with_line_numbers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("strangler.toml");
+    std::fs::write(
+        &path,
+        "[legacy]\nupstream = \"127.0.0.1:3000\"\n\n[[route]]\nname = \"orders\"\nmatch = { prefix = \"/api/orders\" }\nnew = \"127.0.0.1:4000\"\ncolour = \"blue\"\n",
+    )
+    .expect("write");
+    let out = std::process::Command::new(strangler_bin())
+        .args(["config", "check"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("strangler.toml:8:"), "{stderr}");
+    assert!(stderr.contains("colour"), "{stderr}");
+
+    std::fs::write(&path, "[legacy]\nupstream = \"127.0.0.1:3000\"\n").expect("write");
+    let out = std::process::Command::new(strangler_bin())
+        .args(["config", "check"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (0 routes"));
+}

@@ -1,0 +1,307 @@
+//! Helpers for tests that run the real `strangler` binary against real servers.
+
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use strangler_testkit::{PortLease, free_port};
+
+/// An HTTP upstream that answers every request with JSON describing it:
+/// `{"side": NAME, "method", "path", "query", "headers": {...}, "body"}`.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Upstream {
+    pub async fn start(side: &'static str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
+        let addr = listener.local_addr().expect("addr");
+        let hits = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&hits);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let counter = Arc::clone(&counter);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let counter = Arc::clone(&counter);
+                        async move {
+                            counter.fetch_add(1, Ordering::Relaxed);
+                            Ok::<_, Infallible>(describe(side, req).await)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self { addr, hits, task }
+    }
+
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
+}
+
+async fn describe(side: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    if parts.uri.path() == "/slow" {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    if parts.uri.path() == "/fail" {
+        return Response::builder()
+            .status(503)
+            .body(Full::new(Bytes::from_static(b"down")))
+            .expect("response");
+    }
+    let headers: serde_json::Map<String, Value> = parts
+        .headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                Value::String(v.to_str().unwrap_or("").to_string()),
+            )
+        })
+        .collect();
+    let doc = json!({
+        "side": side,
+        "method": parts.method.to_string(),
+        "path": parts.uri.path(),
+        "query": parts.uri.query(),
+        "headers": headers,
+        "body": String::from_utf8_lossy(&body),
+    });
+    Response::builder()
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(doc.to_string())))
+        .expect("response")
+}
+
+/// A running `strangler router run`, killed on drop.
+pub struct Router {
+    child: Child,
+    pub port: PortLease,
+    pub admin_port: PortLease,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub token: String,
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn strangler_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_strangler")
+}
+
+impl Router {
+    /// Writes `strangler.toml` (the `[server]` and `[admin]` sections are added here),
+    /// plus any extra files, and starts the router; returns once `/health` answers.
+    pub async fn start(body: &str, files: &[(&str, &str)], env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port().expect("port");
+        let admin_port = free_port().expect("port");
+        for (name, content) in files {
+            std::fs::write(dir.path().join(name), content).expect("write file");
+        }
+        let config = format!(
+            "[server]\nlisten = \"127.0.0.1:{}\"\nthreads = 2\n\n[admin]\nlisten = \"127.0.0.1:{}\"\n\n{body}",
+            port.port(),
+            admin_port.port()
+        );
+        let config_path = dir.path().join("strangler.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let token = "test-admin-token".to_string();
+        let log = std::fs::File::create(dir.path().join("router.log")).expect("log");
+        let mut cmd = Command::new(strangler_bin());
+        cmd.args(["router", "run", "--config"])
+            .arg(&config_path)
+            .env("STRANGLER_ADMIN_TOKEN", &token)
+            .env("STRANGLER_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn strangler");
+        let mut router = Self {
+            child,
+            port,
+            admin_port,
+            dir,
+            config_path,
+            token,
+        };
+        router.wait_healthy().await;
+        router
+    }
+
+    async fn wait_healthy(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let client = reqwest::Client::new();
+        loop {
+            if let Ok(r) = client.get(self.admin_url("/health")).send().await
+                && r.status().is_success()
+            {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("router exited ({status}); log:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "router not healthy; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("router.log")).unwrap_or_default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port.port())
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port.port())
+    }
+
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).expect("pid")
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let client = reqwest::Client::new();
+        let mut req = client
+            .request(method, self.admin_url(path))
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let r = req.send().await.expect("admin request");
+        let status = r.status().as_u16();
+        let text = r.text().await.expect("admin body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+}
+
+/// GETs `path` as `user` and returns the side that answered.
+pub async fn side_for(client: &reqwest::Client, router: &Router, path: &str, user: &str) -> String {
+    let r = client
+        .get(router.url(path))
+        .header("x-user-id", user)
+        .send()
+        .await
+        .expect("request through router");
+    let status = r.status();
+    let body: Value = r.json().await.unwrap_or(Value::Null);
+    body["side"]
+        .as_str()
+        .unwrap_or_else(|| {
+            panic!(
+                "no side in response ({status}): {body}; log:\n{}",
+                router.log()
+            )
+        })
+        .to_string()
+}
+
+/// Polls `check` until it holds or `timeout` passes; returns how long it took.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    loop {
+        if check().await {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A client-features document with one toggle.
+pub fn flags_doc(name: &str, enabled: bool, rollout: u8) -> String {
+    json!({
+        "version": 2,
+        "features": [{
+            "name": name,
+            "type": "release",
+            "enabled": enabled,
+            "strategies": [{
+                "name": "flexibleRollout",
+                "parameters": {"rollout": rollout.to_string(), "stickiness": "default", "groupId": name}
+            }]
+        }]
+    })
+    .to_string()
+}
+
+/// Atomically replaces a file (write + rename), as a careful tool would.
+pub fn replace_file(path: &Path, content: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, content).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+pub fn route_config(legacy: SocketAddr, new: SocketAddr, flags: &str) -> String {
+    format!(
+        "{flags}\n[legacy]\nupstream = \"{legacy}\"\n\n[[route]]\nname = \"orders\"\nmatch = {{ prefix = \"/api/orders\" }}\nnew = \"{new}\"\nsticky = \"header:x-user-id\"\n"
+    )
+}
