@@ -35,7 +35,7 @@ pub const DEFAULT_THREADS: usize = 2;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         /// The file.
         path: PathBuf,
@@ -240,8 +240,11 @@ pub enum FlagsConfig {
     Unleash {
         /// The client API URL (`http://host:4242/api/`).
         url: String,
-        /// The client token.
-        token: String,
+        /// The client token; `None` when its env var is unset (the router refuses to
+        /// start then, but the CLI can still read the file).
+        token: Option<String>,
+        /// The env var the token comes from, for messages.
+        token_env: String,
         /// Poll interval.
         interval: Duration,
         /// `appName` sent to Unleash.
@@ -292,6 +295,33 @@ pub struct RouterConfig {
     pub admin: AdminConfig,
     /// Telemetry.
     pub telemetry: TelemetryConfig,
+    /// How the CLI operates routes (ignored by the router itself).
+    pub control: ControlConfig,
+}
+
+/// Env var holding the Unleash admin token the CLI uses, unless `control.unleash_admin_token_env` names another.
+pub const DEFAULT_UNLEASH_ADMIN_TOKEN_ENV: &str = "UNLEASH_ADMIN_TOKEN";
+/// A rollback waits this long for every router to confirm: long enough for a busy
+/// router, short enough that an operator learns quickly which one did not answer.
+pub const DEFAULT_CONTROL_TIMEOUT_MS: u64 = 2_000;
+
+/// The route-control settings used by `strangler route …`.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// Admin API base URLs of every router (default: this config's own admin address).
+    pub routers: Vec<String>,
+    /// Unleash base URL for its admin API (default: `flags.url` without `/api/`).
+    pub unleash_admin_url: Option<String>,
+    /// Env var holding the Unleash admin token.
+    pub unleash_admin_token_env: String,
+    /// Unleash project holding the toggles.
+    pub project: String,
+    /// Unleash environment the routers' client token reads.
+    pub environment: String,
+    /// Where the route history is appended (JSON lines).
+    pub history_file: PathBuf,
+    /// How long a command waits for each router and Unleash.
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Deserialize)]
@@ -306,8 +336,22 @@ struct RawConfig {
     admin: RawAdmin,
     #[serde(default)]
     telemetry: RawTelemetry,
+    #[serde(default)]
+    control: RawControl,
     #[serde(default, rename = "route")]
     routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawControl {
+    routers: Option<Vec<String>>,
+    unleash_admin_url: Option<String>,
+    unleash_admin_token_env: Option<String>,
+    project: Option<String>,
+    environment: Option<String>,
+    history_file: Option<PathBuf>,
+    timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -554,8 +598,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<RouterConfig, String> {
                 .token_env
                 .clone()
                 .unwrap_or_else(|| DEFAULT_UNLEASH_TOKEN_ENV.into());
-            let token = std::env::var(&env)
-                .map_err(|_| format!("flags: the Unleash client token env var {env} is not set"))?;
+            let token = std::env::var(&env).ok().filter(|t| !t.trim().is_empty());
             let interval = Duration::from_millis(
                 raw.flags
                     .poll_interval_ms
@@ -571,6 +614,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<RouterConfig, String> {
                     format!("{url}/")
                 },
                 token,
+                token_env: env,
                 interval,
                 app_name: raw
                     .flags
@@ -615,6 +659,54 @@ fn validate(raw: RawConfig, path: &Path) -> Result<RouterConfig, String> {
         ));
     }
 
+    let control = {
+        let c = &raw.control;
+        let routers = match &c.routers {
+            Some(list) if list.is_empty() => {
+                return Err("control.routers must list at least one admin URL".into());
+            }
+            Some(list) => list
+                .iter()
+                .map(|u| u.trim_end_matches('/').to_string())
+                .collect(),
+            None => vec![format!("http://{admin_listen}")],
+        };
+        for url in &routers {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(format!(
+                    "control.routers: {url:?} must start with http:// or https://"
+                ));
+            }
+        }
+        let unleash_admin_url = c.unleash_admin_url.clone().or_else(|| match &flags {
+            FlagsConfig::Unleash { url, .. } => Some(
+                url.trim_end_matches('/')
+                    .trim_end_matches("/api")
+                    .to_string(),
+            ),
+            FlagsConfig::File { .. } => None,
+        });
+        ControlConfig {
+            routers,
+            unleash_admin_url: unleash_admin_url.map(|u| u.trim_end_matches('/').to_string()),
+            unleash_admin_token_env: c
+                .unleash_admin_token_env
+                .clone()
+                .unwrap_or_else(|| DEFAULT_UNLEASH_ADMIN_TOKEN_ENV.into()),
+            project: c.project.clone().unwrap_or_else(|| "default".into()),
+            environment: c
+                .environment
+                .clone()
+                .unwrap_or_else(|| "development".into()),
+            history_file: base.join(
+                c.history_file
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("strangler.history.jsonl")),
+            ),
+            timeout: Duration::from_millis(c.timeout_ms.unwrap_or(DEFAULT_CONTROL_TIMEOUT_MS)),
+        }
+    };
+
     let json_logs = match raw.telemetry.log_format.as_deref().unwrap_or("plain") {
         "plain" => false,
         "json" => true,
@@ -645,6 +737,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<RouterConfig, String> {
             json_logs,
             queue_size: raw.telemetry.queue_size.unwrap_or(8_192),
         },
+        control,
     })
 }
 

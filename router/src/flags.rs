@@ -20,7 +20,7 @@ use unleash_types::client_features::ClientFeatures;
 #[derive(Debug, thiserror::Error)]
 pub enum FlagError {
     /// The flags file could not be read.
-    #[error("cannot read flags file {path}: {source}")]
+    #[error("cannot read flags file {path}")]
     Read {
         /// The file.
         path: PathBuf,
@@ -29,7 +29,7 @@ pub enum FlagError {
         source: std::io::Error,
     },
     /// The document is not Unleash client-features JSON.
-    #[error("{origin} is not an Unleash client-features document: {source}")]
+    #[error("{origin} is not an Unleash client-features document")]
     Parse {
         /// File path or URL.
         origin: String,
@@ -48,6 +48,18 @@ pub enum FlagError {
     /// The engine could not be built.
     #[error("cannot set up the Unleash engine: {0}")]
     Engine(String),
+}
+
+/// An error and its causes on one line, `outer: inner: innermost`.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 impl FlagError {
@@ -201,7 +213,7 @@ impl FlagEngine {
     pub fn mark_error(&self, error: &FlagError) {
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
         let first = status.last_error.is_none();
-        status.last_error = Some(error.to_string());
+        status.last_error = Some(error_chain(error));
         if first {
             let age = status
                 .last_success
@@ -209,7 +221,8 @@ impl FlagEngine {
                 .unwrap_or_else(|| "none yet: every route stays on legacy".into());
             tracing::warn!(
                 source = %self.source,
-                "cannot read flags, keeping the last good state ({age}): {error}"
+                "cannot read flags, keeping the last good state ({age}): {}",
+                error_chain(error)
             );
         }
     }
@@ -327,7 +340,10 @@ impl FileFlagSource {
         let notify_on = Arc::clone(&changed);
         let file_name = path.file_name().map(|n| n.to_os_string());
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            // Only writes, creations, renames and removals: our own reads of the file
+            // raise access events, which must not trigger another read.
             if let Ok(event) = event
+                && (event.kind.is_modify() || event.kind.is_create() || event.kind.is_remove())
                 && event
                     .paths
                     .iter()
@@ -563,7 +579,7 @@ mod tests {
         let err =
             parse_features(b"{\"version\": 2, \"features\": [}", "flags.json").expect_err("bad");
         assert!(!err.is_retryable());
-        assert!(err.to_string().contains("line 1"), "{err}");
+        assert!(error_chain(&err).contains("line 1"), "{err}");
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub enum StartError {
     #[error(transparent)]
     Telemetry(#[from] TelemetryError),
     /// A listen address is taken or not ours.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Listen {
         /// The address.
         addr: std::net::SocketAddr,
@@ -62,9 +62,20 @@ pub fn run(config_path: &Path) -> Result<(), StartError> {
         FlagsConfig::Unleash {
             url,
             token,
+            token_env,
             interval,
             app_name,
-        } => Arc::new(UnleashFlagSource::new(url, token, app_name, *interval)?),
+        } => {
+            let Some(token) = token else {
+                return Err(StartError::Config(ConfigError::Invalid {
+                    path: config_path.to_path_buf(),
+                    message: format!(
+                        "flags.source = \"unleash\" needs a client token in the env var {token_env}"
+                    ),
+                }));
+            };
+            Arc::new(UnleashFlagSource::new(url, token, app_name, *interval)?)
+        }
     };
     let flags = Arc::new(FlagEngine::new(source.describe())?);
     let listen = config.listen;
@@ -79,6 +90,9 @@ pub fn run(config_path: &Path) -> Result<(), StartError> {
 
     let conf = ServerConf {
         threads,
+        // One single-threaded runtime per worker, like nginx workers: no cross-thread
+        // wake-ups on the request path (measured in bench/router.sh).
+        work_stealing: false,
         // Each router gets its own pid file and upgrade socket so several can share a host.
         pid_file: format!("/tmp/strangler-router-{}.pid", listen.port()),
         upgrade_sock: format!("/tmp/strangler-router-{}.sock", listen.port()),
@@ -201,7 +215,10 @@ async fn watch_config(state: Arc<RouterState>, path: PathBuf) {
         // Let an editor finish writing before reading.
         tokio::time::sleep(Duration::from_millis(50)).await;
         if let Err(e) = state.reload(&path) {
-            tracing::error!("config reload rejected, keeping the running config: {e}");
+            tracing::error!(
+                "config reload rejected, keeping the running config: {}",
+                crate::flags::error_chain(&e)
+            );
         }
     }
 }

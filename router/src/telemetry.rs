@@ -1,12 +1,13 @@
 //! OpenTelemetry: one server span per request, exported over OTLP/gRPC without
 //! ever blocking the request path.
 //!
-//! Spans go into a bounded queue; a dedicated thread batches them to the exporter.
+//! Spans go into a bounded lock-free queue; a dedicated thread batches them to the exporter.
 //! When the queue is full a span is dropped and counted
 //! (`strangler_spans_dropped_total`), never waited for.
 
 use std::collections::HashMap;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
@@ -55,80 +56,79 @@ pub struct Telemetry {
     exporting: bool,
 }
 
-enum Message {
-    Span(Box<SpanData>),
-    Flush(std::sync::mpsc::Sender<()>),
+/// Shared between the processor (producers: request threads) and the export thread.
+#[derive(Debug)]
+struct Queue {
+    spans: crossbeam_queue::ArrayQueue<SpanData>,
+    flushes: Mutex<Vec<std::sync::mpsc::Sender<()>>>,
+    closed: AtomicBool,
 }
 
-/// A span processor with a bounded queue that drops (and counts) instead of blocking.
+/// A span processor with a bounded lock-free queue that drops (and counts) instead
+/// of blocking. Producers never wake the export thread (no futex per span); it
+/// polls every [`POLL`] and sends when a batch is full or [`BATCH_DELAY`] passed.
 #[derive(Debug)]
 struct QueueProcessor {
-    tx: SyncSender<Message>,
+    queue: Arc<Queue>,
     dropped: IntCounter,
 }
 
-impl std::fmt::Debug for Message {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Span(_) => "Span",
-            Self::Flush(_) => "Flush",
-        })
-    }
-}
+/// How often the export thread looks at the queue.
+const POLL: Duration = Duration::from_millis(20);
 
 impl SpanProcessor for QueueProcessor {
     fn on_start(&self, _span: &mut Span, _cx: &Context) {}
 
     fn on_end(&self, span: SpanData) {
-        match self.tx.try_send(Message::Span(Box::new(span))) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => self.dropped.inc(),
+        if self.queue.spans.push(span).is_err() {
+            self.dropped.inc();
         }
     }
 
     fn force_flush(&self) -> OTelSdkResult {
+        if self.queue.closed.load(Ordering::Acquire) {
+            return Err(OTelSdkError::AlreadyShutdown);
+        }
         let (done_tx, done_rx) = std::sync::mpsc::channel();
-        self.tx
-            .send(Message::Flush(done_tx))
-            .map_err(|_| OTelSdkError::AlreadyShutdown)?;
+        self.queue
+            .flushes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(done_tx);
         done_rx
-            .recv_timeout(EXPORT_TIMEOUT)
+            .recv_timeout(EXPORT_TIMEOUT + POLL * 2)
             .map_err(|_| OTelSdkError::Timeout(EXPORT_TIMEOUT))
     }
 
     fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
-        self.force_flush()
+        let result = self.force_flush();
+        self.queue.closed.store(true, Ordering::Release);
+        result
     }
 }
 
 fn export_loop<E: SpanExporter>(
     exporter: E,
-    rx: Receiver<Message>,
+    queue: Arc<Queue>,
     runtime: tokio::runtime::Runtime,
     metrics: Metrics,
 ) {
-    let mut batch: Vec<SpanData> = Vec::with_capacity(BATCH_SIZE);
-    let mut waiting: Vec<std::sync::mpsc::Sender<()>> = Vec::new();
     let mut oldest: Option<Instant> = None;
     loop {
-        let wait = oldest.map_or(BATCH_DELAY, |t| BATCH_DELAY.saturating_sub(t.elapsed()));
-        let closed = match rx.recv_timeout(wait) {
-            Ok(Message::Span(span)) => {
-                batch.push(*span);
-                oldest.get_or_insert_with(Instant::now);
-                false
-            }
-            Ok(Message::Flush(done)) => {
-                waiting.push(done);
-                false
-            }
-            Err(RecvTimeoutError::Timeout) => false,
-            Err(RecvTimeoutError::Disconnected) => true,
-        };
+        std::thread::sleep(POLL);
+        let closed = queue.closed.load(Ordering::Acquire);
+        let flushes: Vec<_> =
+            std::mem::take(&mut *queue.flushes.lock().unwrap_or_else(|p| p.into_inner()));
+        if !queue.spans.is_empty() {
+            oldest.get_or_insert_with(Instant::now);
+        }
         let due = oldest.is_some_and(|t| t.elapsed() >= BATCH_DELAY);
-        if batch.len() >= BATCH_SIZE || due || !waiting.is_empty() || closed {
-            if !batch.is_empty() {
-                let spans = std::mem::take(&mut batch);
+        if queue.spans.len() >= BATCH_SIZE || due || !flushes.is_empty() || closed {
+            // Drain everything queued now, in batches.
+            while !queue.spans.is_empty() {
+                let spans: Vec<SpanData> = std::iter::from_fn(|| queue.spans.pop())
+                    .take(BATCH_SIZE)
+                    .collect();
                 let count = spans.len() as u64;
                 let result = runtime.block_on(async {
                     tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(spans)).await
@@ -148,9 +148,9 @@ fn export_loop<E: SpanExporter>(
                 }
             }
             oldest = None;
-            for done in waiting.drain(..) {
-                let _ = done.send(());
-            }
+        }
+        for done in flushes {
+            let _ = done.send(());
         }
         if closed {
             return;
@@ -188,14 +188,19 @@ impl Telemetry {
                 })
                 .map_err(|e| err(e.to_string()))?;
             exporter.set_resource(&resource);
-            let (tx, rx) = sync_channel(config.queue_size.max(1));
+            let queue = Arc::new(Queue {
+                spans: crossbeam_queue::ArrayQueue::new(config.queue_size.max(1)),
+                flushes: Mutex::new(Vec::new()),
+                closed: AtomicBool::new(false),
+            });
             let worker_metrics = metrics.clone();
+            let worker_queue = Arc::clone(&queue);
             std::thread::Builder::new()
                 .name("strangler-otlp".into())
-                .spawn(move || export_loop(exporter, rx, runtime, worker_metrics))
+                .spawn(move || export_loop(exporter, worker_queue, runtime, worker_metrics))
                 .map_err(TelemetryError::Thread)?;
             builder = builder.with_span_processor(QueueProcessor {
-                tx,
+                queue,
                 dropped: metrics.spans_dropped.clone(),
             });
         }
