@@ -4,12 +4,19 @@
 //! errors into readable messages and exit codes, and wiring the router, collector
 //! and CDC libraries into long-running processes.
 
+mod control;
+mod output;
+
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use strangler_router::RouterConfig;
+
+use control::Controller;
+use control::lifecycle::{Percent, State};
 
 // glibc malloc showed up at ~18% of the router's CPU under load (bench/router.sh);
 // mimalloc's per-thread heaps cut that substantially.
@@ -36,8 +43,106 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Move routes between legacy and new: shadow, canary, promote, rollback.
+    Route(RouteArgs),
+    /// Print shell completions (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Run the example end to end: a monolith, a new service, traffic, a flip and a rollback.
     Demo,
+}
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    /// Aligned columns for people.
+    Table,
+    /// JSON for scripts.
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+struct RouteArgs {
+    /// The router config (routes, flag source, routers' admin URLs under [control]).
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "STRANGLER_CONFIG",
+        default_value = "strangler.toml"
+    )]
+    config: PathBuf,
+    /// Output format.
+    #[arg(long, short, global = true, value_enum, default_value = "table")]
+    output: Output,
+    /// Who is making the change, for the history (default: the OS user).
+    #[arg(long, global = true, env = "STRANGLER_ACTOR")]
+    actor: Option<String>,
+    /// Why, for the history.
+    #[arg(long, global = true)]
+    reason: Option<String>,
+    /// Do not ask for confirmation when a move skips a stage.
+    #[arg(long, short, global = true)]
+    yes: bool,
+    #[command(subcommand)]
+    command: RouteCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum RouteCommand {
+    /// Every route with its state, rollout, overrides and live numbers from the routers.
+    List,
+    /// One route in detail.
+    Status {
+        /// The route.
+        route: String,
+    },
+    /// Legacy answers; the new service gets shadow copies (turns on the `<flag>.shadow` toggle).
+    Shadow {
+        /// The route.
+        route: String,
+    },
+    /// Send PERCENT % of users (sticky) to the new service.
+    Canary {
+        /// The route.
+        route: String,
+        /// 0-100.
+        percent: Percent,
+    },
+    /// Send everyone to the new service (100 %).
+    Promote {
+        /// The route.
+        route: String,
+    },
+    /// Mark the legacy path unused (the new service keeps 100 %).
+    Retire {
+        /// The route.
+        route: String,
+    },
+    /// Back to legacy now: disables the toggle and pushes a `legacy` override to every router.
+    Rollback {
+        /// The route (or --all).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        route: Option<String>,
+        /// Every route in the config.
+        #[arg(long)]
+        all: bool,
+    },
+    /// The recorded changes of a route.
+    History {
+        /// The route.
+        route: String,
+    },
+    /// Go back to the state recorded in history entry N.
+    Restore {
+        /// The route.
+        route: String,
+        /// The entry number from `strangler route history`.
+        #[arg(long = "to")]
+        to: usize,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -77,7 +182,130 @@ fn init_logging(json: bool) {
     };
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+/// Exit code when a change took effect only in part (a router or the flag store did not confirm).
+const EXIT_PARTIAL: u8 = 2;
+
+fn confirm(from: State, to: State, route: &str, yes: bool) -> anyhow::Result<()> {
+    if yes || !from.skips_a_stage_to(to) {
+        return Ok(());
+    }
+    let question = format!("{route} is at {from}; going straight to {to} skips a stage.");
+    if !std::io::stdin().is_terminal() {
+        anyhow::bail!(
+            "{question} Refusing without a terminal to confirm on; pass --yes to do it anyway"
+        );
+    }
+    eprint!("{question} Continue? [y/N] ");
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    if matches!(answer.trim(), "y" | "Y" | "yes") {
+        Ok(())
+    } else {
+        anyhow::bail!("not confirmed; nothing changed")
+    }
+}
+
+fn route(args: RouteArgs) -> anyhow::Result<ExitCode> {
+    let config = RouterConfig::load(&args.config)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(route_async(args, config))
+}
+
+async fn route_async(args: RouteArgs, config: RouterConfig) -> anyhow::Result<ExitCode> {
+    let controller = Controller::new(config, args.actor.clone())?;
+    let json = args.output == Output::Json;
+    let moves: Vec<(String, State, String)> = match &args.command {
+        RouteCommand::List | RouteCommand::Status { .. } => {
+            let only = match &args.command {
+                RouteCommand::Status { route } => Some(route.as_str()),
+                _ => None,
+            };
+            let views = controller.views(only).await?;
+            output::views(&views, json)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        RouteCommand::History { route } => {
+            controller.route(route)?;
+            let entries = controller.history().for_route(route)?;
+            output::history(&entries, json)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        RouteCommand::Shadow { route } => vec![(route.clone(), State::Shadow, "shadow".into())],
+        RouteCommand::Canary { route, percent } => {
+            let to = match percent.get() {
+                0 => State::Legacy,
+                100 => State::New,
+                _ => State::Canary { percent: *percent },
+            };
+            vec![(route.clone(), to, format!("canary {percent}"))]
+        }
+        RouteCommand::Promote { route } => vec![(route.clone(), State::New, "promote".into())],
+        RouteCommand::Retire { route } => vec![(route.clone(), State::Retired, "retire".into())],
+        RouteCommand::Rollback { route, all } => {
+            let names = if *all {
+                controller.route_names()
+            } else {
+                route.iter().cloned().collect()
+            };
+            names
+                .into_iter()
+                .map(|r| (r, State::Legacy, "rollback".to_string()))
+                .collect()
+        }
+        RouteCommand::Restore { route, to } => {
+            controller.route(route)?;
+            let state = controller.recorded_state(route, *to)?;
+            vec![(route.clone(), state, format!("restore #{to}"))]
+        }
+    };
+    // Forward moves may ask first; a rollback never asks.
+    for (route, to, _) in &moves {
+        if *to != State::Legacy {
+            let r = controller.route(route)?;
+            let from = controller.current_state(r).await?;
+            confirm(from, *to, route, args.yes)?;
+        } else {
+            controller.route(route)?;
+        }
+    }
+    let outcomes =
+        futures::future::join_all(moves.iter().map(|(route, to, action)| {
+            controller.transition(route, *to, action, args.reason.clone())
+        }))
+        .await;
+    let mut complete = true;
+    let mut done = Vec::new();
+    let mut first_error = None;
+    for outcome in outcomes {
+        match outcome {
+            Ok(o) => {
+                complete &= o.complete();
+                done.push(o);
+            }
+            Err(e) => {
+                complete = false;
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    output::outcomes(&done, &controller.store_description(), json)?;
+    if let Some(e) = first_error {
+        if done.is_empty() {
+            return Err(e.into());
+        }
+        eprintln!("strangler: {e}");
+    }
+    Ok(if complete {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_PARTIAL)
+    })
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Router {
             command: RouterCommand::Run { config },
@@ -86,7 +314,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             init_logging(parsed.telemetry.json_logs);
             strangler_router::run(&config)
                 .with_context(|| format!("starting the router from {}", config.display()))?;
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Config {
             command: ConfigCommand::Check { file },
@@ -100,21 +328,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 config.legacy.authority,
                 config.listen
             );
-            Ok(())
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Route(args) => route(args),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "strangler",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Demo => {
             eprintln!(
                 "strangler demo: the end-to-end demo is not built yet; it arrives with the \
                  example monolith (see examples/legacy-monolith/README.md)."
             );
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("strangler: {e:#}");
             ExitCode::FAILURE

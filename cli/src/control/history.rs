@@ -1,0 +1,164 @@
+//! The route history: every lifecycle change, appended as one JSON line to a file
+//! next to the config. Entries are numbered from 1 in file order.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::ControlError;
+use super::lifecycle::State;
+
+/// One recorded change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// 1-based position in the history (all routes), filled in on read.
+    #[serde(skip)]
+    pub number: usize,
+    /// RFC 3339 UTC time of the change.
+    pub at: String,
+    /// Who: `--actor`, or the OS user.
+    pub actor: String,
+    /// The route.
+    pub route: String,
+    /// State before.
+    pub from: State,
+    /// State after.
+    pub to: State,
+    /// The command that made it (`canary`, `rollback`, `restore #3`, …).
+    pub action: String,
+    /// Why, if given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The history file.
+#[derive(Debug, Clone)]
+pub struct History {
+    path: PathBuf,
+}
+
+impl History {
+    /// The history at `path`.
+    pub fn new(path: &Path) -> Self {
+        Self {
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// Every entry, numbered.
+    pub fn read(&self) -> Result<Vec<Entry>, ControlError> {
+        let file = match File::open(&self.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(self.err(e.to_string())),
+        };
+        let mut entries = Vec::new();
+        for (i, line) in BufReader::new(file).lines().enumerate() {
+            let line = line.map_err(|e| self.err(e.to_string()))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let mut entry: Entry = serde_json::from_str(&line)
+                .map_err(|e| self.err(format!("line {}: {e}", i + 1)))?;
+            entry.number = entries.len() + 1;
+            entries.push(entry);
+        }
+        Ok(entries)
+    }
+
+    /// Entries for one route.
+    pub fn for_route(&self, route: &str) -> Result<Vec<Entry>, ControlError> {
+        Ok(self
+            .read()?
+            .into_iter()
+            .filter(|e| e.route == route)
+            .collect())
+    }
+
+    /// The route's last recorded state.
+    pub fn last_state(&self, route: &str) -> Result<Option<State>, ControlError> {
+        Ok(self.for_route(route)?.last().map(|e| e.to))
+    }
+
+    /// Appends an entry (one `write` of one line, under a lock, then fsync).
+    pub fn append(&self, entry: &Entry) -> Result<(), ControlError> {
+        let mut line = serde_json::to_string(entry).map_err(|e| self.err(e.to_string()))?;
+        line.push('\n');
+        let mut file = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(|e| self.err(e.to_string()))?;
+        file.lock().map_err(|e| self.err(e.to_string()))?;
+        file.write_all(line.as_bytes())
+            .map_err(|e| self.err(e.to_string()))?;
+        file.sync_data().map_err(|e| self.err(e.to_string()))
+    }
+
+    fn err(&self, message: String) -> ControlError {
+        ControlError::History {
+            path: self.path.clone(),
+            message,
+        }
+    }
+}
+
+/// The current time as RFC 3339 UTC, seconds precision.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::lifecycle::Percent;
+
+    fn entry(route: &str, from: State, to: State) -> Entry {
+        Entry {
+            number: 0,
+            at: now_rfc3339(),
+            actor: "alice".into(),
+            route: route.into(),
+            from,
+            to,
+            action: "test".into(),
+            reason: None,
+        }
+    }
+
+    #[test]
+    fn entries_are_numbered_in_order_and_filtered_by_route() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let h = History::new(&dir.path().join("h.jsonl"));
+        assert_eq!(h.last_state("orders").expect("read"), None);
+        let canary = State::Canary {
+            percent: Percent::try_from(10).expect("pct"),
+        };
+        h.append(&entry("orders", State::Legacy, State::Shadow))
+            .expect("append");
+        h.append(&entry("users", State::Legacy, State::New))
+            .expect("append");
+        h.append(&entry("orders", State::Shadow, canary))
+            .expect("append");
+        let all = h.read().expect("read");
+        assert_eq!(
+            all.iter().map(|e| e.number).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        let orders = h.for_route("orders").expect("read");
+        assert_eq!(orders.len(), 2);
+        assert_eq!(orders[1].number, 3);
+        assert_eq!(h.last_state("orders").expect("read"), Some(canary));
+    }
+
+    #[test]
+    fn a_corrupt_line_is_reported_with_its_number() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("h.jsonl");
+        std::fs::write(&path, "{not json}\n").expect("write");
+        let err = History::new(&path).read().expect_err("corrupt");
+        assert!(err.to_string().contains("line 1"), "{err}");
+    }
+}

@@ -1,0 +1,376 @@
+//! `strangler route …` against a real Unleash server and two real routers.
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use strangler_testkit::{Unleash, free_port, unleash};
+use support::*;
+
+const ROUTES: &str = "[[route]]\nname = \"orders\"\nmatch = { prefix = \"/api/orders\" }\nsticky = \"header:x-user-id\"\n";
+
+fn route_section(new: SocketAddr) -> String {
+    format!("{ROUTES}new = \"{new}\"\n")
+}
+
+/// Runs `strangler` with `args` and the admin token in the environment.
+fn cli(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = std::process::Command::new(strangler_bin());
+    cmd.args(args)
+        .env("STRANGLER_ADMIN_TOKEN", "test-admin-token")
+        .env("STRANGLER_ACTOR", "test-operator")
+        .stdin(std::process::Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run strangler")
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Writes the CLI's own config: the same routes and flag source, and both routers.
+fn control_config(
+    dir: &Path,
+    legacy: SocketAddr,
+    new: SocketAddr,
+    flags: &str,
+    routers: &[&Router],
+    extra_routers: &[String],
+) -> String {
+    let mut urls: Vec<String> = routers
+        .iter()
+        .map(|r| format!("\"{}\"", r.admin_url("")))
+        .collect();
+    urls.extend(extra_routers.iter().map(|u| format!("\"{u}\"")));
+    let text = format!(
+        "{flags}\n[control]\nrouters = [{}]\ntimeout_ms = 1500\n\n[legacy]\nupstream = \"{legacy}\"\n\n{}",
+        urls.join(", "),
+        route_section(new)
+    );
+    let path = dir.join("control.toml");
+    std::fs::write(&path, text).expect("write control config");
+    path.display().to_string()
+}
+
+async fn sides_for(router: &Router, users: usize) -> HashMap<String, String> {
+    let client = reqwest::Client::new();
+    let mut out = HashMap::new();
+    for u in 0..users {
+        let user = format!("user-{u}");
+        out.insert(
+            user.clone(),
+            side_for(&client, router, "/api/orders", &user).await,
+        );
+    }
+    out
+}
+
+fn share_new(sides: &HashMap<String, String>) -> f64 {
+    sides.values().filter(|s| *s == "new").count() as f64 / sides.len() as f64
+}
+
+async fn wait_share(router: &Router, users: usize, want: impl Fn(f64) -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let share = share_new(&sides_for(router, users).await);
+        if want(share) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: share of new stayed {share}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn lifecycle_commands_change_what_both_routers_do_and_are_recorded() {
+    let unleash = Unleash::start().await.expect("unleash");
+    let legacy = Upstream::start("legacy").await;
+    let new = Upstream::start("new").await;
+    let flags = format!(
+        "[flags]\nsource = \"unleash\"\nurl = \"{}\"\npoll_interval_ms = 200\n",
+        unleash.api_url()
+    );
+    let router_config = format!(
+        "{flags}\n[legacy]\nupstream = \"{}\"\n\n{}",
+        legacy.addr,
+        route_section(new.addr)
+    );
+    let env = [("UNLEASH_CLIENT_TOKEN", unleash::CLIENT_TOKEN)];
+    let r1 = Router::start(&router_config, &[], &env).await;
+    let r2 = Router::start(&router_config, &[], &env).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = control_config(dir.path(), legacy.addr, new.addr, &flags, &[&r1, &r2], &[]);
+    let admin_env = [("UNLEASH_ADMIN_TOKEN", unleash::ADMIN_TOKEN)];
+    let route = |args: &[&str]| {
+        let mut all = vec!["route", "--config", config.as_str()];
+        all.extend_from_slice(args);
+        cli(&all, &admin_env)
+    };
+
+    // Skipping shadow needs confirmation; without a terminal that is a refusal.
+    let out = route(&["canary", "orders", "30"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(show(&out).contains("--yes"), "{}", show(&out));
+
+    let out = route(&["shadow", "orders", "--reason", "compare first"]);
+    assert!(out.status.success(), "{}", show(&out));
+    // Unleash publishes admin changes to its client API within about a second.
+    wait_until(
+        Duration::from_secs(10),
+        "the shadow toggle in Unleash",
+        || {
+            let unleash = &unleash;
+            async move {
+                let features = unleash.client_features().await.expect("features");
+                features["features"]
+                    .as_array()
+                    .and_then(|f| f.iter().find(|f| f["name"] == "strangler.orders.shadow"))
+                    .is_some_and(|t| t["enabled"] == true)
+            }
+        },
+    )
+    .await;
+    for r in [&r1, &r2] {
+        assert_eq!(
+            share_new(&sides_for(r, 100).await),
+            0.0,
+            "shadow keeps users on legacy"
+        );
+    }
+
+    let out = route(&["canary", "orders", "30"]);
+    assert!(out.status.success(), "{}", show(&out));
+    for r in [&r1, &r2] {
+        wait_share(r, 400, |s| (0.2..=0.4).contains(&s), "canary 30 %").await;
+    }
+    // Both routers place each user on the same side.
+    let (a, b) = (sides_for(&r1, 300).await, sides_for(&r2, 300).await);
+    assert_eq!(a, b, "the two routers disagree on some user");
+
+    let out = route(&["promote", "orders"]);
+    assert!(out.status.success(), "{}", show(&out));
+    for r in [&r1, &r2] {
+        wait_share(r, 100, |s| s == 1.0, "promote").await;
+    }
+
+    // Rollback: when the command returns, both routers already serve legacy.
+    let out = route(&["rollback", "orders", "--reason", "errors on new"]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("routers: 2/2 confirmed"),
+        "{}",
+        show(&out)
+    );
+    for r in [&r1, &r2] {
+        assert_eq!(
+            share_new(&sides_for(r, 200).await),
+            0.0,
+            "rollback is immediate"
+        );
+    }
+
+    let out = route(&["history", "orders", "--output", "json"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let history: Vec<Value> = serde_json::from_slice(&out.stdout).expect("history json");
+    let steps: Vec<(String, String)> = history
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap_or("").to_string(),
+                e["to"]["state"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        vec![
+            ("shadow".into(), "shadow".into()),
+            ("canary 30%".into(), "canary".into()),
+            ("promote".into(), "new".into()),
+            ("rollback".into(), "legacy".into()),
+        ]
+    );
+    assert_eq!(history[3]["actor"], "test-operator");
+    assert_eq!(history[3]["reason"], "errors on new");
+    assert_eq!(history[1]["to"]["percent"], 30);
+
+    // Restore entry #2 (canary 30 %): the override is cleared and the rollout comes back.
+    let out = route(&["restore", "orders", "--to", "2", "--yes"]);
+    assert!(out.status.success(), "{}", show(&out));
+    for r in [&r1, &r2] {
+        wait_share(r, 400, |s| (0.2..=0.4).contains(&s), "restored canary 30 %").await;
+    }
+
+    let out = route(&["list", "--output", "json"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let views: Value = serde_json::from_slice(&out.stdout).expect("list json");
+    assert_eq!(views[0]["state"], "canary 30%");
+    assert_eq!(views[0]["toggle"]["rollout"], 30);
+    assert_eq!(views[0]["toggle"]["enabled"], true);
+    assert_eq!(views[0]["routers"].as_array().map(Vec::len), Some(2));
+    assert!(
+        views[0]["routers"][0]["new_requests"].as_u64().unwrap_or(0) > 0,
+        "{views}"
+    );
+    let out = route(&["status", "orders"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("canary 30%"),
+        "{}",
+        show(&out)
+    );
+
+    // Clear errors: wrong Unleash token, unknown route.
+    let out = cli(
+        &["route", "--config", &config, "promote", "orders", "--yes"],
+        &[("UNLEASH_ADMIN_TOKEN", "*:*.wrong")],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(
+        show(&out).contains("rejected the admin token"),
+        "{}",
+        show(&out)
+    );
+    let out = route(&["promote", "nope"]);
+    assert!(
+        show(&out).contains("no route named \"nope\"") && show(&out).contains("orders"),
+        "{}",
+        show(&out)
+    );
+}
+
+#[tokio::test]
+async fn rollback_takes_effect_through_overrides_when_unleash_and_a_router_are_down() {
+    let legacy = Upstream::start("legacy").await;
+    let new = Upstream::start("new").await;
+    let router_config = format!(
+        "[legacy]\nupstream = \"{}\"\n\n{}",
+        legacy.addr,
+        route_section(new.addr)
+    );
+    let files = [("flags.json", flags_doc("strangler.orders", true, 100))];
+    let files: Vec<(&str, &str)> = files.iter().map(|(n, c)| (*n, c.as_str())).collect();
+    let r1 = Router::start(&router_config, &files, &[]).await;
+    let r2 = Router::start(&router_config, &files, &[]).await;
+    for r in [&r1, &r2] {
+        assert_eq!(share_new(&sides_for(r, 50).await), 1.0);
+    }
+    let dead_unleash = free_port().expect("port");
+    let dead_router = free_port().expect("port");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let flags = format!(
+        "[flags]\nsource = \"unleash\"\nurl = \"http://127.0.0.1:{}/api/\"\n",
+        dead_unleash.port()
+    );
+    let dead_router_url = format!("http://127.0.0.1:{}", dead_router.port());
+    let config = control_config(
+        dir.path(),
+        legacy.addr,
+        new.addr,
+        &flags,
+        &[&r1, &r2],
+        std::slice::from_ref(&dead_router_url),
+    );
+    let started = Instant::now();
+    let out = cli(
+        &["route", "--config", &config, "rollback", "orders"],
+        &[("UNLEASH_ADMIN_TOKEN", "x")],
+    );
+    let took = started.elapsed();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "partial success exits 2: {}",
+        show(&out)
+    );
+    let text = show(&out);
+    assert!(text.contains("routers: 2/3 confirmed"), "{text}");
+    assert!(
+        text.contains(&dead_router_url) && text.contains("unreachable"),
+        "names the router that did not confirm: {text}"
+    );
+    assert!(text.contains("flags") && text.contains("FAILED"), "{text}");
+    assert!(
+        took < Duration::from_secs(5),
+        "bounded by the timeout: {took:?}"
+    );
+    for r in [&r1, &r2] {
+        assert_eq!(
+            share_new(&sides_for(r, 100).await),
+            0.0,
+            "the overrides rolled back"
+        );
+    }
+    // The rollback is in the history even though Unleash was down.
+    let history =
+        std::fs::read_to_string(dir.path().join("strangler.history.jsonl")).expect("history");
+    assert!(history.contains("\"rollback\""), "{history}");
+}
+
+#[tokio::test]
+async fn on_the_file_source_canary_rewrites_the_flags_file_the_router_watches() {
+    let legacy = Upstream::start("legacy").await;
+    let new = Upstream::start("new").await;
+    let router_config = format!(
+        "[legacy]\nupstream = \"{}\"\n\n{}",
+        legacy.addr,
+        route_section(new.addr)
+    );
+    let router = Router::start(
+        &router_config,
+        &[("flags.json", "{\"version\":2,\"features\":[]}")],
+        &[],
+    )
+    .await;
+    // The CLI uses the router's own config file: same flags file, its admin address.
+    let config = router.config_path.display().to_string();
+    let out = cli(
+        &[
+            "route", "--config", &config, "canary", "orders", "50", "--yes",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", show(&out));
+    wait_share(
+        &router,
+        400,
+        |s| (0.4..=0.6).contains(&s),
+        "canary 50 % from the file",
+    )
+    .await;
+    let doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(router.path("flags.json")).expect("read"))
+            .expect("json");
+    assert_eq!(
+        doc["features"][0]["strategies"][0]["parameters"]["rollout"],
+        "50"
+    );
+    let out = cli(&["route", "--config", &config, "rollback", "orders"], &[]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(share_new(&sides_for(&router, 100).await), 0.0);
+}
+
+#[test]
+fn completions_are_printed_for_bash() {
+    let out = cli(&["completions", "bash"], &[]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("strangler") && text.contains("rollback"),
+        "{text}"
+    );
+}
