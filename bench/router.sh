@@ -16,7 +16,7 @@ THREADS="${WRK_THREADS:-2}"
 
 STRANGLER_BENCH=1 ./scripts/install-deps.sh
 cargo build --release --locked -p strangler-cli >&2
-cargo build --release --locked -p strangler-router --example otlp_sink >&2
+cargo build --release --locked -p strangler-router --example otlp_sink --example bare_pingora >&2
 TARGET="${CARGO_TARGET_DIR:-target}/release"
 
 WORK="$(mktemp -d /tmp/strangler-bench.XXXXXX)"
@@ -27,7 +27,7 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened; logs:" >&2; tail -n 20 "$WORK"/*.log "$WORK"/*/error.log >&2 2>/dev/null; return 1; }
 
-UP=$(free_port); NGX=$(free_port); HAP=$(free_port); RTR=$(free_port); ADM=$(free_port); OTLP=$(free_port)
+UP=$(free_port); NGX=$(free_port); HAP=$(free_port); RTR=$(free_port); ADM=$(free_port); OTLP=$(free_port); BARE=$(free_port)
 
 # The upstream: nginx answering a small JSON body, 1 worker, the same for every target.
 mkdir -p "$WORK/up" "$WORK/ngx"
@@ -71,6 +71,8 @@ CONF
 haproxy -f "$WORK/haproxy.cfg" -db >"$WORK/haproxy.log" 2>&1 & PIDS+=($!)
 
 "$TARGET/examples/otlp_sink" "127.0.0.1:$OTLP" 2>"$WORK/otlp.log" & PIDS+=($!)
+# pingora with no strangler logic at all: the floor the router is built on.
+"$TARGET/examples/bare_pingora" "127.0.0.1:$BARE" "127.0.0.1:$UP" 2>"$WORK/bare.log" & PIDS+=($!)
 
 # The router: the benchmarked path is a matched route whose flag is evaluated per
 # request (50 % rollout, sticky by x-user-id) with a span exported per request.
@@ -97,7 +99,7 @@ sticky = "header:x-user-id"
 TOML
 STRANGLER_LOG=warn "$TARGET/strangler" router run --config "$WORK/strangler.toml" 2>"$WORK/router.log" & PIDS+=($!)
 
-for p in $UP $NGX $HAP $RTR $OTLP; do wait_port "$p"; done
+for p in $UP $NGX $HAP $RTR $OTLP $BARE; do wait_port "$p"; done
 
 # Every request carries a different user id so the flag is really evaluated.
 cat > "$WORK/users.lua" <<'LUA'
@@ -116,6 +118,7 @@ run direct "$UP"
 run strangler "$RTR"
 run nginx "$NGX"
 run haproxy "$HAP"
+run pingora "$BARE"
 
 RSS_KB=$(ps -o rss= -p "$(pgrep -f "strangler router run --config $WORK" | head -1)" | tr -d ' ')
 python3 - "$WORK" "$DURATION" "$CONNECTIONS" "$RSS_KB" <<'PY'
@@ -131,7 +134,7 @@ def parse(name):
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
     errors = re.search(r"Socket errors:.*", text)
     return rps, lat(50), lat(99), int(non2xx.group(1)) if non2xx else 0, errors.group(0) if errors else ""
-rows = {n: parse(n) for n in ["direct", "strangler", "nginx", "haproxy"]}
+rows = {n: parse(n) for n in ["direct", "strangler", "nginx", "haproxy", "pingora"]}
 print(f"wrk, {conns} connections, {duration}s per target, 2 proxy workers each, same upstream (nginx, 1 worker)\n")
 print(f"{'target':<10} {'req/s':>10} {'p50 us':>9} {'p99 us':>9}  notes")
 for n, (rps, p50, p99, bad, err) in rows.items():
@@ -141,6 +144,8 @@ s, g, h, d = rows["strangler"], rows["nginx"], rows["haproxy"], rows["direct"]
 print()
 print(f"router / nginx   throughput {s[0]/g[0]:.2f}x   p50 {s[1]/g[1]:.2f}x   p99 {s[2]/g[2]:.2f}x")
 print(f"router / haproxy throughput {s[0]/h[0]:.2f}x   p50 {s[1]/h[1]:.2f}x   p99 {s[2]/h[2]:.2f}x")
+b = rows["pingora"]
+print(f"router / bare pingora throughput {s[0]/b[0]:.2f}x   (what strangler's routing, flags, metrics and spans cost)")
 print(f"router p50 added over direct: {s[1]-d[1]:.0f} us   (nginx {g[1]-d[1]:.0f} us, haproxy {h[1]-d[1]:.0f} us)")
 print(f"router RSS after the run: {int(rss)/1024:.1f} MiB")
 PY
