@@ -45,6 +45,11 @@ enum Command {
     },
     /// Move routes between legacy and new: shadow, canary, promote, rollback.
     Route(RouteArgs),
+    /// Run the OTLP collector that stores traces in ClickHouse, or print its schema.
+    Collector {
+        #[command(subcommand)]
+        command: CollectorCommand,
+    },
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -157,6 +162,22 @@ enum RouterCommand {
             default_value = "strangler.toml"
         )]
         config: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CollectorCommand {
+    /// Start the collector in the foreground (SIGTERM or Ctrl-C to stop).
+    Run {
+        /// A collector config file (TOML); every key has a default.
+        #[arg(long, short, env = "STRANGLER_COLLECTOR_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Print the ClickHouse DDL the collector applies at start.
+    Schema {
+        /// The database name.
+        #[arg(long, default_value = "strangler")]
+        database: String,
     },
 }
 
@@ -331,6 +352,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Route(args) => route(args),
+        Command::Collector {
+            command: CollectorCommand::Run { config },
+        } => {
+            let config = strangler_collector::CollectorConfig::load(config.as_deref())?;
+            init_logging(false);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(strangler_collector::run(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Collector {
+            command: CollectorCommand::Schema { database },
+        } => {
+            print!(
+                "{}",
+                strangler_collector::store::clickhouse::schema_sql(&database)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

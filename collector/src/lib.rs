@@ -1,4 +1,18 @@
 //! strangler's collector owns the trace pipeline: OTLP receivers (gRPC and HTTP),
-//! batching behind a bounded queue that pushes back instead of dropping, a disk
-//! spool while ClickHouse is away, schema migrations and the old-vs-new
+//! a bounded queue that pushes back instead of dropping, batching into ClickHouse,
+//! a disk spool while ClickHouse is away, schema migrations, and the old-vs-new
 //! comparison queries the CLI and the web dashboard ask.
+
+pub mod config;
+pub mod metrics;
+pub mod model;
+pub mod pipeline;
+pub mod query;
+pub mod receive;
+pub mod server;
+pub mod spool;
+pub mod store;
+pub mod web;
+
+pub use config::CollectorConfig;
+pub use server::run;

@@ -19,6 +19,7 @@ const READY_DEADLINE: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 pub struct ClickHouse {
     process: Option<ServerProcess>,
+    binary: std::path::PathBuf,
     http_port: PortLease,
     tcp_port: PortLease,
     dir: TempDir,
@@ -85,15 +86,30 @@ impl ClickHouse {
         std::fs::write(dir.path().join("config.xml"), config)
             .map_err(io_err("writing config.xml"))?;
         std::fs::write(dir.path().join("users.xml"), users).map_err(io_err("writing users.xml"))?;
-        let mut cmd = Command::new(binary);
+        let mut ch = Self {
+            process: None,
+            binary,
+            http_port,
+            tcp_port,
+            dir,
+        };
+        ch.start_server().await?;
+        Ok(ch)
+    }
+
+    async fn start_server(&mut self) -> Result<()> {
+        let mut cmd = Command::new(&self.binary);
         if cmd.get_program().to_string_lossy().ends_with("/clickhouse") {
             cmd.arg("server");
         }
-        cmd.arg(format!("--config-file={root}/config.xml"));
-        cmd.current_dir(dir.path());
-        let log_path = dir.path().join("clickhouse.log");
+        cmd.arg(format!(
+            "--config-file={}/config.xml",
+            self.dir.path().display()
+        ));
+        cmd.current_dir(self.dir.path());
+        let log_path = self.dir.path().join("clickhouse.log");
         let mut process = ServerProcess::spawn(SERVER, cmd, &log_path, Signal::SIGTERM)?;
-        let ping = format!("http://127.0.0.1:{}/ping", http_port.port());
+        let ping = format!("http://127.0.0.1:{}/ping", self.http_port.port());
         let http = reqwest::Client::new();
         process
             .wait_ready(READY_DEADLINE, || {
@@ -101,12 +117,14 @@ impl ClickHouse {
                 async move { matches!(request.await, Ok(r) if r.status().is_success()) }
             })
             .await?;
-        Ok(Self {
-            process: Some(process),
-            http_port,
-            tcp_port,
-            dir,
-        })
+        self.process = Some(process);
+        Ok(())
+    }
+
+    /// Starts the server again (same ports, same data) after [`ClickHouse::stop`].
+    pub async fn restart(&mut self) -> Result<()> {
+        self.stop();
+        self.start_server().await
     }
 
     /// The HTTP interface's URL, what the `clickhouse` crate connects to.

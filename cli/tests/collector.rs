@@ -1,0 +1,731 @@
+//! The collector against a real ClickHouse, fed by the real OTLP exporter.
+
+mod support;
+
+use std::collections::HashSet;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use opentelemetry::trace::{
+    SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
+};
+use opentelemetry::{InstrumentationScope, KeyValue};
+use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
+use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks};
+use prost::Message;
+use serde_json::Value;
+use strangler_testkit::{ClickHouse, PortLease, free_port};
+use support::{strangler_bin, wait_until};
+
+struct Collector {
+    child: Option<Child>,
+    grpc: PortLease,
+    http: PortLease,
+    web: PortLease,
+    config: std::path::PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl Collector {
+    async fn start(clickhouse: &str, extra: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (grpc, http, web) = (
+            free_port().expect("port"),
+            free_port().expect("port"),
+            free_port().expect("port"),
+        );
+        let config = dir.path().join("collector.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "grpc_listen = \"127.0.0.1:{}\"\nhttp_listen = \"127.0.0.1:{}\"\nweb_listen = \"127.0.0.1:{}\"\nclickhouse_url = \"{clickhouse}\"\nbatch_timeout_ms = 200\n{extra}",
+                grpc.port(),
+                http.port(),
+                web.port()
+            ),
+        )
+        .expect("write config");
+        let mut c = Self {
+            child: None,
+            grpc,
+            http,
+            web,
+            config,
+            dir,
+        };
+        c.spawn().await;
+        c
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("collector.log"))
+            .expect("log");
+        self.child = Some(
+            Command::new(strangler_bin())
+                .args(["collector", "run", "--config"])
+                .arg(&self.config)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log)
+                .spawn()
+                .expect("spawn collector"),
+        );
+        let client = reqwest::Client::new();
+        let url = self.web_url("/health");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if client
+                .get(&url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "collector never healthy:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("collector.log")).unwrap_or_default()
+    }
+
+    fn web_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.web.port())
+    }
+
+    fn grpc_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc.port())
+    }
+
+    fn http_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.http.port())
+    }
+
+    async fn metric(&self, name: &str) -> u64 {
+        let text = reqwest::get(self.web_url("/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    }
+}
+
+fn ch_client(ch: &ClickHouse) -> clickhouse::Client {
+    clickhouse::Client::default()
+        .with_url(ch.http_url())
+        .with_validation(false)
+}
+
+async fn wait_for_schema(ch: &ClickHouse) {
+    let client = ch_client(ch);
+    wait_until(
+        Duration::from_secs(20),
+        "the collector's migrations",
+        || {
+            let client = client.clone();
+            async move {
+                client
+                    .query("SELECT count() FROM strangler.route_minute_mv")
+                    .fetch_one::<u64>()
+                    .await
+                    .is_ok()
+                    || client
+                        .query("SELECT 1 FROM strangler.route_minute LIMIT 1")
+                        .fetch_all::<u8>()
+                        .await
+                        .is_ok()
+            }
+        },
+    )
+    .await;
+}
+
+/// A span as the SDK hands it to exporters.
+fn span(
+    trace: u128,
+    id: u64,
+    route: &str,
+    backend: &str,
+    duration_ms: u64,
+    status: i64,
+) -> SpanData {
+    let start = SystemTime::now() - Duration::from_secs(5);
+    SpanData {
+        span_context: SpanContext::new(
+            TraceId::from(trace),
+            SpanId::from(id),
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::default(),
+        ),
+        parent_span_id: SpanId::INVALID,
+        parent_span_is_remote: false,
+        span_kind: SpanKind::Server,
+        name: format!("GET /api/{route}").into(),
+        start_time: start,
+        end_time: start + Duration::from_millis(duration_ms),
+        attributes: vec![
+            KeyValue::new("strangler.route", route.to_string()),
+            KeyValue::new("strangler.backend", backend.to_string()),
+            KeyValue::new("strangler.decision", "flag"),
+            KeyValue::new("http.request.method", "GET"),
+            KeyValue::new("http.response.status_code", status),
+            KeyValue::new("list", opentelemetry::Value::Array(vec![1i64, 2].into())),
+        ],
+        dropped_attributes_count: 0,
+        events: SpanEvents::default(),
+        links: SpanLinks::default(),
+        status: if status >= 500 {
+            Status::error("upstream failed")
+        } else {
+            Status::Unset
+        },
+        instrumentation_scope: InstrumentationScope::builder("test").build(),
+    }
+}
+
+fn grpc_exporter(url: &str) -> opentelemetry_otlp::SpanExporter {
+    opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(url)
+        .with_compression(opentelemetry_otlp::Compression::Gzip)
+        .with_timeout(Duration::from_secs(10))
+        .build()
+        .expect("grpc exporter")
+}
+
+fn http_exporter(url: &str) -> opentelemetry_otlp::SpanExporter {
+    opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_endpoint(url)
+        .with_timeout(Duration::from_secs(10))
+        .build()
+        .expect("http exporter")
+}
+
+#[derive(Debug, clickhouse::Row, serde::Deserialize)]
+struct Stored {
+    trace_id: String,
+    span_id: String,
+    name: String,
+    kind: String,
+    status_code: String,
+    service: String,
+    route: String,
+    backend: String,
+    decision: String,
+    http_method: String,
+    http_status: u16,
+    duration_ns: u64,
+    attr_keys: Vec<String>,
+    attr_values: Vec<String>,
+}
+
+#[tokio::test]
+async fn spans_from_the_otlp_exporter_over_grpc_and_http_arrive_with_all_fields() {
+    let ch = ClickHouse::start().await.expect("clickhouse");
+    let collector = Collector::start(&ch.http_url(), "").await;
+    wait_for_schema(&ch).await;
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name("test-service")
+        .build();
+    let mut grpc = grpc_exporter(&collector.grpc_url());
+    grpc.set_resource(&resource);
+    grpc.export(vec![span(0xaa, 1, "orders", "new", 12, 200)])
+        .await
+        .expect("grpc export");
+    let mut http = http_exporter(&collector.http_url("/v1/traces"));
+    http.set_resource(&resource);
+    http.export(vec![span(0xbb, 2, "orders", "legacy", 30, 503)])
+        .await
+        .expect("http export");
+
+    let rows: Vec<Stored> = ch_client(&ch)
+        .query("SELECT trace_id, span_id, name, kind, status_code, service, route, backend, decision, http_method, http_status, duration_ns, attr_keys, attr_values FROM strangler.spans ORDER BY trace_id")
+        .fetch_all()
+        .await
+        .expect("select");
+    assert_eq!(rows.len(), 2, "{rows:?}\n{}", collector.log());
+    let (a, b) = (&rows[0], &rows[1]);
+    assert_eq!(a.trace_id, format!("{:032x}", 0xaa));
+    assert_eq!(a.span_id, format!("{:016x}", 1));
+    assert_eq!(
+        (
+            a.name.as_str(),
+            a.kind.as_str(),
+            a.route.as_str(),
+            a.backend.as_str()
+        ),
+        ("GET /api/orders", "server", "orders", "new")
+    );
+    assert_eq!(
+        (a.decision.as_str(), a.http_method.as_str(), a.http_status),
+        ("flag", "GET", 200)
+    );
+    assert_eq!(a.duration_ns, 12_000_000);
+    assert_eq!(
+        a.service, "test-service",
+        "service.name comes from the exporter's resource"
+    );
+    let list = a
+        .attr_keys
+        .iter()
+        .position(|k| k == "list")
+        .expect("list attribute");
+    assert_eq!(a.attr_values[list], "[1,2]");
+    assert_eq!(
+        (b.backend.as_str(), b.http_status, b.status_code.as_str()),
+        ("legacy", 503, "error")
+    );
+    assert!(
+        collector
+            .metric("strangler_collector_spans_written_total")
+            .await
+            >= 2
+    );
+}
+
+#[tokio::test]
+async fn compare_reports_the_percentiles_of_a_known_distribution() {
+    let ch = ClickHouse::start().await.expect("clickhouse");
+    let collector = Collector::start(&ch.http_url(), "").await;
+    wait_for_schema(&ch).await;
+    let exporter = grpc_exporter(&collector.grpc_url());
+    // Legacy: 1..=1000 ms, every 10th a 500. New: twice as slow, no errors.
+    let mut batch = Vec::new();
+    for i in 1..=1000u64 {
+        batch.push(span(
+            u128::from(i),
+            i,
+            "orders",
+            "legacy",
+            i,
+            if i % 10 == 0 { 500 } else { 200 },
+        ));
+        batch.push(span(u128::from(i) + 10_000, i, "orders", "new", 2 * i, 200));
+    }
+    for chunk in batch.chunks(500) {
+        exporter.export(chunk.to_vec()).await.expect("export");
+    }
+    let doc: Value = reqwest::get(collector.web_url("/api/compare?route=orders&since=1h"))
+        .await
+        .expect("compare")
+        .json()
+        .await
+        .expect("json");
+    let side = |name: &str| {
+        doc["sides"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["backend"] == name))
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name} side in {doc}"))
+    };
+    let (legacy, new) = (side("legacy"), side("new"));
+    assert_eq!(legacy["requests"], 1000);
+    assert_eq!(legacy["errors"], 100);
+    assert_eq!(new["errors"], 0);
+    let ms = |v: &Value, i: usize| v["latency_ns"][i].as_f64().unwrap_or(0.0) / 1e6;
+    for (i, want) in [(0, 500.0), (1, 950.0), (2, 990.0)] {
+        let got = ms(&legacy, i);
+        assert!(
+            (got - want).abs() <= want * 0.02,
+            "legacy p{i}: {got} ms, want {want}"
+        );
+        let got = ms(&new, i);
+        assert!(
+            (got - 2.0 * want).abs() <= 2.0 * want * 0.02,
+            "new p{i}: {got} ms, want {}",
+            2.0 * want
+        );
+    }
+    assert!(
+        doc["share"].as_array().is_some_and(|s| !s.is_empty()),
+        "{doc}"
+    );
+
+    let trace = format!("{:032x}", 7u128);
+    let t: Value = reqwest::get(collector.web_url(&format!("/api/trace/{trace}")))
+        .await
+        .expect("trace")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(t["spans"].as_array().map(Vec::len), Some(1), "{t}");
+    let missing = reqwest::get(collector.web_url("/api/trace/nothex"))
+        .await
+        .expect("trace");
+    assert_eq!(missing.status().as_u16(), 400);
+}
+
+#[tokio::test]
+async fn malformed_otlp_gets_a_clear_error_and_the_collector_keeps_serving() {
+    let ch = ClickHouse::start().await.expect("clickhouse");
+    let collector = Collector::start(&ch.http_url(), "max_body_bytes = 100000\n").await;
+    let client = reqwest::Client::new();
+    let post = |ct: &str, body: Vec<u8>| {
+        client
+            .post(collector.http_url("/v1/traces"))
+            .header("content-type", ct.to_string())
+            .body(body)
+            .send()
+    };
+    let garbage = post("application/x-protobuf", vec![0xff, 0xff, 0xff, 0x01])
+        .await
+        .expect("post");
+    assert_eq!(garbage.status().as_u16(), 400);
+    assert!(
+        garbage
+            .text()
+            .await
+            .unwrap_or_default()
+            .contains("not an OTLP")
+    );
+    assert_eq!(
+        post("text/plain", b"hi".to_vec())
+            .await
+            .expect("post")
+            .status()
+            .as_u16(),
+        415
+    );
+    assert_eq!(
+        post("application/json", b"{\"resourceSpans\": [".to_vec())
+            .await
+            .expect("post")
+            .status()
+            .as_u16(),
+        400
+    );
+    // Oversized: refused before it is read (the server may close the connection while
+    // the client is still sending, which is how every proxy behaves).
+    let oversized = reqwest::Client::new()
+        .post(collector.http_url("/v1/traces"))
+        .header("content-type", "application/x-protobuf")
+        .body(vec![0u8; 200_000])
+        .send()
+        .await;
+    match oversized {
+        Ok(r) => assert_eq!(r.status().as_u16(), 413),
+        Err(e) => assert!(e.is_request(), "{e}"),
+    }
+    // A small gzip body that inflates past the limit is refused after decompression.
+    let bomb = {
+        use std::io::Write;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(&vec![0u8; 1_000_000]).expect("gzip");
+        gz.finish().expect("gzip")
+    };
+    let r = client
+        .post(collector.http_url("/v1/traces"))
+        .header("content-type", "application/x-protobuf")
+        .header("content-encoding", "gzip")
+        .body(bomb)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status().as_u16(), 413);
+    let bad_gzip = client
+        .post(collector.http_url("/v1/traces"))
+        .header("content-type", "application/x-protobuf")
+        .header("content-encoding", "gzip")
+        .body(vec![1, 2, 3])
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(bad_gzip.status().as_u16(), 400);
+    // A zero trace id is a client error, over HTTP and gRPC.
+    let zero = serde_json::json!({"resourceSpans": [{"scopeSpans": [{"spans": [{
+        "traceId": "00000000000000000000000000000000", "spanId": "0102030405060708", "name": "x",
+        "startTimeUnixNano": "1", "endTimeUnixNano": "2"}]}]}]});
+    let r = post("application/json", zero.to_string().into_bytes())
+        .await
+        .expect("post");
+    assert_eq!(r.status().as_u16(), 400);
+    assert!(r.text().await.unwrap_or_default().contains("trace_id"));
+    let ok = serde_json::json!({"resourceSpans": [{"scopeSpans": [{"spans": [{
+        "traceId": "0102030405060708090a0b0c0d0e0f10", "spanId": "0102030405060708", "name": "json",
+        "startTimeUnixNano": "1700000000000000000", "endTimeUnixNano": "1700000000001000000",
+        "attributes": [{"key": "b", "value": {"bytesValue": "3q0="}}, {"key": "kv", "value": {"kvlistValue": {"values": [{"key": "x", "value": {"doubleValue": 1.5}}]}}}]}]}]}]});
+    let r = post("application/json", ok.to_string().into_bytes())
+        .await
+        .expect("post");
+    assert_eq!(r.status().as_u16(), 200, "{:?}", r.text().await);
+    let metrics_signal = client
+        .post(collector.http_url("/v1/metrics"))
+        .header("content-type", "application/x-protobuf")
+        .body(Vec::<u8>::new())
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(metrics_signal.status().as_u16(), 501);
+    assert!(
+        collector
+            .metric("strangler_collector_requests_malformed_total")
+            .await
+            >= 6
+    );
+    let mut zero_span = span(1, 1, "orders", "new", 1, 200);
+    zero_span.span_context = SpanContext::new(
+        TraceId::INVALID,
+        SpanId::from(1),
+        TraceFlags::SAMPLED,
+        false,
+        TraceState::default(),
+    );
+    let err = grpc_exporter(&collector.grpc_url())
+        .export(vec![zero_span])
+        .await
+        .expect_err("invalid trace id");
+    assert!(
+        err.to_string().contains("trace_id") || err.to_string().contains("InvalidArgument"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_with_retryable_errors_instead_of_dropping() {
+    let ch = ClickHouse::start().await.expect("clickhouse");
+    // A tiny queue and a slow batch: exports hold their place for 2 s.
+    let collector =
+        Collector::start(&ch.http_url(), "queue_capacity = 10\nbatch_size = 1000\n").await;
+    std::fs::write(
+        &collector.config,
+        std::fs::read_to_string(&collector.config)
+            .expect("read")
+            .replace("batch_timeout_ms = 200", "batch_timeout_ms = 2000"),
+    )
+    .expect("write");
+    let mut collector = collector;
+    collector.kill();
+    collector.spawn().await;
+    wait_for_schema(&ch).await;
+    let request = |first: u64| {
+        let spans: Vec<_> = (0..5u64)
+            .map(|i| opentelemetry_proto::tonic::trace::v1::Span {
+                trace_id: vec![7; 16],
+                span_id: (first + i + 1).to_be_bytes().to_vec(),
+                name: "x".into(),
+                start_time_unix_nano: 1_700_000_000_000_000_000,
+                end_time_unix_nano: 1_700_000_000_000_000_100,
+                ..Default::default()
+            })
+            .collect();
+        opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest {
+            resource_spans: vec![opentelemetry_proto::tonic::trace::v1::ResourceSpans {
+                scope_spans: vec![opentelemetry_proto::tonic::trace::v1::ScopeSpans {
+                    spans,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        }
+        .encode_to_vec()
+    };
+    let client = reqwest::Client::new();
+    let mut tasks = Vec::new();
+    for k in 0..6u64 {
+        let client = client.clone();
+        let url = collector.http_url("/v1/traces");
+        let body = request(k * 100);
+        tasks.push(tokio::spawn(async move {
+            let r = client
+                .post(url)
+                .header("content-type", "application/x-protobuf")
+                .body(body)
+                .send()
+                .await
+                .expect("post");
+            (
+                r.status().as_u16(),
+                r.headers()
+                    .get("retry-after")
+                    .map(|v| v.to_str().unwrap_or("").to_string()),
+            )
+        }));
+    }
+    let mut accepted = 0;
+    let mut refused = 0;
+    for t in tasks {
+        match t.await.expect("join") {
+            (200, _) => accepted += 1,
+            (429, Some(retry)) => {
+                assert_eq!(retry, "1");
+                refused += 1;
+            }
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    assert_eq!(accepted, 2, "10 spans of queue take two exports of 5");
+    assert_eq!(refused, 4);
+    assert_eq!(
+        collector
+            .metric("strangler_collector_spans_rejected_total")
+            .await,
+        20
+    );
+    // Everything accepted is stored.
+    let stored: u64 = ch_client(&ch)
+        .query("SELECT count() FROM strangler.spans")
+        .fetch_one()
+        .await
+        .expect("count");
+    assert_eq!(stored, 10);
+}
+
+/// Sends batches of 50 spans with unique ids over gRPC until told to stop; records the
+/// ids of every acknowledged span.
+async fn load(
+    url: String,
+    first_id: u64,
+    acked: Arc<Mutex<HashSet<u64>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> (u64, u64) {
+    let exporter = grpc_exporter(&url);
+    let (mut ok, mut failed) = (0, 0);
+    let mut next = first_id;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let ids: Vec<u64> = (next..next + 50).collect();
+        next += 50;
+        let batch: Vec<SpanData> = ids
+            .iter()
+            .map(|&id| span(u128::from(id), id, "orders", "new", 1, 200))
+            .collect();
+        match exporter.export(batch).await {
+            Ok(()) => {
+                ok += 1;
+                acked.lock().expect("lock").extend(ids);
+            }
+            Err(_) => {
+                failed += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (ok, failed)
+}
+
+#[tokio::test]
+async fn no_acknowledged_span_is_lost_or_stored_twice_across_a_clickhouse_outage_and_a_kill() {
+    let outage = Duration::from_secs(
+        std::env::var("STRANGLER_OUTAGE_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(60),
+    );
+    let mut ch = ClickHouse::start().await.expect("clickhouse");
+    let mut collector = Collector::start(&ch.http_url(), "").await;
+    wait_for_schema(&ch).await;
+    let acked = Arc::new(Mutex::new(HashSet::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut loader = tokio::spawn(load(
+        collector.grpc_url(),
+        1,
+        Arc::clone(&acked),
+        Arc::clone(&stop),
+    ));
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ch.stop();
+    let down = Instant::now();
+    tokio::time::sleep(outage / 2).await;
+    // Crash the collector mid-outage: its spool must survive it.
+    collector.kill();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let first = (&mut loader).await.expect("loader");
+    collector.spawn().await;
+    let stop2 = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let loader2 = tokio::spawn(load(
+        collector.grpc_url(),
+        1 << 40,
+        Arc::clone(&acked),
+        Arc::clone(&stop2),
+    ));
+    tokio::time::sleep(outage.saturating_sub(down.elapsed())).await;
+    ch.restart().await.expect("clickhouse back");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop2.store(true, std::sync::atomic::Ordering::Relaxed);
+    let second = loader2.await.expect("loader");
+    let acked: HashSet<u64> = acked.lock().expect("lock").clone();
+    assert!(
+        acked.len() > 500,
+        "the load acknowledged only {} spans ({first:?}, {second:?})",
+        acked.len()
+    );
+
+    let client = ch_client(&ch);
+    wait_until(Duration::from_secs(30), "the spool to drain", || {
+        let dir = collector.dir.path().join("strangler-spool");
+        async move {
+            std::fs::read_dir(&dir)
+                .map(|d| {
+                    d.filter_map(|e| e.ok())
+                        .all(|e| !e.file_name().to_string_lossy().ends_with(".batch.json"))
+                })
+                .unwrap_or(true)
+        }
+    })
+    .await;
+    let ids: Vec<String> = client
+        .query("SELECT DISTINCT span_id FROM strangler.spans")
+        .fetch_all()
+        .await
+        .expect("ids");
+    let stored: HashSet<u64> = ids
+        .iter()
+        .filter_map(|h| u64::from_str_radix(h, 16).ok())
+        .collect();
+    let missing: Vec<_> = acked.difference(&stored).take(10).collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged spans missing, e.g. {missing:?}\n{}",
+        acked.difference(&stored).count(),
+        collector.log()
+    );
+    let total: u64 = client
+        .query("SELECT count() FROM strangler.spans FINAL")
+        .fetch_one()
+        .await
+        .expect("count");
+    assert_eq!(total as usize, stored.len(), "a span is stored twice");
+    assert!(
+        collector
+            .metric("strangler_collector_spans_replayed_total")
+            .await
+            > 0,
+        "the spool was used and replayed"
+    );
+    eprintln!(
+        "outage {outage:?}: {} spans acknowledged ({first:?} and {second:?} ok/failed batches), all stored once",
+        acked.len()
+    );
+}

@@ -1,0 +1,198 @@
+//! The collector's TOML configuration; every key optional, unknown keys rejected.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::pipeline::PipelineConfig;
+
+/// OTLP/gRPC on loopback by default; set `0.0.0.0:4317` to take spans from other hosts.
+pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:4317";
+/// OTLP/HTTP.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:4318";
+/// Health, metrics, query API and dashboard.
+pub const DEFAULT_WEB_LISTEN: &str = "127.0.0.1:8686";
+/// ClickHouse's HTTP interface.
+pub const DEFAULT_CLICKHOUSE_URL: &str = "http://127.0.0.1:8123";
+/// ClickHouse wants few, large inserts (each insert makes a part); 10k spans is a few MB.
+pub const DEFAULT_BATCH_SIZE: usize = 10_000;
+/// An exporter waits for its acknowledgement at most about this long plus the insert.
+pub const DEFAULT_BATCH_TIMEOUT_MS: u64 = 1_000;
+/// About ten full batches: absorbs bursts, bounds memory to roughly 100-200 MB.
+pub const DEFAULT_QUEUE_CAPACITY: usize = 100_000;
+/// Two inserts overlap network and server time without flooding ClickHouse with parts.
+pub const DEFAULT_INSERTS_IN_FLIGHT: usize = 2;
+/// Below OTLP exporters' usual 10 s timeout, so a slow insert is spooled before the exporter gives up.
+pub const DEFAULT_INSERT_TIMEOUT_MS: u64 = 5_000;
+/// 1 GiB of spooled spans: about an hour of a busy router fleet's traffic.
+pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 1 << 30;
+/// Larger than any sane exporter batch (the OTLP gRPC default limit is 4 MiB).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 16 << 20;
+
+/// A configuration error.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Unreadable file.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Bad TOML or values.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What, with line and column when known.
+        message: String,
+    },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    grpc_listen: Option<SocketAddr>,
+    http_listen: Option<SocketAddr>,
+    web_listen: Option<SocketAddr>,
+    clickhouse_url: Option<String>,
+    database: Option<String>,
+    user: Option<String>,
+    password_env: Option<String>,
+    batch_size: Option<usize>,
+    batch_timeout_ms: Option<u64>,
+    queue_capacity: Option<usize>,
+    inserts_in_flight: Option<usize>,
+    insert_timeout_ms: Option<u64>,
+    spool_dir: Option<PathBuf>,
+    spool_max_bytes: Option<u64>,
+    max_body_bytes: Option<usize>,
+}
+
+/// A validated collector configuration.
+#[derive(Debug, Clone)]
+pub struct CollectorConfig {
+    /// OTLP/gRPC address.
+    pub grpc_listen: SocketAddr,
+    /// OTLP/HTTP address.
+    pub http_listen: SocketAddr,
+    /// Web/query/metrics address.
+    pub web_listen: SocketAddr,
+    /// ClickHouse HTTP URL.
+    pub clickhouse_url: String,
+    /// Database name.
+    pub database: String,
+    /// ClickHouse user.
+    pub user: Option<String>,
+    /// ClickHouse password (from the env var `password_env` names).
+    pub password: Option<String>,
+    /// Batching and queue.
+    pub pipeline: PipelineConfig,
+    /// Spool directory.
+    pub spool_dir: PathBuf,
+    /// Spool size limit.
+    pub spool_max_bytes: u64,
+    /// Request body limit.
+    pub max_body_bytes: usize,
+}
+
+impl CollectorConfig {
+    /// Defaults, or a file's values over them.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let (raw, base, shown) = match path {
+            None => (
+                Raw::default(),
+                PathBuf::from("."),
+                PathBuf::from("(defaults)"),
+            ),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                let raw: Raw = toml::from_str(&text).map_err(|e| {
+                    let (line, col) = e.span().map_or((1, 1), |s| {
+                        let before = &text[..s.start.min(text.len())];
+                        (
+                            before.matches('\n').count() + 1,
+                            before.rsplit('\n').next().map_or(0, str::len) + 1,
+                        )
+                    });
+                    ConfigError::Invalid {
+                        path: path.to_path_buf(),
+                        message: format!("line {line}, column {col}: {}", e.message()),
+                    }
+                })?;
+                (
+                    raw,
+                    path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+                    path.to_path_buf(),
+                )
+            }
+        };
+        let invalid = |message: String| ConfigError::Invalid {
+            path: shown.clone(),
+            message,
+        };
+        let parse = |s: &str| s.parse::<SocketAddr>().map_err(|e| invalid(e.to_string()));
+        let database = raw.database.unwrap_or_else(|| "strangler".into());
+        if database.is_empty()
+            || !database
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            return Err(invalid(format!(
+                "database {database:?} must be letters, digits and _"
+            )));
+        }
+        let pipeline = PipelineConfig {
+            batch_size: raw.batch_size.unwrap_or(DEFAULT_BATCH_SIZE).max(1),
+            batch_timeout: Duration::from_millis(
+                raw.batch_timeout_ms.unwrap_or(DEFAULT_BATCH_TIMEOUT_MS),
+            ),
+            queue_capacity: raw.queue_capacity.unwrap_or(DEFAULT_QUEUE_CAPACITY).max(1),
+            inserts_in_flight: raw
+                .inserts_in_flight
+                .unwrap_or(DEFAULT_INSERTS_IN_FLIGHT)
+                .max(1),
+            insert_timeout: Duration::from_millis(
+                raw.insert_timeout_ms.unwrap_or(DEFAULT_INSERT_TIMEOUT_MS),
+            ),
+        };
+        let password = match raw.password_env {
+            Some(env) => Some(
+                std::env::var(&env)
+                    .map_err(|_| invalid(format!("password_env {env} is not set")))?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            grpc_listen: raw
+                .grpc_listen
+                .map_or_else(|| parse(DEFAULT_GRPC_LISTEN), Ok)?,
+            http_listen: raw
+                .http_listen
+                .map_or_else(|| parse(DEFAULT_HTTP_LISTEN), Ok)?,
+            web_listen: raw
+                .web_listen
+                .map_or_else(|| parse(DEFAULT_WEB_LISTEN), Ok)?,
+            clickhouse_url: raw
+                .clickhouse_url
+                .unwrap_or_else(|| DEFAULT_CLICKHOUSE_URL.into()),
+            database,
+            user: raw.user,
+            password,
+            pipeline,
+            spool_dir: base.join(
+                raw.spool_dir
+                    .unwrap_or_else(|| PathBuf::from("strangler-spool")),
+            ),
+            spool_max_bytes: raw.spool_max_bytes.unwrap_or(DEFAULT_SPOOL_MAX_BYTES),
+            max_body_bytes: raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES),
+        })
+    }
+}

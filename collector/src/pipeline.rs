@@ -1,0 +1,300 @@
+//! From receivers to the store: a bounded queue (counted in spans), batching by size
+//! and time, several inserts in flight, the spool when the store fails, and an
+//! acknowledgement to each export only once its spans are durable.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+
+use crate::metrics::Metrics;
+use crate::model::SpanRow;
+use crate::spool::Spool;
+use crate::store::SpanStore;
+
+/// Batching and queue settings.
+#[derive(Debug, Clone, Copy)]
+pub struct PipelineConfig {
+    /// Spans per insert.
+    pub batch_size: usize,
+    /// The longest a span waits for its batch to fill.
+    pub batch_timeout: Duration,
+    /// Spans accepted but not yet durable; beyond it receivers push back.
+    pub queue_capacity: usize,
+    /// Concurrent inserts.
+    pub inserts_in_flight: usize,
+    /// An insert taking longer is abandoned and its batch spooled.
+    pub insert_timeout: Duration,
+}
+
+/// Why an export was not accepted.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SubmitError {
+    /// The queue is full: retry later.
+    #[error("the collector's queue is full ({queued} spans); retry later")]
+    Busy {
+        /// Spans queued now.
+        queued: usize,
+    },
+    /// Neither the store nor the spool could take the spans: retry later.
+    #[error("spans could not be stored: {0}")]
+    Unavailable(String),
+    /// More spans in one request than the queue holds.
+    #[error("{spans} spans in one request exceeds the queue capacity of {capacity}")]
+    TooLarge {
+        /// Spans in the request.
+        spans: usize,
+        /// The capacity.
+        capacity: usize,
+    },
+}
+
+struct Job {
+    rows: Vec<SpanRow>,
+    ack: oneshot::Sender<Result<(), String>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// The receivers' handle on the pipeline.
+#[derive(Clone)]
+pub struct Pipeline {
+    tx: mpsc::UnboundedSender<Job>,
+    permits: Arc<Semaphore>,
+    capacity: usize,
+    metrics: Metrics,
+}
+
+impl Pipeline {
+    /// Starts the writer and the spool replayer on the current runtime.
+    pub fn start(
+        store: Arc<dyn SpanStore>,
+        spool: Arc<Spool>,
+        config: PipelineConfig,
+        metrics: Metrics,
+    ) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let healthy = Arc::new(AtomicBool::new(true));
+        tokio::spawn(writer(
+            rx,
+            Arc::clone(&store),
+            Arc::clone(&spool),
+            config,
+            metrics.clone(),
+            Arc::clone(&healthy),
+        ));
+        tokio::spawn(replayer(
+            store,
+            spool,
+            metrics.clone(),
+            healthy,
+            config.insert_timeout,
+        ));
+        Self {
+            tx,
+            permits: Arc::new(Semaphore::new(config.queue_capacity)),
+            capacity: config.queue_capacity,
+            metrics,
+        }
+    }
+
+    /// Spans accepted and not yet durable.
+    pub fn queued(&self) -> usize {
+        self.capacity - self.permits.available_permits()
+    }
+
+    /// Queues rows and waits until they are stored or spooled.
+    pub async fn submit(&self, rows: Vec<SpanRow>) -> Result<(), SubmitError> {
+        let n = rows.len();
+        if n == 0 {
+            return Ok(());
+        }
+        self.metrics.received.inc_by(n as u64);
+        if n > self.capacity {
+            self.metrics.rejected.inc_by(n as u64);
+            return Err(SubmitError::TooLarge {
+                spans: n,
+                capacity: self.capacity,
+            });
+        }
+        let permit = match u32::try_from(n)
+            .ok()
+            .and_then(|k| Arc::clone(&self.permits).try_acquire_many_owned(k).ok())
+        {
+            Some(p) => p,
+            None => {
+                self.metrics.rejected.inc_by(n as u64);
+                return Err(SubmitError::Busy {
+                    queued: self.queued(),
+                });
+            }
+        };
+        let (ack, done) = oneshot::channel();
+        self.tx
+            .send(Job {
+                rows,
+                ack,
+                _permit: permit,
+            })
+            .map_err(|_| SubmitError::Unavailable("the writer stopped".into()))?;
+        match done.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(SubmitError::Unavailable(e)),
+            Err(_) => Err(SubmitError::Unavailable("the writer stopped".into())),
+        }
+    }
+}
+
+async fn writer(
+    mut rx: mpsc::UnboundedReceiver<Job>,
+    store: Arc<dyn SpanStore>,
+    spool: Arc<Spool>,
+    config: PipelineConfig,
+    metrics: Metrics,
+    healthy: Arc<AtomicBool>,
+) {
+    let in_flight = Arc::new(Semaphore::new(config.inserts_in_flight.max(1)));
+    while let Some(first) = rx.recv().await {
+        let mut count = first.rows.len();
+        let mut jobs = vec![first];
+        let deadline = tokio::time::Instant::now() + config.batch_timeout;
+        while count < config.batch_size {
+            tokio::select! {
+                job = rx.recv() => match job {
+                    Some(job) => { count += job.rows.len(); jobs.push(job); }
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        let Ok(slot) = Arc::clone(&in_flight).acquire_owned().await else {
+            return;
+        };
+        let (store, spool, metrics, healthy) = (
+            Arc::clone(&store),
+            Arc::clone(&spool),
+            metrics.clone(),
+            Arc::clone(&healthy),
+        );
+        let timeout = config.insert_timeout;
+        tokio::spawn(async move {
+            let _slot = slot;
+            write_batch(jobs, store.as_ref(), &spool, &metrics, &healthy, timeout).await;
+        });
+    }
+}
+
+async fn write_batch(
+    jobs: Vec<Job>,
+    store: &dyn SpanStore,
+    spool: &Spool,
+    metrics: &Metrics,
+    healthy: &AtomicBool,
+    timeout: Duration,
+) {
+    let mut rows = Vec::with_capacity(jobs.iter().map(|j| j.rows.len()).sum());
+    let mut acks = Vec::with_capacity(jobs.len());
+    let mut permits = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        rows.extend(job.rows);
+        acks.push(job.ack);
+        permits.push(job._permit);
+    }
+    let n = rows.len() as u64;
+    // While the store is known to be down, go straight to the spool instead of
+    // waiting for every batch to time out.
+    let stored = if healthy.load(Ordering::Acquire) {
+        match tokio::time::timeout(timeout, store.insert(&rows)).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::warn!("insert of {n} spans failed, spooling: {e}");
+                healthy.store(false, Ordering::Release);
+                false
+            }
+            Err(_) => {
+                tracing::warn!("insert of {n} spans timed out after {timeout:?}, spooling");
+                healthy.store(false, Ordering::Release);
+                false
+            }
+        }
+    } else {
+        false
+    };
+    let result = if stored {
+        metrics.written.inc_by(n);
+        Ok(())
+    } else {
+        match spool.push(&rows) {
+            Ok(()) => {
+                metrics.spooled.inc_by(n);
+                metrics
+                    .spool_bytes
+                    .set(i64::try_from(spool.used_bytes()).unwrap_or(i64::MAX));
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!("{n} spans neither stored nor spooled, exporters will retry: {e}");
+                metrics.failed.inc_by(n);
+                Err(e.to_string())
+            }
+        }
+    };
+    for ack in acks {
+        let _ = ack.send(result.clone());
+    }
+    drop(permits);
+}
+
+/// How often the spool is checked while the store is down.
+const REPLAY_INTERVAL: Duration = Duration::from_millis(500);
+
+async fn replayer(
+    store: Arc<dyn SpanStore>,
+    spool: Arc<Spool>,
+    metrics: Metrics,
+    healthy: Arc<AtomicBool>,
+    timeout: Duration,
+) {
+    loop {
+        tokio::time::sleep(REPLAY_INTERVAL).await;
+        if !healthy.load(Ordering::Acquire)
+            && tokio::time::timeout(timeout, store.ping())
+                .await
+                .unwrap_or(false)
+        {
+            tracing::info!("span store is back; replaying the spool");
+            healthy.store(true, Ordering::Release);
+        }
+        if !healthy.load(Ordering::Acquire) {
+            continue;
+        }
+        loop {
+            let (path, rows) = match spool.oldest() {
+                Ok(Some(batch)) => batch,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    continue;
+                }
+            };
+            match tokio::time::timeout(timeout, store.insert(&rows)).await {
+                Ok(Ok(())) => {
+                    if let Err(e) = spool.remove(&path) {
+                        tracing::error!(
+                            "replayed batch could not be removed (it will be replayed again; the table deduplicates): {e}"
+                        );
+                        break;
+                    }
+                    metrics.replayed.inc_by(rows.len() as u64);
+                    metrics
+                        .spool_bytes
+                        .set(i64::try_from(spool.used_bytes()).unwrap_or(i64::MAX));
+                }
+                _ => {
+                    healthy.store(false, Ordering::Release);
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! The disk spool: batches that could not be stored wait here, in order, until the
+//! store is back. A batch is acknowledged to its exporter once it is in the store
+//! or fsynced here, so an acknowledged span survives a ClickHouse outage and a
+//! collector crash.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::model::SpanRow;
+
+/// Why the spool could not take or give back a batch.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// It holds `max_bytes` already.
+    #[error("spool {dir} is full ({used} of {max} bytes)")]
+    Full {
+        /// The directory.
+        dir: PathBuf,
+        /// Bytes used.
+        used: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// A file operation failed.
+    #[error("spool {path}: {message}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What happened.
+        message: String,
+    },
+}
+
+/// A directory of numbered batch files.
+#[derive(Debug)]
+pub struct Spool {
+    dir: PathBuf,
+    max_bytes: u64,
+    used: AtomicU64,
+    next: AtomicU64,
+}
+
+const SUFFIX: &str = ".batch.json";
+
+impl Spool {
+    /// Opens (or creates) the spool in `dir`, counting what a previous run left.
+    pub fn open(dir: &Path, max_bytes: u64) -> Result<Self, SpoolError> {
+        let io = |path: &Path, e: std::io::Error| SpoolError::Io {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        let mut used = 0;
+        let mut next = 0;
+        for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
+            let entry = entry.map_err(|e| io(dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(n) = name
+                .strip_suffix(SUFFIX)
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                used += entry.metadata().map(|m| m.len()).unwrap_or(0);
+                next = next.max(n + 1);
+            } else if name.ends_with(".tmp") {
+                // A write that never finished was never acknowledged.
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            max_bytes,
+            used: AtomicU64::new(used),
+            next: AtomicU64::new(next),
+        })
+    }
+
+    /// Bytes held.
+    pub fn used_bytes(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Writes a batch durably (temp file, fsync, rename, fsync of the directory).
+    pub fn push(&self, rows: &[SpanRow]) -> Result<(), SpoolError> {
+        let bytes = serde_json::to_vec(rows).map_err(|e| SpoolError::Io {
+            path: self.dir.clone(),
+            message: e.to_string(),
+        })?;
+        let used = self.used.load(Ordering::Relaxed);
+        if used + bytes.len() as u64 > self.max_bytes {
+            return Err(SpoolError::Full {
+                dir: self.dir.clone(),
+                used,
+                max: self.max_bytes,
+            });
+        }
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let path = self.dir.join(format!("{n:020}{SUFFIX}"));
+        let tmp = self.dir.join(format!("{n:020}.tmp"));
+        let io = |e: std::io::Error| SpoolError::Io {
+            path: path.clone(),
+            message: e.to_string(),
+        };
+        {
+            use std::io::Write;
+            let mut file = std::fs::File::create(&tmp).map_err(io)?;
+            file.write_all(&bytes).map_err(io)?;
+            file.sync_all().map_err(io)?;
+        }
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        if let Ok(dir) = std::fs::File::open(&self.dir) {
+            let _ = dir.sync_all();
+        }
+        self.used.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The oldest batch and its file, if any.
+    pub fn oldest(&self) -> Result<Option<(PathBuf, Vec<SpanRow>)>, SpoolError> {
+        let io = |e: std::io::Error| SpoolError::Io {
+            path: self.dir.clone(),
+            message: e.to_string(),
+        };
+        let mut names: Vec<String> = std::fs::read_dir(&self.dir)
+            .map_err(io)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(SUFFIX))
+            .collect();
+        names.sort();
+        let Some(first) = names.first() else {
+            return Ok(None);
+        };
+        let path = self.dir.join(first);
+        let bytes = std::fs::read(&path).map_err(io)?;
+        let rows = serde_json::from_slice(&bytes).map_err(|e| SpoolError::Io {
+            path: path.clone(),
+            message: format!("corrupt batch (moved aside as .bad): {e}"),
+        });
+        match rows {
+            Ok(rows) => Ok(Some((path, rows))),
+            Err(e) => {
+                let _ = std::fs::rename(&path, path.with_extension("bad"));
+                self.used.fetch_sub(bytes.len() as u64, Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes a batch once it is stored.
+    pub fn remove(&self, path: &Path) -> Result<(), SpoolError> {
+        let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        std::fs::remove_file(path).map_err(|e| SpoolError::Io {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        self.used
+            .fetch_sub(len.min(self.used_bytes()), Ordering::Relaxed);
+        Ok(())
+    }
+}

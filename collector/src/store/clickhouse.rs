@@ -1,0 +1,233 @@
+//! The ClickHouse span store: schema migrations and RowBinary inserts.
+//!
+//! The schema works on Debian's ClickHouse 18.16 and on current releases: no
+//! DateTime64, Map, LowCardinality, TTL or codecs; times as `DateTime` plus
+//! nanosecond integers; attributes as parallel `Array(String)` columns.
+
+use async_trait::async_trait;
+
+use super::{SpanStore, StoreError};
+use crate::model::SpanRow;
+
+/// Versioned, idempotent migrations. Append only: never edit a released step.
+pub const MIGRATIONS: &[(u32, &str, &str)] = &[
+    (
+        1,
+        "spans table",
+        "CREATE TABLE IF NOT EXISTS {db}.spans (
+    start_time DateTime,
+    start_time_ns UInt64,
+    end_time_ns UInt64,
+    duration_ns UInt64,
+    trace_id String,
+    span_id String,
+    parent_span_id String,
+    name String,
+    kind String,
+    status_code String,
+    status_message String,
+    service String,
+    route String,
+    backend String,
+    decision String,
+    diff String,
+    diff_paths String,
+    pair_id String,
+    shadow UInt8,
+    http_method String,
+    http_status UInt16,
+    resource_keys Array(String),
+    resource_values Array(String),
+    attr_keys Array(String),
+    attr_values Array(String),
+    scope_name String,
+    events_json String,
+    links_json String
+) ENGINE = ReplacingMergeTree
+PARTITION BY toDate(start_time)
+ORDER BY (route, backend, start_time, trace_id, span_id)",
+    ),
+    (
+        2,
+        "trace id index",
+        "CREATE TABLE IF NOT EXISTS {db}.trace_index (
+    trace_id String,
+    day Date
+) ENGINE = ReplacingMergeTree
+PARTITION BY toYYYYMM(day)
+ORDER BY (trace_id, day)",
+    ),
+    (
+        3,
+        "trace id index feed",
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.trace_index_mv TO {db}.trace_index
+AS SELECT trace_id, toDate(start_time) AS day FROM {db}.spans",
+    ),
+    (
+        4,
+        "per-minute aggregates",
+        "CREATE TABLE IF NOT EXISTS {db}.route_minute (
+    minute DateTime,
+    route String,
+    backend String,
+    shadow UInt8,
+    requests AggregateFunction(count),
+    errors AggregateFunction(sum, UInt64),
+    latency AggregateFunction(quantiles(0.5, 0.95, 0.99), UInt64),
+    diff_match AggregateFunction(sum, UInt64),
+    diff_mismatch AggregateFunction(sum, UInt64)
+) ENGINE = AggregatingMergeTree
+PARTITION BY toDate(minute)
+ORDER BY (route, backend, shadow, minute)",
+    ),
+    (
+        5,
+        "per-minute aggregates feed",
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.route_minute_mv TO {db}.route_minute
+AS SELECT
+    toStartOfMinute(start_time) AS minute,
+    route,
+    backend,
+    shadow,
+    countState() AS requests,
+    sumState(toUInt64(http_status >= 500 OR status_code = 'error')) AS errors,
+    quantilesState(0.5, 0.95, 0.99)(duration_ns) AS latency,
+    sumState(toUInt64(diff = 'match')) AS diff_match,
+    sumState(toUInt64(diff = 'mismatch')) AS diff_mismatch
+FROM {db}.spans
+WHERE route != ''
+GROUP BY minute, route, backend, shadow",
+    ),
+];
+
+/// The DDL of every migration for `database`, as `strangler collector schema` prints it.
+pub fn schema_sql(database: &str) -> String {
+    let mut out = format!("CREATE DATABASE IF NOT EXISTS {database};\n\n");
+    for (version, what, sql) in MIGRATIONS {
+        out.push_str(&format!(
+            "-- migration {version}: {what}\n{};\n\n",
+            sql.replace("{db}", database)
+        ));
+    }
+    out
+}
+
+/// Spans in ClickHouse over HTTP (RowBinary inserts).
+#[derive(Clone)]
+pub struct ClickHouseStore {
+    client: clickhouse::Client,
+    /// The same connection settings bound to the database, for inserts (the crate
+    /// quotes `db.table` as one name, so the database goes in the session instead).
+    in_database: clickhouse::Client,
+    database: String,
+}
+
+fn unavailable(e: clickhouse::error::Error) -> StoreError {
+    match &e {
+        clickhouse::error::Error::BadResponse(message) => StoreError::Rejected(message.clone()),
+        _ => StoreError::Unavailable(e.to_string()),
+    }
+}
+
+impl ClickHouseStore {
+    /// A store for `database` at `url` (`http://host:8123`).
+    pub fn new(url: &str, database: &str, user: Option<&str>, password: Option<&str>) -> Self {
+        // 18.16 does not send the column types the crate validates rows against.
+        let mut client = clickhouse::Client::default()
+            .with_url(url)
+            .with_validation(false);
+        if let Some(user) = user {
+            client = client.with_user(user);
+        }
+        if let Some(password) = password {
+            client = client.with_password(password);
+        }
+        Self {
+            in_database: client.clone().with_database(database),
+            client,
+            database: database.to_string(),
+        }
+    }
+
+    /// The database name.
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
+    /// The underlying client, for queries.
+    pub fn client(&self) -> &clickhouse::Client {
+        &self.client
+    }
+
+    /// Creates the database and applies missing migrations, in order. Safe to run
+    /// from several collectors at once: every statement is `IF NOT EXISTS`.
+    pub async fn migrate(&self) -> Result<Vec<u32>, StoreError> {
+        let db = &self.database;
+        self.client
+            .query(&format!("CREATE DATABASE IF NOT EXISTS {db}"))
+            .execute()
+            .await
+            .map_err(unavailable)?;
+        self.client
+            .query(&format!(
+                "CREATE TABLE IF NOT EXISTS {db}.schema_migrations (version UInt32, description String, applied DateTime DEFAULT now()) ENGINE = MergeTree ORDER BY version"
+            ))
+            .execute()
+            .await
+            .map_err(unavailable)?;
+        let done: Vec<u32> = self
+            .client
+            .query(&format!(
+                "SELECT DISTINCT version FROM {db}.schema_migrations"
+            ))
+            .fetch_all()
+            .await
+            .map_err(unavailable)?;
+        let mut applied = Vec::new();
+        for (version, description, sql) in MIGRATIONS {
+            if done.contains(version) {
+                continue;
+            }
+            self.client
+                .query(&sql.replace("{db}", db))
+                .execute()
+                .await
+                .map_err(unavailable)?;
+            self.client
+                .query(&format!(
+                    "INSERT INTO {db}.schema_migrations (version, description) VALUES (?, ?)"
+                ))
+                .bind(*version)
+                .bind(*description)
+                .execute()
+                .await
+                .map_err(unavailable)?;
+            tracing::info!(version, description, "applied ClickHouse migration");
+            applied.push(*version);
+        }
+        Ok(applied)
+    }
+}
+
+#[async_trait]
+impl SpanStore for ClickHouseStore {
+    async fn insert(&self, rows: &[SpanRow]) -> Result<(), StoreError> {
+        let mut insert = self
+            .in_database
+            .insert::<SpanRow>("spans")
+            .await
+            .map_err(unavailable)?;
+        for row in rows {
+            insert.write(row).await.map_err(unavailable)?;
+        }
+        insert.end().await.map_err(unavailable)
+    }
+
+    async fn ping(&self) -> bool {
+        self.client
+            .query("SELECT 1")
+            .fetch_one::<u8>()
+            .await
+            .is_ok()
+    }
+}
