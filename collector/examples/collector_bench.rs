@@ -18,7 +18,7 @@ use strangler_testkit::{ClickHouse, free_port};
 
 const REQUESTS: usize = 400;
 const SPANS_PER_REQUEST: usize = 1_000;
-const CONCURRENCY: usize = 8;
+const CONCURRENCY: usize = 32;
 
 fn kv(key: &str, value: &str) -> KeyValue {
     KeyValue {
@@ -37,7 +37,11 @@ fn request(n: usize) -> ExportTraceServiceRequest {
     let spans = (0..SPANS_PER_REQUEST)
         .map(|i| {
             let id = (n * SPANS_PER_REQUEST + i + 1) as u64;
-            let backend = if id.is_multiple_of(3) { "new" } else { "legacy" };
+            let backend = if id.is_multiple_of(3) {
+                "new"
+            } else {
+                "legacy"
+            };
             Span {
                 trace_id: [id.to_be_bytes(), 7u64.to_be_bytes()].concat(),
                 span_id: id.to_be_bytes().to_vec(),

@@ -20,6 +20,9 @@ pub const DEFAULT_CLICKHOUSE_URL: &str = "http://127.0.0.1:8123";
 pub const DEFAULT_BATCH_SIZE: usize = 10_000;
 /// An exporter waits for its acknowledgement at most about this long plus the insert.
 pub const DEFAULT_BATCH_TIMEOUT_MS: u64 = 1_000;
+/// Exporters block on their acknowledgement, so once exports stop arriving for this
+/// long the batch goes: under load they arrive continuously and batches stay large.
+pub const DEFAULT_BATCH_LINGER_MS: u64 = 20;
 /// About ten full batches: absorbs bursts, bounds memory to roughly 100-200 MB.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 100_000;
 /// Two inserts overlap network and server time without flooding ClickHouse with parts.
@@ -65,6 +68,7 @@ struct Raw {
     password_env: Option<String>,
     batch_size: Option<usize>,
     batch_timeout_ms: Option<u64>,
+    batch_linger_ms: Option<u64>,
     queue_capacity: Option<usize>,
     inserts_in_flight: Option<usize>,
     insert_timeout_ms: Option<u64>,
@@ -153,6 +157,9 @@ impl CollectorConfig {
             batch_size: raw.batch_size.unwrap_or(DEFAULT_BATCH_SIZE).max(1),
             batch_timeout: Duration::from_millis(
                 raw.batch_timeout_ms.unwrap_or(DEFAULT_BATCH_TIMEOUT_MS),
+            ),
+            batch_linger: Duration::from_millis(
+                raw.batch_linger_ms.unwrap_or(DEFAULT_BATCH_LINGER_MS),
             ),
             queue_capacity: raw.queue_capacity.unwrap_or(DEFAULT_QUEUE_CAPACITY).max(1),
             inserts_in_flight: raw

@@ -20,6 +20,9 @@ pub struct PipelineConfig {
     pub batch_size: usize,
     /// The longest a span waits for its batch to fill.
     pub batch_timeout: Duration,
+    /// A batch is also sent once no export has arrived for this long: exporters wait
+    /// for their acknowledgement, so waiting longer for a full batch only adds latency.
+    pub batch_linger: Duration,
     /// Spans accepted but not yet durable; beyond it receivers push back.
     pub queue_capacity: usize,
     /// Concurrent inserts.
@@ -164,6 +167,7 @@ async fn writer(
                     Some(job) => { count += job.rows.len(); jobs.push(job); }
                     None => break,
                 },
+                _ = tokio::time::sleep(config.batch_linger) => break,
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
