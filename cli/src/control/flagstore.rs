@@ -50,6 +50,17 @@ fn rollout_strategy(flag: &str, percent: Percent) -> Value {
     })
 }
 
+/// The percentage of the flexibleRollout strategy in a strategies array, if any.
+fn rollout_of(strategies: &Value) -> Option<u8> {
+    strategies
+        .as_array()?
+        .iter()
+        .find(|s| s["name"] == "flexibleRollout")?["parameters"]["rollout"]
+        .as_str()?
+        .parse()
+        .ok()
+}
+
 /// Toggles in a real Unleash, through its admin API.
 pub struct UnleashAdmin {
     base: String,
@@ -160,14 +171,7 @@ impl FlagStore for UnleashAdmin {
             .as_array()
             .and_then(|envs| envs.iter().find(|e| e["name"] == self.environment.as_str()));
         let enabled = env.and_then(|e| e["enabled"].as_bool()).unwrap_or(false);
-        let rollout = env
-            .and_then(|e| e["strategies"].as_array())
-            .and_then(|s| s.iter().find(|s| s["name"] == "flexibleRollout"))
-            .and_then(|s| {
-                s["parameters"]["rollout"]
-                    .as_str()
-                    .and_then(|r| r.parse().ok())
-            });
+        let rollout = env.and_then(|e| rollout_of(&e["strategies"]));
         Ok(FlagSnapshot {
             exists: true,
             enabled,
@@ -308,14 +312,7 @@ impl FlagStore for FlagsFile {
             Some(f) => FlagSnapshot {
                 exists: true,
                 enabled: f["enabled"].as_bool().unwrap_or(false),
-                rollout: f["strategies"]
-                    .as_array()
-                    .and_then(|s| s.iter().find(|s| s["name"] == "flexibleRollout"))
-                    .and_then(|s| {
-                        s["parameters"]["rollout"]
-                            .as_str()
-                            .and_then(|r| r.parse().ok())
-                    }),
+                rollout: rollout_of(&f["strategies"]),
             },
         })
     }
