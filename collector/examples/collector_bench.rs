@@ -135,7 +135,7 @@ async fn main() {
     std::fs::write(
         &config,
         format!(
-            "grpc_listen = \"127.0.0.1:{}\"\nhttp_listen = \"127.0.0.1:{}\"\nweb_listen = \"127.0.0.1:{}\"\nclickhouse_url = \"{}\"\nqueue_capacity = 200000\n",
+            "grpc_listen = \"127.0.0.1:{}\"\nhttp_listen = \"127.0.0.1:{}\"\nweb_listen = \"127.0.0.1:{}\"\nclickhouse_url = \"{}\"\nqueue_capacity = 200000\ncompression = \"none\"\n",
             grpc.port(), http.port(), web.port(), ch.http_url()
         ),
     )

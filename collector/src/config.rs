@@ -66,6 +66,7 @@ struct Raw {
     database: Option<String>,
     user: Option<String>,
     password_env: Option<String>,
+    compression: Option<String>,
     batch_size: Option<usize>,
     batch_timeout_ms: Option<u64>,
     batch_linger_ms: Option<u64>,
@@ -94,6 +95,8 @@ pub struct CollectorConfig {
     pub user: Option<String>,
     /// ClickHouse password (from the env var `password_env` names).
     pub password: Option<String>,
+    /// LZ4-compress inserts (worth it over a network, wasted CPU on one machine).
+    pub compress: bool,
     /// Batching and queue.
     pub pipeline: PipelineConfig,
     /// Spool directory.
@@ -177,7 +180,17 @@ impl CollectorConfig {
             ),
             None => None,
         };
+        let compress = match raw.compression.as_deref().unwrap_or("lz4") {
+            "lz4" => true,
+            "none" => false,
+            other => {
+                return Err(invalid(format!(
+                    "compression = {other:?}: expected \"lz4\" or \"none\""
+                )));
+            }
+        };
         Ok(Self {
+            compress,
             grpc_listen: raw
                 .grpc_listen
                 .map_or_else(|| parse(DEFAULT_GRPC_LISTEN), Ok)?,

@@ -98,6 +98,16 @@ fn hex(bytes: &[u8]) -> String {
     s
 }
 
+/// Like [`value_to_string`], but moves a string value out instead of copying it.
+fn value_into_string(value: Option<AnyValue>) -> String {
+    match value {
+        Some(AnyValue {
+            value: Some(any_value::Value::StringValue(s)),
+        }) => s,
+        other => value_to_string(other.as_ref()),
+    }
+}
+
 /// The string form of any OTLP value: strings as is, numbers and booleans in their
 /// usual text, bytes as hex, arrays and key/value lists as JSON.
 pub fn value_to_string(value: Option<&AnyValue>) -> String {
@@ -146,10 +156,14 @@ fn value_to_json(value: Option<&any_value::Value>) -> serde_json::Value {
     }
 }
 
-fn attrs(list: &[KeyValue]) -> (Vec<String>, Vec<String>) {
-    list.iter()
-        .map(|kv| (kv.key.clone(), value_to_string(kv.value.as_ref())))
-        .unzip()
+fn attrs(list: Vec<KeyValue>) -> (Vec<String>, Vec<String>) {
+    let mut keys = Vec::with_capacity(list.len());
+    let mut values = Vec::with_capacity(list.len());
+    for kv in list {
+        keys.push(kv.key);
+        values.push(value_into_string(kv.value));
+    }
+    (keys, values)
 }
 
 fn find<'a>(keys: &'a [String], values: &'a [String], key: &str) -> Option<&'a str> {
@@ -172,25 +186,12 @@ fn attrs_json(list: &[KeyValue]) -> serde_json::Value {
 }
 
 /// Turns an OTLP export request into rows, rejecting the request if any span has
-/// an invalid identity (the OTLP spec makes that a client error).
-pub fn rows_from_request(request: &ExportTraceServiceRequest) -> Result<Vec<SpanRow>, InvalidSpan> {
-    let mut rows = Vec::new();
+/// an invalid identity (the OTLP spec makes that a client error). Takes the request
+/// by value so decoded strings move into the rows instead of being copied.
+pub fn rows_from_request(request: ExportTraceServiceRequest) -> Result<Vec<SpanRow>, InvalidSpan> {
     let mut index = 0;
     for rs in &request.resource_spans {
-        let (resource_keys, resource_values) = rs
-            .resource
-            .as_ref()
-            .map(|r| attrs(&r.attributes))
-            .unwrap_or_default();
-        let service = find(&resource_keys, &resource_values, "service.name")
-            .unwrap_or("")
-            .to_string();
         for ss in &rs.scope_spans {
-            let scope_name = ss
-                .scope
-                .as_ref()
-                .map(|s| s.name.clone())
-                .unwrap_or_default();
             for span in &ss.spans {
                 if span.trace_id.len() != 16 || span.trace_id.iter().all(|b| *b == 0) {
                     return Err(InvalidSpan::TraceId {
@@ -204,9 +205,20 @@ pub fn rows_from_request(request: &ExportTraceServiceRequest) -> Result<Vec<Span
                         len: span.span_id.len(),
                     });
                 }
-                let (attr_keys, attr_values) = attrs(&span.attributes);
-                let get = |k: &str| find(&attr_keys, &attr_values, k).unwrap_or("").to_string();
-                let status = span.status.as_ref();
+                index += 1;
+            }
+        }
+    }
+    let mut rows = Vec::with_capacity(index);
+    for rs in request.resource_spans {
+        let (resource_keys, resource_values) =
+            rs.resource.map(|r| attrs(r.attributes)).unwrap_or_default();
+        let service = find(&resource_keys, &resource_values, "service.name")
+            .unwrap_or("")
+            .to_string();
+        for ss in rs.scope_spans {
+            let scope_name = ss.scope.map(|s| s.name).unwrap_or_default();
+            for span in ss.spans {
                 let events: Vec<serde_json::Value> = span
                     .events
                     .iter()
@@ -217,6 +229,19 @@ pub fn rows_from_request(request: &ExportTraceServiceRequest) -> Result<Vec<Span
                     .iter()
                     .map(|l| serde_json::json!({"trace_id": hex(&l.trace_id), "span_id": hex(&l.span_id), "attributes": attrs_json(&l.attributes)}))
                     .collect();
+                let (attr_keys, attr_values) = attrs(span.attributes);
+                let get = |k: &str| find(&attr_keys, &attr_values, k).unwrap_or("").to_string();
+                let (status_code, status_message) = match span.status {
+                    Some(s) => (
+                        match StatusCode::try_from(s.code).unwrap_or(StatusCode::Unset) {
+                            StatusCode::Ok => "ok",
+                            StatusCode::Error => "error",
+                            StatusCode::Unset => "unset",
+                        },
+                        s.message,
+                    ),
+                    None => ("unset", String::new()),
+                };
                 rows.push(SpanRow {
                     start_time: u32::try_from(span.start_time_unix_nano / 1_000_000_000)
                         .unwrap_or(u32::MAX),
@@ -228,7 +253,7 @@ pub fn rows_from_request(request: &ExportTraceServiceRequest) -> Result<Vec<Span
                     trace_id: hex(&span.trace_id),
                     span_id: hex(&span.span_id),
                     parent_span_id: hex(&span.parent_span_id),
-                    name: span.name.clone(),
+                    name: span.name,
                     kind: match SpanKind::try_from(span.kind).unwrap_or(SpanKind::Unspecified) {
                         SpanKind::Server => "server",
                         SpanKind::Client => "client",
@@ -238,15 +263,8 @@ pub fn rows_from_request(request: &ExportTraceServiceRequest) -> Result<Vec<Span
                         SpanKind::Unspecified => "unspecified",
                     }
                     .into(),
-                    status_code: match status
-                        .map(|s| StatusCode::try_from(s.code).unwrap_or(StatusCode::Unset))
-                    {
-                        Some(StatusCode::Ok) => "ok",
-                        Some(StatusCode::Error) => "error",
-                        _ => "unset",
-                    }
-                    .into(),
-                    status_message: status.map(|s| s.message.clone()).unwrap_or_default(),
+                    status_code: status_code.into(),
+                    status_message,
                     service: service.clone(),
                     route: get("strangler.route"),
                     backend: get("strangler.backend"),
@@ -262,10 +280,17 @@ pub fn rows_from_request(request: &ExportTraceServiceRequest) -> Result<Vec<Span
                     attr_keys,
                     attr_values,
                     scope_name: scope_name.clone(),
-                    events_json: serde_json::Value::Array(events).to_string(),
-                    links_json: serde_json::Value::Array(links).to_string(),
+                    events_json: if events.is_empty() {
+                        "[]".into()
+                    } else {
+                        serde_json::Value::Array(events).to_string()
+                    },
+                    links_json: if links.is_empty() {
+                        "[]".into()
+                    } else {
+                        serde_json::Value::Array(links).to_string()
+                    },
                 });
-                index += 1;
             }
         }
     }
@@ -357,7 +382,7 @@ mod tests {
 
     #[test]
     fn spans_become_rows_with_promoted_strangler_attributes() {
-        let rows = rows_from_request(&request(span())).expect("valid");
+        let rows = rows_from_request(request(span())).expect("valid");
         let r = &rows[0];
         assert_eq!(r.trace_id, "4b".repeat(16));
         assert_eq!(r.span_id, "01".repeat(8));
@@ -428,7 +453,7 @@ mod tests {
             };
             if let Some(request) = parsed {
                 decoded += 1;
-                let _ = rows_from_request(&request);
+                let _ = rows_from_request(request);
             }
         }
         assert!(
@@ -442,13 +467,13 @@ mod tests {
         let mut bad = span();
         bad.trace_id = vec![0; 16];
         assert_eq!(
-            rows_from_request(&request(bad)),
+            rows_from_request(request(bad)),
             Err(InvalidSpan::TraceId { index: 0, len: 16 })
         );
         let mut bad = span();
         bad.span_id = vec![1, 2, 3];
         assert_eq!(
-            rows_from_request(&request(bad)),
+            rows_from_request(request(bad)),
             Err(InvalidSpan::SpanId { index: 0, len: 3 })
         );
     }

@@ -44,6 +44,7 @@ pub async fn run(config: CollectorConfig) -> Result<(), RunError> {
         &config.database,
         config.user.as_deref(),
         config.password.as_deref(),
+        config.compress,
     ));
     let spool = Arc::new(Spool::open(&config.spool_dir, config.spool_max_bytes)?);
     if spool.used_bytes() > 0 {

@@ -50,7 +50,7 @@ impl TraceService for GrpcReceiver {
         &self,
         request: Request<ExportTraceServiceRequest>,
     ) -> Result<Response<ExportTraceServiceResponse>, Status> {
-        let rows = rows_from_request(request.get_ref()).map_err(|e| {
+        let rows = rows_from_request(request.into_inner()).map_err(|e| {
             self.metrics.malformed.inc();
             Status::invalid_argument(e.to_string())
         })?;

@@ -141,7 +141,7 @@ async fn export(State(receiver): State<HttpReceiver>, headers: HeaderMap, body: 
             );
         }
     };
-    let rows = match rows_from_request(&request) {
+    let rows = match rows_from_request(request) {
         Ok(rows) => rows,
         Err(e) => {
             receiver.metrics.malformed.inc();

@@ -131,11 +131,22 @@ fn unavailable(e: clickhouse::error::Error) -> StoreError {
 
 impl ClickHouseStore {
     /// A store for `database` at `url` (`http://host:8123`).
-    pub fn new(url: &str, database: &str, user: Option<&str>, password: Option<&str>) -> Self {
+    pub fn new(
+        url: &str,
+        database: &str,
+        user: Option<&str>,
+        password: Option<&str>,
+        compress: bool,
+    ) -> Self {
         // 18.16 does not send the column types the crate validates rows against.
         let mut client = clickhouse::Client::default()
             .with_url(url)
-            .with_validation(false);
+            .with_validation(false)
+            .with_compression(if compress {
+                clickhouse::Compression::Lz4
+            } else {
+                clickhouse::Compression::None
+            });
         if let Some(user) = user {
             client = client.with_user(user);
         }
