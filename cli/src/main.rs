@@ -45,6 +45,25 @@ enum Command {
     },
     /// Move routes between legacy and new: shadow, canary, promote, rollback.
     Route(RouteArgs),
+    /// Old vs new for a route (same as `strangler route compare`).
+    Compare {
+        /// The route.
+        route: String,
+        /// How many differing paths and samples to show.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+        /// The router config.
+        #[arg(
+            long,
+            short,
+            env = "STRANGLER_CONFIG",
+            default_value = "strangler.toml"
+        )]
+        config: PathBuf,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// Run the OTLP collector that stores traces in ClickHouse, or print its schema.
     Collector {
         #[command(subcommand)]
@@ -134,6 +153,26 @@ enum RouteCommand {
         /// Every route in the config.
         #[arg(long)]
         all: bool,
+    },
+    /// Learn legacy's own noise: send N requests to legacy twice and report which JSON
+    /// paths and headers differ, as ignore rules to paste into the route's config.
+    Calibrate {
+        /// The route.
+        route: String,
+        /// Pairs to collect on each router.
+        #[arg(long, default_value_t = 100)]
+        requests: u64,
+        /// Give up waiting after this many seconds (traffic drives calibration).
+        #[arg(long, default_value_t = 120)]
+        wait_secs: u64,
+    },
+    /// Old vs new for a route: match rate, differing paths, shadow errors, sample mismatches.
+    Compare {
+        /// The route.
+        route: String,
+        /// How many differing paths and samples to show.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
     },
     /// The recorded changes of a route.
     History {
@@ -248,6 +287,56 @@ async fn route_async(args: RouteArgs, config: RouterConfig) -> anyhow::Result<Ex
             output::views(&views, json)?;
             return Ok(ExitCode::SUCCESS);
         }
+        RouteCommand::Compare { route, top } => {
+            controller.route(route)?;
+            let replies = controller
+                .fleet()
+                .get_all(&format!("/routes/{route}/shadow"))
+                .await;
+            let status = controller
+                .fleet()
+                .get_all(&format!("/routes/{route}"))
+                .await;
+            output::compare(route, &replies, &status, *top, json)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        RouteCommand::Calibrate {
+            route,
+            requests,
+            wait_secs,
+        } => {
+            controller.route(route)?;
+            let started = controller
+                .fleet()
+                .post_all(
+                    &format!("/routes/{route}/calibrate"),
+                    serde_json::json!({ "requests": requests }),
+                )
+                .await;
+            for r in started.iter().filter(|r| r.result.is_err()) {
+                eprintln!(
+                    "router {} {}",
+                    r.url,
+                    r.result.as_ref().err().map_or("", String::as_str)
+                );
+            }
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(*wait_secs);
+            let replies = loop {
+                let replies = controller
+                    .fleet()
+                    .get_all(&format!("/routes/{route}/calibration"))
+                    .await;
+                let complete = replies
+                    .iter()
+                    .all(|r| r.result.as_ref().map_or(true, |d| d["complete"] == true));
+                if complete || std::time::Instant::now() >= deadline {
+                    break replies;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            };
+            output::calibration(route, &replies, json)?;
+            return Ok(ExitCode::SUCCESS);
+        }
         RouteCommand::History { route } => {
             controller.route(route)?;
             let entries = controller.history().for_route(route)?;
@@ -352,6 +441,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Route(args) => route(args),
+        Command::Compare {
+            route: name,
+            top,
+            config,
+            output,
+        } => route(RouteArgs {
+            config,
+            output,
+            actor: None,
+            reason: None,
+            yes: false,
+            command: RouteCommand::Compare { route: name, top },
+        }),
         Command::Collector {
             command: CollectorCommand::Run { config },
         } => {

@@ -3,6 +3,7 @@
 use std::io::Write;
 
 use crate::control::history::Entry;
+use crate::control::routers::RouterReply;
 use crate::control::{Outcome, RouteView};
 
 fn table(rows: Vec<Vec<String>>) -> String {
@@ -166,6 +167,247 @@ pub fn outcomes(outcomes: &[Outcome], store: &str, json: bool) -> std::io::Resul
                 r.error.as_deref().unwrap_or("failed")
             );
         }
+    }
+    Ok(())
+}
+
+/// `route compare`: the routers' shadow results, summed.
+pub fn compare(
+    route: &str,
+    replies: &[RouterReply],
+    status: &[RouterReply],
+    top: usize,
+    json: bool,
+) -> std::io::Result<()> {
+    use std::collections::HashMap;
+    let docs: Vec<&serde_json::Value> = replies
+        .iter()
+        .filter_map(|r| r.result.as_ref().ok())
+        .collect();
+    let sum = |key: &str| {
+        docs.iter()
+            .map(|d| d[key].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
+    let (compared, matches, mismatches, errors, skipped) = (
+        sum("compared"),
+        sum("matches"),
+        sum("mismatches"),
+        sum("shadow_errors"),
+        sum("skipped"),
+    );
+    let mut paths: HashMap<String, u64> = HashMap::new();
+    for d in &docs {
+        for p in d["paths"].as_array().into_iter().flatten() {
+            *paths
+                .entry(p["path"].as_str().unwrap_or("").to_string())
+                .or_default() += p["count"].as_u64().unwrap_or(0);
+        }
+    }
+    let mut paths: Vec<(String, u64)> = paths.into_iter().collect();
+    paths.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    paths.truncate(top);
+    let mut samples: Vec<serde_json::Value> = docs
+        .iter()
+        .flat_map(|d| d["samples"].as_array().cloned().unwrap_or_default())
+        .collect();
+    samples.sort_by_key(|s| std::cmp::Reverse(s["at"].as_u64().unwrap_or(0)));
+    samples.truncate(top);
+    let side = |b: &str, k: &str| -> u64 {
+        status
+            .iter()
+            .filter_map(|r| r.result.as_ref().ok())
+            .map(|d| d[b][k].as_u64().unwrap_or(0))
+            .sum()
+    };
+    let rate = |n: u64, of: u64| {
+        if of == 0 {
+            0.0
+        } else {
+            100.0 * n as f64 / of as f64
+        }
+    };
+    if json {
+        return print_json(&serde_json::json!({
+            "route": route,
+            "routers": replies.len(),
+            "routers_answering": docs.len(),
+            "compared": compared,
+            "matches": matches,
+            "mismatches": mismatches,
+            "match_rate": if compared == 0 { serde_json::Value::Null } else { (matches as f64 / compared as f64).into() },
+            "shadow_errors": errors,
+            "skipped": skipped,
+            "primary_last_minute": {
+                "legacy": {"requests": side("legacy", "requests"), "errors": side("legacy", "errors")},
+                "new": {"requests": side("new", "requests"), "errors": side("new", "errors")},
+            },
+            "top_paths": paths.iter().map(|(p, n)| serde_json::json!({"path": p, "count": n, "rate": rate(*n, compared) / 100.0})).collect::<Vec<_>>(),
+            "samples": samples,
+        }));
+    }
+    println!(
+        "{route}: {compared} pairs compared on {}/{} routers: match {:.1} %, mismatch {:.1} %",
+        docs.len(),
+        replies.len(),
+        rate(matches, compared),
+        rate(mismatches, compared)
+    );
+    println!(
+        "shadow errors {errors} ({:.1} % of copies), skipped {skipped}",
+        rate(errors, compared + errors)
+    );
+    println!(
+        "primary errors in the last minute: legacy {}/{}, new {}/{}",
+        side("legacy", "errors"),
+        side("legacy", "requests"),
+        side("new", "errors"),
+        side("new", "requests")
+    );
+    if compared == 0 {
+        println!(
+            "no pairs yet: turn shadowing on with `strangler route shadow {route}` and send traffic"
+        );
+    }
+    if !paths.is_empty() {
+        println!("\ndiffering paths:");
+        let rows = paths
+            .iter()
+            .map(|(p, n)| {
+                vec![
+                    format!("  {p}"),
+                    n.to_string(),
+                    format!("{:.1} %", rate(*n, compared)),
+                ]
+            })
+            .collect();
+        print!("{}", table(rows));
+    }
+    if !samples.is_empty() {
+        println!("\nrecent mismatches:");
+        for s in &samples {
+            let primary = s["primary_backend"].as_str().unwrap_or("?");
+            let other = if primary == "legacy" { "new" } else { "legacy" };
+            println!(
+                "  {}  ({primary} answered; differs at {})",
+                s["request"].as_str().unwrap_or(""),
+                s["paths"]
+                    .as_array()
+                    .map(|a| a
+                        .iter()
+                        .filter_map(|p| p.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "))
+                    .unwrap_or_default()
+            );
+            println!(
+                "    - {primary:<6} {}: {}",
+                s["primary_status"],
+                one_line(s["primary_body"].as_str().unwrap_or(""))
+            );
+            println!(
+                "    + {other:<6} {}: {}",
+                s["shadow_status"],
+                one_line(s["shadow_body"].as_str().unwrap_or(""))
+            );
+        }
+    }
+    for r in replies.iter().filter(|r| r.result.is_err()) {
+        eprintln!(
+            "router {} {}",
+            r.url,
+            r.result.as_ref().err().map_or("", String::as_str)
+        );
+    }
+    Ok(())
+}
+
+fn one_line(text: &str) -> String {
+    let flat: String = text
+        .chars()
+        .map(|c| if c == '\n' { ' ' } else { c })
+        .collect();
+    if flat.chars().count() > 160 {
+        format!("{}…", flat.chars().take(160).collect::<String>())
+    } else {
+        flat
+    }
+}
+
+/// `route calibrate`: suggested ignore rules from every router's calibration.
+pub fn calibration(route: &str, replies: &[RouterReply], json: bool) -> std::io::Result<()> {
+    use std::collections::HashMap;
+    let docs: Vec<&serde_json::Value> = replies
+        .iter()
+        .filter_map(|r| r.result.as_ref().ok())
+        .collect();
+    let done: u64 = docs.iter().map(|d| d["done"].as_u64().unwrap_or(0)).sum();
+    // Noise rates weighted by each router's pairs.
+    let mut differing: HashMap<String, f64> = HashMap::new();
+    for d in &docs {
+        let n = d["done"].as_u64().unwrap_or(0) as f64;
+        for s in d["suggestions"].as_array().into_iter().flatten() {
+            *differing
+                .entry(s["path"].as_str().unwrap_or("").to_string())
+                .or_default() += s["noise_rate"].as_f64().unwrap_or(0.0) * n;
+        }
+    }
+    let mut rules: Vec<(String, f64)> = differing
+        .into_iter()
+        .map(|(p, n)| (p, n / done.max(1) as f64))
+        .collect();
+    rules.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    if json {
+        return print_json(&serde_json::json!({
+            "route": route,
+            "pairs": done,
+            "complete": docs.iter().all(|d| d["complete"] == true),
+            "suggestions": rules.iter().map(|(p, r)| serde_json::json!({"path": p, "noise_rate": r})).collect::<Vec<_>>(),
+        }));
+    }
+    println!("{route}: {done} legacy-vs-legacy pairs compared");
+    if rules.is_empty() {
+        println!("no noise found: two legacy answers to the same request were identical");
+        return Ok(());
+    }
+    let pointers: Vec<&(String, f64)> = rules.iter().filter(|(p, _)| p.starts_with('/')).collect();
+    let headers: Vec<&(String, f64)> = rules
+        .iter()
+        .filter(|(p, _)| p.starts_with("header:"))
+        .collect();
+    println!(
+        "\n# noise learned by `strangler route calibrate {route}`; add to the route in strangler.toml"
+    );
+    println!("[route.shadow]");
+    if !pointers.is_empty() {
+        println!("ignore = [");
+        for (p, r) in &pointers {
+            println!(
+                "  \"{p}\",  # differs in {:.1} % of legacy pairs",
+                r * 100.0
+            );
+        }
+        println!("]");
+    }
+    if !headers.is_empty() {
+        println!("ignore_headers = [");
+        for (p, r) in &headers {
+            println!(
+                "  \"{}\",  # {:.1} %",
+                p.trim_start_matches("header:"),
+                r * 100.0
+            );
+        }
+        println!("]");
+    }
+    for (p, r) in rules
+        .iter()
+        .filter(|(p, _)| !p.starts_with('/') && !p.starts_with("header:"))
+    {
+        println!(
+            "# {p} differs in {:.1} % of legacy pairs: legacy itself is not deterministic here",
+            r * 100.0
+        );
     }
     Ok(())
 }

@@ -152,6 +152,19 @@ async fn lifecycle_commands_change_what_both_routers_do_and_are_recorded() {
             "shadow keeps users on legacy"
         );
     }
+    // ... while the new service receives the copies (the routers poll every 200 ms).
+    wait_until(
+        Duration::from_secs(10),
+        "shadow copies at the new service",
+        || {
+            let (r1, new) = (&r1, &new);
+            async move {
+                sides_for(r1, 20).await;
+                new.hits() > 0
+            }
+        },
+    )
+    .await;
 
     let out = route(&["canary", "orders", "30"]);
     assert!(out.status.success(), "{}", show(&out));

@@ -9,6 +9,9 @@
 //! | GET | `/routes/{name}` | one route |
 //! | PUT | `/routes/{name}/override` | body `{"backend": "legacy" \| "new"}` |
 //! | DELETE | `/routes/{name}/override` | clears the override |
+//! | GET | `/routes/{name}/shadow` | comparison results: counts, differing paths, mismatch samples |
+//! | POST | `/routes/{name}/calibrate` | body `{"requests": N}`: learn legacy's own noise from N pairs |
+//! | GET | `/routes/{name}/calibration` | progress and suggested ignore rules with their noise rates |
 //!
 //! With a token configured every other endpoint needs `Authorization: Bearer <token>`.
 
@@ -75,6 +78,12 @@ pub struct RouteStatus {
 struct RoutesDocument {
     routes: Vec<RouteStatus>,
     flags: Freshness,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CalibrateBody {
+    requests: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -233,6 +242,67 @@ impl AdminApi {
                 self.state.overrides.set(name, None);
                 tracing::info!(route = name, "override cleared through the admin API");
                 json_response(StatusCode::OK, &self.status_of(route))
+            }
+            (&Method::GET, ["routes", name, "shadow"]) => {
+                if self.state.table().get(name).is_none() {
+                    return error(StatusCode::NOT_FOUND, &format!("no route named {name:?}"));
+                }
+                let stats = self.state.shadows.stats(name);
+                let mut paths: Vec<(&String, &u64)> = stats.paths.iter().collect();
+                paths.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
+                json_response(
+                    StatusCode::OK,
+                    &serde_json::json!({
+                        "route": name,
+                        "compared": stats.compared,
+                        "matches": stats.matches,
+                        "mismatches": stats.mismatches,
+                        "shadow_errors": stats.shadow_errors,
+                        "skipped": stats.skipped,
+                        "paths": paths.iter().map(|(p, n)| serde_json::json!({"path": p, "count": n})).collect::<Vec<_>>(),
+                        "samples": stats.samples,
+                    }),
+                )
+            }
+            (&Method::POST, ["routes", name, "calibrate"]) => {
+                if self.state.table().get(name).is_none() {
+                    return error(StatusCode::NOT_FOUND, &format!("no route named {name:?}"));
+                }
+                let body = match read_body(session).await {
+                    Ok(b) => b,
+                    Err(r) => return r,
+                };
+                match serde_json::from_slice::<CalibrateBody>(&body) {
+                    Ok(c) if (1..=100_000).contains(&c.requests) => {
+                        self.state.shadows.start_calibration(name, c.requests);
+                        tracing::info!(route = name, requests = c.requests, "calibration started");
+                        json_response(StatusCode::ACCEPTED, &self.state.shadows.calibration(name))
+                    }
+                    Ok(_) => error(StatusCode::BAD_REQUEST, "requests must be 1-100000"),
+                    Err(e) => error(
+                        StatusCode::BAD_REQUEST,
+                        &format!("body must be {{\"requests\": N}}: {e}"),
+                    ),
+                }
+            }
+            (&Method::GET, ["routes", name, "calibration"]) => {
+                match self.state.shadows.calibration(name) {
+                    Some(c) => {
+                        let suggestions: Vec<serde_json::Value> = c
+                        .suggestions()
+                        .into_iter()
+                        .map(|(path, rate)| serde_json::json!({"path": path, "noise_rate": rate}))
+                        .collect();
+                        json_response(
+                            StatusCode::OK,
+                            &serde_json::json!({"target": c.target, "done": c.done, "errors": c.errors, "complete": c.done + c.errors >= c.target, "suggestions": suggestions}),
+                        )
+                    }
+                    None => error(
+                        StatusCode::NOT_FOUND,
+                        &format!("no calibration started for {name:?}"),
+                    ),
+                }
             }
             (_, ["routes", ..] | ["metrics"]) => {
                 error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")

@@ -224,8 +224,39 @@ pub struct RouteConfig {
     pub flag: String,
     /// Where the stickiness key comes from.
     pub sticky: Stickiness,
+    /// Shadowing and comparison.
+    pub shadow: ShadowConfig,
     /// Position in the file, the last tie-breaker.
     pub index: usize,
+}
+
+/// Request and response bodies above this are not buffered for a shadow copy:
+/// the pair is counted as skipped.
+pub const DEFAULT_SHADOW_MAX_BODY_BYTES: usize = 256 * 1024;
+/// A shadow answer later than this counts as an error of the shadow side.
+pub const DEFAULT_SHADOW_TIMEOUT_MS: u64 = 5_000;
+/// Copies in flight per router process; beyond it copies are skipped and counted.
+pub const DEFAULT_SHADOW_MAX_CONCURRENT: usize = 256;
+
+/// A route's shadow settings. Shadowing is on while the route's `<flag>.shadow`
+/// toggle is enabled for the request (what `strangler route shadow` turns on), or
+/// for `percent` % of requests when set here.
+#[derive(Debug, Clone)]
+pub struct ShadowConfig {
+    /// Always shadow this share of requests, toggle or not.
+    pub percent: Option<u8>,
+    /// Methods that may be copied: GET and HEAD unless the route opts in to more.
+    pub methods: Vec<http::Method>,
+    /// Largest request or response body buffered for a pair.
+    pub max_body_bytes: usize,
+    /// How long the copy may take.
+    pub timeout: Duration,
+    /// Copies in flight at once.
+    pub max_concurrent: usize,
+    /// Comparison rules.
+    pub rules: crate::compare::Rules,
+    /// The toggle that turns shadowing on (`<flag>.shadow`).
+    pub flag: String,
 }
 
 /// Which flag source the router reads.
@@ -420,10 +451,24 @@ struct RawRoute {
     new: String,
     flag: Option<String>,
     sticky: Option<String>,
+    shadow: Option<RawShadow>,
     connect_timeout_ms: Option<u64>,
     read_timeout_ms: Option<u64>,
     write_timeout_ms: Option<u64>,
     idle_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShadow {
+    percent: Option<u8>,
+    methods: Option<Vec<String>>,
+    max_body_bytes: Option<usize>,
+    timeout_ms: Option<u64>,
+    max_concurrent: Option<usize>,
+    ignore: Option<Vec<String>>,
+    ignore_headers: Option<Vec<String>>,
+    array_sets: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -552,6 +597,60 @@ fn validate(raw: RawConfig, path: &Path) -> Result<RouterConfig, String> {
             .flag
             .clone()
             .unwrap_or_else(|| format!("strangler.{name}"));
+        let raw_shadow = r.shadow.unwrap_or_default();
+        let shadow_methods = match &raw_shadow.methods {
+            None => vec![http::Method::GET, http::Method::HEAD],
+            Some(list) => {
+                let mut out = Vec::new();
+                for m in list {
+                    out.push(
+                        http::Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(
+                            |_| ctx(format!("shadow.methods: {m:?} is not an HTTP method")),
+                        )?,
+                    );
+                }
+                out
+            }
+        };
+        if raw_shadow.percent.is_some_and(|p| p > 100) {
+            return Err(ctx("shadow.percent must be 0-100".into()));
+        }
+        let pointers = |list: &Option<Vec<String>>,
+                        what: &str|
+         -> Result<Vec<crate::compare::PointerPattern>, String> {
+            list.iter()
+                .flatten()
+                .map(|p| {
+                    crate::compare::PointerPattern::parse(p)
+                        .map_err(|e| ctx(format!("shadow.{what}: {e}")))
+                })
+                .collect()
+        };
+        let shadow = ShadowConfig {
+            percent: raw_shadow.percent,
+            methods: shadow_methods,
+            max_body_bytes: raw_shadow
+                .max_body_bytes
+                .unwrap_or(DEFAULT_SHADOW_MAX_BODY_BYTES),
+            timeout: Duration::from_millis(
+                raw_shadow.timeout_ms.unwrap_or(DEFAULT_SHADOW_TIMEOUT_MS),
+            ),
+            max_concurrent: raw_shadow
+                .max_concurrent
+                .unwrap_or(DEFAULT_SHADOW_MAX_CONCURRENT)
+                .max(1),
+            rules: crate::compare::Rules {
+                ignore_paths: pointers(&raw_shadow.ignore, "ignore")?,
+                ignore_headers: raw_shadow
+                    .ignore_headers
+                    .iter()
+                    .flatten()
+                    .map(|h| h.to_ascii_lowercase())
+                    .collect(),
+                array_sets: pointers(&raw_shadow.array_sets, "array_sets")?,
+            },
+            flag: format!("{flag}.shadow"),
+        };
         let sticky = match &r.sticky {
             Some(s) => Stickiness::parse(s).map_err(ctx)?,
             None => Stickiness::Header("x-user-id".into()),
@@ -566,6 +665,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<RouterConfig, String> {
             new_timeouts: timeouts_of!(r),
             flag,
             sticky,
+            shadow,
             index,
         });
     }

@@ -5,6 +5,7 @@
 //! testable without a socket.
 
 pub mod admin;
+pub mod compare;
 pub mod config;
 pub mod decide;
 pub mod flags;
@@ -12,6 +13,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod route;
 pub mod server;
+pub mod shadow;
 pub mod state;
 pub mod telemetry;
 

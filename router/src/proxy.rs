@@ -15,9 +15,27 @@ use pingora::http::RequestHeader;
 use pingora::prelude::*;
 use pingora::upstreams::peer::HttpPeer;
 
+use crate::compare::{Captured, Verdict, compare};
 use crate::config::{RouteConfig, Timeouts, UpstreamAddr};
-use crate::decide::{Backend, Decision, Reason, decide};
+use crate::decide::{Backend, Decision, Reason, decide, sticky_key};
+use crate::flags::context_for;
+use crate::shadow::{CopyRequest, Sample, copy_headers, now_secs, sample_body, send_copy};
 use crate::state::RouterState;
+
+/// A primary request paired with a copy to the other side (or, when calibrating,
+/// to legacy again).
+pub struct Pair {
+    route: Arc<RouteConfig>,
+    calibration: bool,
+    shadow_backend: Backend,
+    /// Waiting for the request body; `None` once the copy is on its way.
+    copy: Option<CopyRequest>,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    result: Option<tokio::sync::oneshot::Receiver<Result<Captured, String>>>,
+    primary: Captured,
+    pair_id: String,
+    request_line: String,
+}
 
 /// What the router knows about one request between phases.
 pub struct RequestCtx {
@@ -27,6 +45,7 @@ pub struct RequestCtx {
     upstream: Option<(UpstreamAddr, Timeouts)>,
     span: Option<opentelemetry_sdk::trace::Span>,
     client_ip: Option<String>,
+    pair: Option<Pair>,
 }
 
 /// The router's proxy logic.
@@ -59,6 +78,7 @@ impl ProxyHttp for StranglerProxy {
             upstream: None,
             span: None,
             client_ip: None,
+            pair: None,
         }
     }
 
@@ -136,7 +156,74 @@ impl ProxyHttp for StranglerProxy {
                 .start_server_span(name, &req.headers, attributes),
         );
         ctx.route = route;
+        if let Some(route) = ctx.route.clone() {
+            self.plan_pair(session, ctx, route);
+        }
         Ok(false)
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<bytes::Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        let Some(pair) = ctx.pair.as_mut() else {
+            return Ok(());
+        };
+        if let Some(copy) = pair.copy.as_mut() {
+            if let Some(chunk) = body {
+                if copy.body.len() + chunk.len() > copy.max_body_bytes {
+                    // Too big to buffer: no copy for this request.
+                    self.state.shadows.skipped(pair.route.name.as_str());
+                    ctx.pair = None;
+                    return Ok(());
+                }
+                copy.body.extend_from_slice(chunk);
+            }
+            if end_of_stream {
+                self.send_pair(ctx);
+            }
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut pingora::http::ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        if let Some(pair) = ctx.pair.as_mut() {
+            pair.primary.status = upstream_response.status.as_u16();
+            pair.primary.headers = upstream_response
+                .headers
+                .iter()
+                .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+                .collect();
+        }
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<bytes::Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Self::CTX,
+    ) -> Result<Option<std::time::Duration>> {
+        if let (Some(pair), Some(chunk)) = (ctx.pair.as_mut(), body.as_ref())
+            && !pair.primary.truncated
+        {
+            if pair.primary.body.len() + chunk.len() > pair.route.shadow.max_body_bytes {
+                pair.primary.truncated = true;
+                pair.primary.body = Vec::new();
+            } else {
+                pair.primary.body.extend_from_slice(chunk);
+            }
+        }
+        Ok(None)
     }
 
     async fn upstream_peer(
@@ -252,7 +339,257 @@ impl ProxyHttp for StranglerProxy {
                 span.set_attribute(KeyValue::new("error.type", status.to_string()));
                 span.set_status(Status::error(format!("HTTP {status}")));
             }
-            span.end();
+            match ctx.pair.take() {
+                Some(pair) if status > 0 && pair.result.is_some() => {
+                    // The client has its response; the comparison finishes the span later.
+                    let trace_id = span.span_context().trace_id().to_string();
+                    tokio::spawn(finish_pair(
+                        Arc::clone(&self.state),
+                        pair,
+                        span,
+                        backend,
+                        trace_id,
+                    ));
+                }
+                Some(pair) => {
+                    if !pair.calibration {
+                        self.state.shadows.skipped(pair.route.name.as_str());
+                        span.set_attribute(KeyValue::new("strangler.diff", "skipped"));
+                    }
+                    span.end();
+                }
+                None => span.end(),
+            }
         }
     }
+}
+
+impl StranglerProxy {
+    /// Decides whether this request gets a copy, and prepares it.
+    fn plan_pair(&self, session: &Session, ctx: &mut RequestCtx, route: Arc<RouteConfig>) {
+        let req = session.req_header();
+        let shadow = &route.shadow;
+        if !shadow.methods.contains(&req.method)
+            || req.headers.contains_key(crate::shadow::SHADOW_HEADER)
+        {
+            return;
+        }
+        let config = self.state.config();
+        let primary = ctx.decision.backend;
+        let calibration = primary == Backend::Legacy
+            && self
+                .state
+                .shadows
+                .take_calibration_slot(route.name.as_str());
+        let shadow_backend = if calibration {
+            Backend::Legacy
+        } else {
+            let sampled = shadow
+                .percent
+                .is_some_and(|p| rand::random_range(0..100u8) < p);
+            let toggled = sampled || {
+                let key = sticky_key(&route.sticky, &req.headers, ctx.client_ip.as_deref());
+                let context = context_for(&route.sticky, key.as_deref());
+                self.state.flags.evaluate(&shadow.flag, &context).enabled
+            };
+            if !toggled {
+                return;
+            }
+            match primary {
+                Backend::Legacy => Backend::New,
+                Backend::New => Backend::Legacy,
+            }
+        };
+        let declared = req
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        let chunked = req.headers.contains_key(http::header::TRANSFER_ENCODING);
+        if declared.is_some_and(|n| n > shadow.max_body_bytes) {
+            self.state.shadows.skipped(route.name.as_str());
+            if let Some(span) = ctx.span.as_mut() {
+                span.set_attribute(KeyValue::new("strangler.diff", "skipped"));
+            }
+            return;
+        }
+        let permit = match self
+            .state
+            .shadows
+            .acquire(route.name.as_str(), shadow.max_concurrent)
+        {
+            Ok(p) => p,
+            Err(_) => {
+                if let Some(span) = ctx.span.as_mut() {
+                    span.set_attribute(KeyValue::new("strangler.diff", "skipped"));
+                }
+                return;
+            }
+        };
+        let target = match shadow_backend {
+            Backend::Legacy => config.legacy.addr,
+            Backend::New => route.new_upstream.addr,
+        };
+        let path_and_query = req
+            .uri
+            .path_and_query()
+            .map_or_else(|| req.uri.path().to_string(), |p| p.as_str().to_string());
+        let mut headers = copy_headers(&req.headers);
+        if !headers.iter().any(|(k, _)| k == "host")
+            && let Some(authority) = req.uri.authority()
+        {
+            headers.push(("host".into(), authority.to_string()));
+        }
+        ctx.pair = Some(Pair {
+            route: Arc::clone(&route),
+            calibration,
+            shadow_backend,
+            copy: Some(CopyRequest {
+                method: req.method.clone(),
+                path_and_query: path_and_query.clone(),
+                headers,
+                body: Vec::new(),
+                upstream: target,
+                timeout: shadow.timeout,
+                max_body_bytes: shadow.max_body_bytes,
+            }),
+            permit: Some(permit),
+            result: None,
+            primary: Captured::default(),
+            pair_id: format!("{:016x}", rand::random::<u64>()),
+            request_line: format!("{} {path_and_query}", req.method),
+        });
+        if declared.unwrap_or(0) == 0 && !chunked {
+            self.send_pair(ctx);
+        }
+    }
+
+    /// Sends the prepared copy in its own task.
+    fn send_pair(&self, ctx: &mut RequestCtx) {
+        let Some(pair) = ctx.pair.as_mut() else {
+            return;
+        };
+        let Some(copy) = pair.copy.take() else {
+            return;
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        pair.result = Some(rx);
+        let permit = pair.permit.take();
+        let mut attributes = vec![
+            KeyValue::new("strangler.route", pair.route.name.to_string()),
+            KeyValue::new("strangler.backend", pair.shadow_backend.as_str()),
+            KeyValue::new("strangler.shadow", true),
+            KeyValue::new("strangler.pair_id", pair.pair_id.clone()),
+            KeyValue::new("http.request.method", copy.method.to_string()),
+        ];
+        if pair.calibration {
+            attributes.push(KeyValue::new("strangler.calibration", true));
+        }
+        let span = ctx.span.as_ref().map(|parent| {
+            self.state.telemetry.start_child_span(
+                format!(
+                    "shadow {}",
+                    pair.request_line.split('?').next().unwrap_or("")
+                ),
+                parent,
+                opentelemetry::trace::SpanKind::Client,
+                attributes,
+            )
+        });
+        let trace_headers = span
+            .as_ref()
+            .map(|s| {
+                self.state
+                    .telemetry
+                    .propagation_headers(s)
+                    .into_iter()
+                    .collect()
+            })
+            .unwrap_or_default();
+        let client = self.state.shadows.client.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let result = send_copy(&client, copy, trace_headers).await;
+            if let Some(mut span) = span {
+                match &result {
+                    Ok(r) => span.set_attribute(KeyValue::new(
+                        "http.response.status_code",
+                        i64::from(r.status),
+                    )),
+                    Err(e) => span.set_status(Status::error(e.clone())),
+                }
+                span.end();
+            }
+            let _ = tx.send(result);
+        });
+    }
+}
+
+/// Waits for the copy, compares, records, and ends the primary span.
+async fn finish_pair(
+    state: Arc<RouterState>,
+    pair: Pair,
+    mut span: opentelemetry_sdk::trace::Span,
+    primary_backend: Backend,
+    trace_id: String,
+) {
+    let route = pair.route.name.to_string();
+    let wait = pair.route.shadow.timeout + std::time::Duration::from_secs(1);
+    let shadow = match pair.result {
+        Some(rx) => match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(result)) => result,
+            _ => Err("no answer".to_string()),
+        },
+        None => Err("not sent".to_string()),
+    };
+    let verdict = shadow
+        .as_ref()
+        .ok()
+        .map(|s| compare(&pair.primary, s, &pair.route.shadow.rules));
+    span.set_attribute(KeyValue::new("strangler.pair_id", pair.pair_id.clone()));
+    if pair.calibration {
+        state.shadows.record_calibration(&route, verdict.as_ref());
+        span.end();
+        return;
+    }
+    let (label, paths) = match &verdict {
+        None => ("error", Vec::new()),
+        Some(Verdict::Match) => ("match", Vec::new()),
+        Some(Verdict::Mismatch(p)) => ("mismatch", p.clone()),
+        Some(Verdict::Skipped(_)) => ("skipped", Vec::new()),
+    };
+    span.set_attribute(KeyValue::new("strangler.diff", label));
+    if !paths.is_empty() {
+        span.set_attribute(KeyValue::new("strangler.diff.paths", paths.join(",")));
+    }
+    let sample = || Sample {
+        at: now_secs(),
+        request: pair.request_line.clone(),
+        pair_id: pair.pair_id.clone(),
+        trace_id: trace_id.clone(),
+        primary_backend: primary_backend.as_str().to_string(),
+        paths: paths.clone(),
+        primary_status: pair.primary.status,
+        primary_body: sample_body(&pair.primary.body),
+        shadow_status: shadow.as_ref().map_or(0, |s| s.status),
+        shadow_body: match &shadow {
+            Ok(s) => sample_body(&s.body),
+            Err(e) => e.clone(),
+        },
+    };
+    if label == "mismatch" {
+        let s = sample();
+        span.add_event(
+            "strangler.mismatch",
+            vec![
+                KeyValue::new("request", s.request.clone()),
+                KeyValue::new("primary.status", i64::from(s.primary_status)),
+                KeyValue::new("primary.body", s.primary_body.clone()),
+                KeyValue::new("shadow.status", i64::from(s.shadow_status)),
+                KeyValue::new("shadow.body", s.shadow_body.clone()),
+            ],
+        );
+    }
+    state.shadows.record(&route, verdict.as_ref(), sample);
+    span.end();
 }

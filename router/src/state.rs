@@ -28,6 +28,8 @@ pub struct RouterState {
     pub windows: RouteWindows,
     /// Tracing.
     pub telemetry: Telemetry,
+    /// Shadow copies, comparison results and calibration.
+    pub shadows: crate::shadow::Shadows,
     shutting_down: AtomicBool,
 }
 
@@ -48,6 +50,7 @@ impl RouterState {
             metrics,
             windows: RouteWindows::default(),
             telemetry,
+            shadows: crate::shadow::Shadows::new(),
             shutting_down: AtomicBool::new(false),
         }
     }

@@ -234,6 +234,23 @@ impl Telemetry {
             .start_with_context(&self.tracer, &parent)
     }
 
+    /// Starts a span whose parent is `parent` (same trace), e.g. a shadow copy's client span.
+    pub fn start_child_span(
+        &self,
+        name: String,
+        parent: &Span,
+        kind: SpanKind,
+        attributes: Vec<KeyValue>,
+    ) -> Span {
+        use opentelemetry::trace::Span as _;
+        let cx = Context::new().with_remote_span_context(parent.span_context().clone());
+        self.tracer
+            .span_builder(name)
+            .with_kind(kind)
+            .with_attributes(attributes)
+            .start_with_context(&self.tracer, &cx)
+    }
+
     /// The W3C headers (`traceparent`, `tracestate`) that make `span` the upstream's parent.
     pub fn propagation_headers(&self, span: &Span) -> HashMap<String, String> {
         use opentelemetry::trace::Span as _;

@@ -263,6 +263,11 @@ impl Controller {
             .collect()
     }
 
+    /// The routers.
+    pub fn fleet(&self) -> &Fleet {
+        &self.fleet
+    }
+
     /// The history.
     pub fn history(&self) -> &History {
         &self.history

@@ -115,6 +115,18 @@ impl Fleet {
         .await
     }
 
+    /// GETs an admin path on every router.
+    pub async fn get_all(&self, path: &str) -> Vec<RouterReply> {
+        self.call_all(reqwest::Method::GET, path.to_string(), None)
+            .await
+    }
+
+    /// POSTs a JSON body to an admin path on every router.
+    pub async fn post_all(&self, path: &str, body: Value) -> Vec<RouterReply> {
+        self.call_all(reqwest::Method::POST, path.to_string(), Some(body))
+            .await
+    }
+
     /// Every router's view of every route.
     pub async fn routes(&self) -> Vec<RouterReply> {
         self.call_all(reqwest::Method::GET, "/routes".to_string(), None)

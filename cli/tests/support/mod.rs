@@ -32,7 +32,72 @@ impl Drop for Upstream {
     }
 }
 
+/// What a scripted upstream answers.
+pub struct Reply {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: String,
+    pub delay: Duration,
+}
+
+pub type Handler = Arc<dyn Fn(&hyper::http::request::Parts) -> Reply + Send + Sync>;
+
 impl Upstream {
+    /// An upstream answering with `handler`; counts requests and those marked as shadow copies.
+    pub async fn start_with(handler: Handler) -> (Self, Arc<AtomicU64>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
+        let addr = listener.local_addr().expect("addr");
+        let hits = Arc::new(AtomicU64::new(0));
+        let shadow_hits = Arc::new(AtomicU64::new(0));
+        let (counter, shadows) = (Arc::clone(&hits), Arc::clone(&shadow_hits));
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (counter, shadows, handler) = (
+                    Arc::clone(&counter),
+                    Arc::clone(&shadows),
+                    Arc::clone(&handler),
+                );
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (counter, shadows, handler) = (
+                            Arc::clone(&counter),
+                            Arc::clone(&shadows),
+                            Arc::clone(&handler),
+                        );
+                        async move {
+                            counter.fetch_add(1, Ordering::Relaxed);
+                            let (parts, body) = req.into_parts();
+                            let _ = body.collect().await;
+                            if parts.headers.contains_key("x-strangler-shadow") {
+                                shadows.fetch_add(1, Ordering::Relaxed);
+                            }
+                            let reply = handler(&parts);
+                            if !reply.delay.is_zero() {
+                                tokio::time::sleep(reply.delay).await;
+                            }
+                            Ok::<_, Infallible>(
+                                Response::builder()
+                                    .status(reply.status)
+                                    .header("content-type", reply.content_type)
+                                    .body(Full::new(Bytes::from(reply.body)))
+                                    .expect("response"),
+                            )
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        (Self { addr, hits, task }, shadow_hits)
+    }
+
     pub async fn start(side: &'static str) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
