@@ -343,7 +343,7 @@ impl ProxyHttp for StranglerProxy {
                 Some(pair) if status > 0 && pair.result.is_some() => {
                     // The client has its response; the comparison finishes the span later.
                     let trace_id = span.span_context().trace_id().to_string();
-                    tokio::spawn(finish_pair(
+                    self.state.shadows.spawn(finish_pair(
                         Arc::clone(&self.state),
                         pair,
                         span,
@@ -507,7 +507,7 @@ impl StranglerProxy {
             })
             .unwrap_or_default();
         let client = self.state.shadows.client.clone();
-        tokio::spawn(async move {
+        self.state.shadows.spawn(async move {
             let _permit = permit;
             let result = send_copy(&client, copy, trace_headers).await;
             if let Some(mut span) = span {

@@ -194,7 +194,15 @@ struct RouteState {
     stats: RouteStats,
     calibration: Option<Calibration>,
     limit: Option<Arc<Semaphore>>,
+    consecutive_errors: u32,
+    paused_until: Option<std::time::Instant>,
 }
+
+/// After this many failed copies in a row the shadow target is left alone for
+/// [`PAUSE`]: a dead shadow must not cost the router a failed connect per request.
+const ERRORS_BEFORE_PAUSE: u32 = 20;
+/// How long copies pause before one is tried again.
+const PAUSE: Duration = Duration::from_secs(1);
 
 /// Shadow state for every route.
 #[derive(Debug)]
@@ -202,6 +210,18 @@ pub struct Shadows {
     routes: Mutex<HashMap<String, RouteState>>,
     /// The client copies are sent with (pooled keep-alive connections).
     pub client: reqwest::Client,
+    /// Copies and comparisons run here, off the proxy's worker threads, so their
+    /// work never sits in front of a primary request in a worker's queue.
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for Shadows {
+    fn drop(&mut self) {
+        // Dropping a runtime inside another one panics; let it go in the background.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl Default for Shadows {
@@ -215,17 +235,57 @@ impl Default for Shadows {
 pub enum NoCopy {
     /// The concurrency cap is reached.
     AtCapacity,
+    /// The shadow target failed repeatedly; copies pause briefly.
+    TargetFailing,
 }
 
 impl Shadows {
-    /// Empty state.
+    /// Empty state, with a one-thread runtime for copies (or none if it cannot start,
+    /// in which case copies run on the caller's runtime).
     pub fn new() -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("strangler-shadow")
+            // SCHED_IDLE: copies use only CPU no primary request wants. Under
+            // saturation they slow down, hit the cap and are skipped (and counted).
+            .on_thread_start(|| {
+                use thread_priority::{
+                    NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy,
+                };
+                if let Err(e) = thread_priority::set_thread_priority_and_policy(
+                    thread_priority::thread_native_id(),
+                    ThreadPriority::Min,
+                    ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle),
+                ) {
+                    tracing::debug!("shadow thread keeps normal priority: {e:?}");
+                }
+            })
+            .enable_all()
+            .build()
+            .map_err(|e| tracing::warn!("no separate runtime for shadow copies: {e}"))
+            .ok();
         Self {
             routes: Mutex::new(HashMap::new()),
             client: reqwest::Client::builder()
                 .pool_idle_timeout(Duration::from_secs(60))
                 .build()
                 .unwrap_or_else(|_| reqwest::Client::new()),
+            runtime,
+        }
+    }
+
+    /// Runs a copy or a comparison in the background.
+    pub fn spawn<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        match &self.runtime {
+            Some(rt) => {
+                rt.spawn(task);
+            }
+            None => {
+                tokio::spawn(task);
+            }
         }
     }
 
@@ -241,11 +301,19 @@ impl Shadows {
         max_concurrent: usize,
     ) -> Result<tokio::sync::OwnedSemaphorePermit, NoCopy> {
         let limit = self.with(route, |s| {
-            Arc::clone(
-                s.limit
-                    .get_or_insert_with(|| Arc::new(Semaphore::new(max_concurrent))),
-            )
+            if s.paused_until
+                .is_some_and(|t| std::time::Instant::now() < t)
+            {
+                s.stats.skipped += 1;
+                return None;
+            }
+            Some(Arc::clone(s.limit.get_or_insert_with(|| {
+                Arc::new(Semaphore::new(max_concurrent))
+            })))
         });
+        let Some(limit) = limit else {
+            return Err(NoCopy::TargetFailing);
+        };
         limit.try_acquire_owned().map_err(|_| {
             self.with(route, |s| s.stats.skipped += 1);
             NoCopy::AtCapacity
@@ -259,6 +327,17 @@ impl Shadows {
 
     /// Records a compared pair (or a failed copy, `verdict` = `None`).
     pub fn record(&self, route: &str, verdict: Option<&Verdict>, sample: impl FnOnce() -> Sample) {
+        self.with(route, |s| {
+            if verdict.is_none() {
+                s.consecutive_errors += 1;
+                if s.consecutive_errors >= ERRORS_BEFORE_PAUSE {
+                    s.consecutive_errors = 0;
+                    s.paused_until = Some(std::time::Instant::now() + PAUSE);
+                }
+            } else {
+                s.consecutive_errors = 0;
+            }
+        });
         self.with(route, |s| match verdict {
             None => s.stats.shadow_errors += 1,
             Some(Verdict::Match) => {
@@ -361,6 +440,17 @@ mod tests {
         assert_eq!(s.stats("r").skipped, 1);
         drop(a);
         assert!(s.acquire("r", 2).is_ok());
+    }
+
+    #[test]
+    fn a_failing_shadow_target_pauses_copies_briefly() {
+        let s = Shadows::new();
+        for _ in 0..ERRORS_BEFORE_PAUSE {
+            assert!(s.acquire("r", 10).is_ok());
+            s.record("r", None, || unreachable!());
+        }
+        assert_eq!(s.acquire("r", 10).err(), Some(NoCopy::TargetFailing));
+        assert_eq!(s.stats("r").shadow_errors, u64::from(ERRORS_BEFORE_PAUSE));
     }
 
     #[test]
