@@ -170,7 +170,7 @@ impl AdminApi {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "))
                 .unwrap_or("");
-            if !token_matches(given.as_bytes(), expected.as_bytes()) {
+            if !token_matches(given.as_bytes(), expected.expose().as_bytes()) {
                 let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
                 r.headers_mut().insert(
                     http::header::WWW_AUTHENTICATE,

@@ -31,6 +31,29 @@ pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
 /// Matches pingora's own default: one worker thread per core on the 2-core baseline.
 pub const DEFAULT_THREADS: usize = 2;
 
+/// A credential: usable as a string, never printed (its `Debug` shows `***`), so a
+/// config logged with `{:?}` cannot leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a credential.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The credential itself, for a header or a comparison.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
 /// A configuration error with its place in the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -273,7 +296,7 @@ pub enum FlagsConfig {
         url: String,
         /// The client token; `None` when its env var is unset (the router refuses to
         /// start then, but the CLI can still read the file).
-        token: Option<String>,
+        token: Option<Secret>,
         /// The env var the token comes from, for messages.
         token_env: String,
         /// Poll interval.
@@ -302,7 +325,7 @@ pub struct AdminConfig {
     /// Where it listens.
     pub listen: SocketAddr,
     /// Bearer token; `None` only on loopback.
-    pub token: Option<String>,
+    pub token: Option<Secret>,
 }
 
 /// A validated router configuration.
@@ -698,7 +721,10 @@ fn validate(raw: RawConfig, path: &Path) -> Result<RouterConfig, String> {
                 .token_env
                 .clone()
                 .unwrap_or_else(|| DEFAULT_UNLEASH_TOKEN_ENV.into());
-            let token = std::env::var(&env).ok().filter(|t| !t.trim().is_empty());
+            let token = std::env::var(&env)
+                .ok()
+                .filter(|t| !t.trim().is_empty())
+                .map(Secret::new);
             let interval = Duration::from_millis(
                 raw.flags
                     .poll_interval_ms
@@ -743,13 +769,16 @@ fn validate(raw: RawConfig, path: &Path) -> Result<RouterConfig, String> {
             if token.is_empty() {
                 return Err(format!("admin.token_file {} is empty", file.display()));
             }
-            Some(token)
+            Some(Secret::new(token))
         }
         (None, env) => {
             let env = env
                 .clone()
                 .unwrap_or_else(|| DEFAULT_ADMIN_TOKEN_ENV.into());
-            std::env::var(&env).ok().filter(|t| !t.trim().is_empty())
+            std::env::var(&env)
+                .ok()
+                .filter(|t| !t.trim().is_empty())
+                .map(Secret::new)
         }
     };
     if token.is_none() && !admin_listen.ip().is_loopback() {
@@ -980,6 +1009,21 @@ sticky = "cookie:session"
             let err = parse(&bad).expect_err(needle);
             assert!(err.to_string().contains(needle), "{needle}: {err}");
         }
+    }
+
+    #[test]
+    fn tokens_never_appear_in_debug_output() {
+        let text = format!("[admin]\ntoken_file = \"token\"\n{MINIMAL}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("token"), "s3cr3t-admin\n").expect("write");
+        let config = RouterConfig::parse(&text, &dir.path().join("strangler.toml")).expect("valid");
+        assert_eq!(
+            config.admin.token.as_ref().map(Secret::expose),
+            Some("s3cr3t-admin")
+        );
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert!(shown.contains("***"));
     }
 
     #[test]

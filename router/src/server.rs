@@ -74,7 +74,12 @@ pub fn run(config_path: &Path) -> Result<(), StartError> {
                     ),
                 }));
             };
-            Arc::new(UnleashFlagSource::new(url, token, app_name, *interval)?)
+            Arc::new(UnleashFlagSource::new(
+                url,
+                token.expose(),
+                app_name,
+                *interval,
+            )?)
         }
     };
     let flags = Arc::new(FlagEngine::new(source.describe())?);

@@ -223,7 +223,7 @@ impl Controller {
         };
         let fleet = Fleet::new(
             control.routers.clone(),
-            config.admin.token.clone(),
+            config.admin.token.as_ref().map(|t| t.expose().to_string()),
             control.timeout,
         );
         let history = History::new(&control.history_file);
