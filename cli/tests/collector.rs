@@ -683,18 +683,27 @@ async fn no_acknowledged_span_is_lost_or_stored_twice_across_a_clickhouse_outage
     );
 
     let client = ch_client(&ch);
-    wait_until(Duration::from_secs(30), "the spool to drain", || {
-        let dir = collector.dir.path().join("strangler-spool");
-        async move {
-            std::fs::read_dir(&dir)
-                .map(|d| {
-                    d.filter_map(|e| e.ok())
-                        .all(|e| !e.file_name().to_string_lossy().ends_with(".batch.json"))
-                })
-                .unwrap_or(true)
-        }
-    })
-    .await;
+    let spool = collector.dir.path().join("strangler-spool");
+    let pending = |dir: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.ends_with(".batch.json"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let drain_deadline = Instant::now() + Duration::from_secs(30);
+    while !pending(&spool).is_empty() {
+        assert!(
+            Instant::now() < drain_deadline,
+            "the spool did not drain: {:?}\n{}",
+            pending(&spool),
+            collector.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let ids: Vec<String> = client
         .query("SELECT DISTINCT span_id FROM strangler.spans")
         .fetch_all()

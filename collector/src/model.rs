@@ -7,7 +7,7 @@ use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 use serde::{Deserialize, Serialize};
 
 /// One span as a ClickHouse row. Field order is the column order of the `spans` table.
-#[derive(Debug, Clone, PartialEq, clickhouse::Row, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, clickhouse::Row, Serialize, Deserialize)]
 pub struct SpanRow {
     /// Start, seconds since the epoch (`DateTime`, for partitioning and time filters).
     pub start_time: u32,

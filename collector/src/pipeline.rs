@@ -92,6 +92,7 @@ impl Pipeline {
             metrics.clone(),
             healthy,
             config.insert_timeout,
+            config.batch_size,
         ));
         Self {
             tx,
@@ -258,6 +259,7 @@ async fn replayer(
     metrics: Metrics,
     healthy: Arc<AtomicBool>,
     timeout: Duration,
+    batch_size: usize,
 ) {
     loop {
         tokio::time::sleep(REPLAY_INTERVAL).await;
@@ -273,7 +275,8 @@ async fn replayer(
             continue;
         }
         loop {
-            let (path, rows) = match spool.oldest() {
+            let crate::spool::Merged { files: paths, rows } = match spool.oldest_merged(batch_size)
+            {
                 Ok(Some(batch)) => batch,
                 Ok(None) => break,
                 Err(e) => {
@@ -283,11 +286,12 @@ async fn replayer(
             };
             match tokio::time::timeout(timeout, store.insert(&rows)).await {
                 Ok(Ok(())) => {
-                    if let Err(e) = spool.remove(&path) {
-                        tracing::error!(
-                            "replayed batch could not be removed (it will be replayed again; the table deduplicates): {e}"
-                        );
-                        break;
+                    for path in &paths {
+                        if let Err(e) = spool.remove(path) {
+                            tracing::error!(
+                                "replayed batch could not be removed (it will be replayed again; the table deduplicates): {e}"
+                            );
+                        }
                     }
                     metrics.replayed.inc_by(rows.len() as u64);
                     metrics
