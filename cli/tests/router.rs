@@ -393,7 +393,7 @@ async fn requests_keep_method_path_query_body_and_get_forwarding_headers() {
 }
 
 #[tokio::test]
-async fn a_dead_upstream_gets_a_502_and_everything_else_keeps_working() {
+async fn a_dead_new_service_falls_back_to_legacy_for_reads_and_502s_writes() {
     let legacy = Upstream::start("legacy").await;
     // A leased port nobody listens on: connections are refused.
     let dead = free_port().expect("port");
@@ -405,16 +405,42 @@ async fn a_dead_upstream_gets_a_502_and_everything_else_keeps_working() {
     )
     .await;
     let client = reqwest::Client::new();
+    // A read is retried on legacy: the user sees legacy's answer, not an error.
     let r = client
-        .get(router.url("/api/orders"))
+        .get(router.url("/api/orders/1"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status().as_u16(), 200);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["side"], "legacy");
+    // A write is never replayed elsewhere: the client gets the upstream error.
+    let before = legacy.hits();
+    let r = client
+        .post(router.url("/api/orders"))
+        .body("{}")
         .send()
         .await
         .expect("request");
     assert_eq!(r.status().as_u16(), 502);
+    assert_eq!(legacy.hits(), before, "the POST must not reach legacy");
     let r = client.get(router.url("/")).send().await.expect("request");
     assert_eq!(r.status().as_u16(), 200);
-    let (_, doc) = router.admin(Method::GET, "/routes/orders", None).await;
-    assert_eq!(doc["new"]["errors"], 1, "{doc}");
+    let metrics = client
+        .get(router.admin_url("/metrics"))
+        .bearer_auth(&router.token)
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains(
+            r#"strangler_decisions_total{backend="legacy",reason="fallback",route="orders"} 1"#
+        ),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

@@ -39,6 +39,8 @@ pub enum Reason {
     Flag,
     /// No route matched or the flag is unknown: legacy.
     Default,
+    /// The new service failed to connect and the request was retried on legacy.
+    Fallback,
 }
 
 impl Reason {
@@ -48,6 +50,7 @@ impl Reason {
             Self::Override => "override",
             Self::Flag => "flag",
             Self::Default => "default",
+            Self::Fallback => "fallback",
         }
     }
 }

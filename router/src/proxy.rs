@@ -46,6 +46,7 @@ pub struct RequestCtx {
     span: Option<opentelemetry_sdk::trace::Span>,
     client_ip: Option<String>,
     pair: Option<Pair>,
+    fallback: bool,
 }
 
 /// The router's proxy logic.
@@ -79,6 +80,7 @@ impl ProxyHttp for StranglerProxy {
             span: None,
             client_ip: None,
             pair: None,
+            fallback: false,
         }
     }
 
@@ -231,6 +233,13 @@ impl ProxyHttp for StranglerProxy {
         _session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
+        if ctx.fallback {
+            // The new service could not be reached: this retry goes to legacy.
+            let config = self.state.config();
+            ctx.upstream = Some((config.legacy.clone(), config.legacy_timeouts));
+            ctx.decision.backend = Backend::Legacy;
+            ctx.decision.reason = Reason::Fallback;
+        }
         let Some((upstream, timeouts)) = &ctx.upstream else {
             return Err(Error::explain(
                 ErrorType::InternalError,
@@ -243,6 +252,30 @@ impl ProxyHttp for StranglerProxy {
         peer.options.write_timeout = Some(timeouts.write);
         peer.options.idle_timeout = Some(timeouts.idle);
         Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Self::CTX,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // Nothing was sent yet, so an idempotent request can safely go to legacy instead.
+        let method = &session.req_header().method;
+        let idempotent = matches!(
+            *method,
+            http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
+        );
+        if ctx.decision.backend == Backend::New && !ctx.fallback && idempotent {
+            ctx.fallback = true;
+            if let Some(pair) = ctx.pair.take() {
+                // Its copy went to legacy too; comparing legacy with legacy says nothing.
+                self.state.shadows.skipped(pair.route.name.as_str());
+            }
+            e.set_retry(true);
+        }
+        e
     }
 
     async fn upstream_request_filter(
