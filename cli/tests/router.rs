@@ -444,6 +444,72 @@ async fn a_dead_new_service_falls_back_to_legacy_for_reads_and_502s_writes() {
 }
 
 #[tokio::test]
+async fn reads_that_fail_on_the_new_service_after_sending_fall_back_to_legacy() {
+    let legacy = Upstream::start("legacy").await;
+    let failing: Handler = std::sync::Arc::new(|parts| {
+        let path = parts.uri.path();
+        Reply {
+            status: if path.ends_with("/fail") { 503 } else { 200 },
+            content_type: "application/json",
+            body: "{\"side\":\"new\"}".into(),
+            delay: if path.ends_with("/hang") {
+                Duration::from_secs(5)
+            } else {
+                Duration::ZERO
+            },
+        }
+    });
+    let (new, _) = Upstream::start_with(failing).await;
+    let config = format!(
+        "[legacy]\nupstream = \"{}\"\n\n[[route]]\nname = \"orders\"\nmatch = {{ prefix = \"/api/orders\" }}\nnew = \"{}\"\nread_timeout_ms = 300\n",
+        legacy.addr, new.addr
+    );
+    let router = Router::start(
+        &config,
+        &[("flags.json", &flags_doc("strangler.orders", true, 100))],
+        &[],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let side = |r: Value| r["side"].as_str().unwrap_or("").to_string();
+    let ok: Value = client
+        .get(router.url("/api/orders/ok"))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(side(ok), "new");
+    // 5xx from new → legacy answers.
+    let r = client
+        .get(router.url("/api/orders/fail"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(side(r.json().await.expect("json")), "legacy");
+    // Read timeout on new → legacy answers.
+    let r = client
+        .get(router.url("/api/orders/hang"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(side(r.json().await.expect("json")), "legacy");
+    // A write that gets a 5xx is passed through as is and never replayed.
+    let before = legacy.hits();
+    let r = client
+        .post(router.url("/api/orders/fail"))
+        .body("{}")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status().as_u16(), 503);
+    assert_eq!(legacy.hits(), before);
+}
+
+#[tokio::test]
 async fn malformed_http_gets_a_400_and_the_router_keeps_serving() {
     let legacy = Upstream::start("legacy").await;
     let new = Upstream::start("new").await;

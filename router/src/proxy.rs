@@ -262,20 +262,59 @@ impl ProxyHttp for StranglerProxy {
         mut e: Box<Error>,
     ) -> Box<Error> {
         // Nothing was sent yet, so an idempotent request can safely go to legacy instead.
-        let method = &session.req_header().method;
-        let idempotent = matches!(
-            *method,
-            http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
-        );
+        let idempotent = is_idempotent(&session.req_header().method);
         if ctx.decision.backend == Backend::New && !ctx.fallback && idempotent {
-            ctx.fallback = true;
-            if let Some(pair) = ctx.pair.take() {
-                // Its copy went to legacy too; comparing legacy with legacy says nothing.
-                self.state.shadows.skipped(pair.route.name.as_str());
-            }
+            self.begin_fallback(ctx);
             e.set_retry(true);
         }
         e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Self::CTX,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        let idempotent = is_idempotent(&session.req_header().method);
+        if !idempotent || session.as_ref().retry_buffer_truncated() {
+            e.set_retry(false);
+        } else if ctx.decision.backend == Backend::New
+            && !ctx.fallback
+            && session.response_written().is_none()
+        {
+            // The new service failed (reset, read timeout, or a 5xx turned into an error
+            // below) before anything reached the client: serve this read from legacy.
+            self.begin_fallback(ctx);
+            e.set_retry(true);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut pingora::http::ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        let status = upstream_response.status.as_u16();
+        if status >= 500
+            && ctx.decision.backend == Backend::New
+            && !ctx.fallback
+            && is_idempotent(&session.req_header().method)
+        {
+            // Turned into a retryable error; error_while_proxy sends the retry to legacy.
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(status),
+                format!("the new service answered {status}"),
+            ));
+        }
+        Ok(())
     }
 
     async fn upstream_request_filter(
@@ -397,7 +436,24 @@ impl ProxyHttp for StranglerProxy {
     }
 }
 
+/// Requests safe to send twice: only these are retried on legacy.
+fn is_idempotent(method: &http::Method) -> bool {
+    matches!(
+        *method,
+        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
+    )
+}
+
 impl StranglerProxy {
+    /// Marks the request for one retry on legacy.
+    fn begin_fallback(&self, ctx: &mut RequestCtx) {
+        ctx.fallback = true;
+        if let Some(pair) = ctx.pair.take() {
+            // Its copy went to legacy too; comparing legacy with legacy says nothing.
+            self.state.shadows.skipped(pair.route.name.as_str());
+        }
+    }
+
     /// Decides whether this request gets a copy, and prepares it.
     fn plan_pair(&self, session: &Session, ctx: &mut RequestCtx, route: Arc<RouteConfig>) {
         let req = session.req_header();
