@@ -510,6 +510,98 @@ async fn reads_that_fail_on_the_new_service_after_sending_fall_back_to_legacy() 
 }
 
 #[tokio::test]
+async fn the_breaker_keeps_a_failing_new_service_out_and_lets_it_back_after_a_probe() {
+    let legacy = Upstream::start("legacy").await;
+    let healthy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = std::sync::Arc::clone(&healthy);
+    let new_handler: Handler = std::sync::Arc::new(move |_| Reply {
+        status: if flag.load(std::sync::atomic::Ordering::Relaxed) {
+            200
+        } else {
+            503
+        },
+        content_type: "application/json",
+        body: "{\"side\":\"new\"}".into(),
+        delay: Duration::ZERO,
+    });
+    let (new, _) = Upstream::start_with(new_handler).await;
+    let config = format!(
+        "[legacy]\nupstream = \"{}\"\n\n[[route]]\nname = \"orders\"\nmatch = {{ prefix = \"/api/orders\" }}\nnew = \"{}\"\nbreaker_failures = 3\nbreaker_open_ms = 500\n",
+        legacy.addr, new.addr
+    );
+    let router = Router::start(
+        &config,
+        &[("flags.json", &flags_doc("strangler.orders", true, 100))],
+        &[],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    // Every read is answered (by legacy, after the new service's 503) ...
+    for _ in 0..10 {
+        let r = client
+            .get(router.url("/api/orders/1"))
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(r.status().as_u16(), 200);
+    }
+    // ... and after 3 failures the new service is no longer tried.
+    // The 3rd failure is recorded just after its response, so a 4th may slip in.
+    let tried = new.hits();
+    assert!(
+        (3..=4).contains(&tried),
+        "the breaker opened after 3 failures ({tried} tries)"
+    );
+    for _ in 0..10 {
+        let r = client
+            .get(router.url("/api/orders/1"))
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(r.status().as_u16(), 200);
+    }
+    assert_eq!(
+        new.hits(),
+        tried,
+        "while open, the new service is not tried"
+    );
+    wait_until(Duration::from_secs(3), "the breaker to report open", || {
+        let router = &router;
+        async move { router.admin(Method::GET, "/routes/orders", None).await.1["breaker"] == "open" }
+    })
+    .await;
+    // The new service recovers; after the open period one probe closes the breaker.
+    healthy.store(true, std::sync::atomic::Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let r: Value = client
+        .get(router.url("/api/orders/1"))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(r["side"], "new", "the probe goes to the new service");
+    // The outcome is recorded right after the response is sent.
+    wait_until(Duration::from_secs(3), "the breaker to close", || {
+        let router = &router;
+        async move { router.admin(Method::GET, "/routes/orders", None).await.1["breaker"] == "closed" }
+    })
+    .await;
+    for _ in 0..5 {
+        let r: Value = client
+            .get(router.url("/api/orders/1"))
+            .send()
+            .await
+            .expect("get")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(r["side"], "new");
+    }
+}
+
+#[tokio::test]
 async fn malformed_http_gets_a_400_and_the_router_keeps_serving() {
     let legacy = Upstream::start("legacy").await;
     let new = Upstream::start("new").await;

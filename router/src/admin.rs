@@ -68,6 +68,8 @@ pub struct RouteStatus {
     pub override_backend: Option<Backend>,
     /// The toggle's state.
     pub flag_state: FlagState,
+    /// The new service's circuit breaker.
+    pub breaker: crate::breaker::BreakerState,
     /// Last-minute counts for legacy.
     pub legacy: Counts,
     /// Last-minute counts for new.
@@ -137,6 +139,7 @@ impl AdminApi {
             flag: route.flag.clone(),
             override_backend: self.state.overrides.get(name),
             flag_state: self.state.flags.state(&route.flag),
+            breaker: self.state.breaker(route).state(),
             legacy: counts(Backend::Legacy),
             new: counts(Backend::New),
         }

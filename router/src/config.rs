@@ -249,6 +249,10 @@ pub struct RouteConfig {
     pub sticky: Stickiness,
     /// Shadowing and comparison.
     pub shadow: ShadowConfig,
+    /// Consecutive failures of the new service that open its circuit breaker.
+    pub breaker_failures: u32,
+    /// How long the breaker stays open before a probe.
+    pub breaker_open: Duration,
     /// Position in the file, the last tie-breaker.
     pub index: usize,
 }
@@ -475,6 +479,8 @@ struct RawRoute {
     flag: Option<String>,
     sticky: Option<String>,
     shadow: Option<RawShadow>,
+    breaker_failures: Option<u32>,
+    breaker_open_ms: Option<u64>,
     connect_timeout_ms: Option<u64>,
     read_timeout_ms: Option<u64>,
     write_timeout_ms: Option<u64>,
@@ -689,6 +695,13 @@ fn validate(raw: RawConfig, path: &Path) -> Result<RouterConfig, String> {
             flag,
             sticky,
             shadow,
+            breaker_failures: r
+                .breaker_failures
+                .unwrap_or(crate::breaker::DEFAULT_FAILURES)
+                .max(1),
+            breaker_open: Duration::from_millis(
+                r.breaker_open_ms.unwrap_or(crate::breaker::DEFAULT_OPEN_MS),
+            ),
             index,
         });
     }

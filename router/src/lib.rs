@@ -5,6 +5,7 @@
 //! testable without a socket.
 
 pub mod admin;
+pub mod breaker;
 pub mod compare;
 pub mod config;
 pub mod decide;

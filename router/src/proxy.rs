@@ -15,6 +15,7 @@ use pingora::http::RequestHeader;
 use pingora::prelude::*;
 use pingora::upstreams::peer::HttpPeer;
 
+use crate::breaker::Admit;
 use crate::compare::{Captured, Verdict, compare};
 use crate::config::{RouteConfig, Timeouts, UpstreamAddr};
 use crate::decide::{Backend, Decision, Reason, decide, sticky_key};
@@ -47,6 +48,10 @@ pub struct RequestCtx {
     client_ip: Option<String>,
     pair: Option<Pair>,
     fallback: bool,
+    /// The request was sent to the new service (its outcome feeds the breaker).
+    tried_new: bool,
+    /// The breaker kept this request off the new service.
+    breaker_open: bool,
 }
 
 /// The router's proxy logic.
@@ -81,6 +86,8 @@ impl ProxyHttp for StranglerProxy {
             client_ip: None,
             pair: None,
             fallback: false,
+            tried_new: false,
+            breaker_open: false,
         }
     }
 
@@ -103,6 +110,20 @@ impl ProxyHttp for StranglerProxy {
                 &req.headers,
                 ctx.client_ip.as_deref(),
             );
+            // An overridden route goes where the operator said; otherwise an open
+            // breaker keeps the new service out of the path.
+            if ctx.decision.backend == Backend::New && ctx.decision.reason != Reason::Override {
+                match self.state.breaker(route).admit() {
+                    Admit::No => {
+                        ctx.decision.backend = Backend::Legacy;
+                        ctx.decision.reason = Reason::Fallback;
+                        ctx.breaker_open = true;
+                    }
+                    Admit::Yes | Admit::Probe => ctx.tried_new = true,
+                }
+            } else if ctx.decision.backend == Backend::New {
+                ctx.tried_new = true;
+            }
         }
         ctx.upstream = Some(match (&route, ctx.decision.backend) {
             (Some(r), Backend::New) => (r.new_upstream.clone(), r.new_timeouts),
@@ -386,8 +407,24 @@ impl ProxyHttp for StranglerProxy {
         if !route_name.is_empty() {
             self.state.windows.get(route_name, backend).record(failed);
         }
+        if ctx.tried_new
+            && let Some(route) = &ctx.route
+        {
+            // A fallback means the new service failed this request.
+            let new_failed = ctx.fallback || (backend == Backend::New && failed);
+            if let Some(state) = self.state.breaker(route).record(!new_failed) {
+                tracing::warn!(
+                    route = route_name,
+                    ?state,
+                    "circuit breaker for the new service changed"
+                );
+            }
+        }
         if let Some(mut span) = ctx.span.take() {
             span.set_attribute(KeyValue::new("strangler.backend", backend.as_str()));
+            if ctx.breaker_open {
+                span.set_attribute(KeyValue::new("strangler.breaker", "open"));
+            }
             span.set_attribute(KeyValue::new(
                 "strangler.decision",
                 ctx.decision.reason.as_str(),

@@ -30,6 +30,9 @@ pub struct RouterState {
     pub telemetry: Telemetry,
     /// Shadow copies, comparison results and calibration.
     pub shadows: crate::shadow::Shadows,
+    breakers: std::sync::Mutex<
+        std::collections::HashMap<(String, u32, u64), Arc<crate::breaker::Breaker>>,
+    >,
     shutting_down: AtomicBool,
 }
 
@@ -51,6 +54,7 @@ impl RouterState {
             windows: RouteWindows::default(),
             telemetry,
             shadows: crate::shadow::Shadows::new(),
+            breakers: std::sync::Mutex::new(std::collections::HashMap::new()),
             shutting_down: AtomicBool::new(false),
         }
     }
@@ -88,6 +92,22 @@ impl RouterState {
         self.config.store(Arc::new(next));
         tracing::info!(routes, "config reloaded from {}", path.display());
         Ok(())
+    }
+
+    /// The circuit breaker for a route's new service (a new one when its settings change).
+    pub fn breaker(&self, route: &crate::config::RouteConfig) -> Arc<crate::breaker::Breaker> {
+        let key = (
+            route.name.to_string(),
+            route.breaker_failures,
+            u64::try_from(route.breaker_open.as_millis()).unwrap_or(u64::MAX),
+        );
+        let mut map = self.breakers.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(map.entry(key).or_insert_with(|| {
+            Arc::new(crate::breaker::Breaker::new(
+                route.breaker_failures,
+                route.breaker_open,
+            ))
+        }))
     }
 
     /// Marks the router as draining: readiness turns false.

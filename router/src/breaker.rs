@@ -1,0 +1,178 @@
+//! A circuit breaker per route's new service: after repeated failures the route is
+//! served from legacy for a while, then one probe request tests the new service.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Consecutive failures that open the breaker: enough to ignore a blip.
+pub const DEFAULT_FAILURES: u32 = 5;
+/// How long it stays open before a probe: short, so recovery is quick.
+pub const DEFAULT_OPEN_MS: u64 = 5_000;
+
+/// The breaker's state, as the admin API shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BreakerState {
+    /// Requests go to the new service.
+    Closed,
+    /// Requests go to legacy.
+    Open,
+    /// One probe request is testing the new service.
+    HalfOpen,
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: BreakerState,
+    failures: u32,
+    opened_at: Option<Instant>,
+    probe_in_flight: bool,
+}
+
+/// One breaker.
+#[derive(Debug)]
+pub struct Breaker {
+    threshold: u32,
+    open_for: Duration,
+    inner: Mutex<Inner>,
+}
+
+/// Whether a request may go to the new service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// Yes, normally.
+    Yes,
+    /// Yes, as the half-open probe.
+    Probe,
+    /// No: serve from legacy.
+    No,
+}
+
+impl Breaker {
+    /// A closed breaker that opens after `threshold` consecutive failures for `open_for`.
+    pub fn new(threshold: u32, open_for: Duration) -> Self {
+        Self {
+            threshold: threshold.max(1),
+            open_for,
+            inner: Mutex::new(Inner {
+                state: BreakerState::Closed,
+                failures: 0,
+                opened_at: None,
+                probe_in_flight: false,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current state.
+    pub fn state(&self) -> BreakerState {
+        self.lock().state
+    }
+
+    /// Asks whether a request may go to the new service at `now`.
+    pub fn admit_at(&self, now: Instant) -> Admit {
+        let mut inner = self.lock();
+        match inner.state {
+            BreakerState::Closed => Admit::Yes,
+            BreakerState::Open => {
+                if inner
+                    .opened_at
+                    .is_some_and(|t| now.duration_since(t) >= self.open_for)
+                {
+                    inner.state = BreakerState::HalfOpen;
+                    inner.probe_in_flight = true;
+                    Admit::Probe
+                } else {
+                    Admit::No
+                }
+            }
+            BreakerState::HalfOpen => {
+                if inner.probe_in_flight {
+                    Admit::No
+                } else {
+                    inner.probe_in_flight = true;
+                    Admit::Probe
+                }
+            }
+        }
+    }
+
+    /// Asks now.
+    pub fn admit(&self) -> Admit {
+        self.admit_at(Instant::now())
+    }
+
+    /// Records how a request to the new service went, at `now`. Returns the new state
+    /// when it changed.
+    pub fn record_at(&self, success: bool, now: Instant) -> Option<BreakerState> {
+        let mut inner = self.lock();
+        let before = inner.state;
+        if success {
+            inner.failures = 0;
+            inner.state = BreakerState::Closed;
+            inner.opened_at = None;
+            inner.probe_in_flight = false;
+        } else {
+            inner.failures += 1;
+            if inner.state == BreakerState::HalfOpen || inner.failures >= self.threshold {
+                inner.state = BreakerState::Open;
+                inner.opened_at = Some(now);
+                inner.probe_in_flight = false;
+                inner.failures = 0;
+            }
+        }
+        (inner.state != before).then_some(inner.state)
+    }
+
+    /// Records now.
+    pub fn record(&self, success: bool) -> Option<BreakerState> {
+        self.record_at(success, Instant::now())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opens_after_consecutive_failures_probes_then_closes() {
+        let b = Breaker::new(3, Duration::from_secs(5));
+        let t0 = Instant::now();
+        assert_eq!(b.record_at(false, t0), None);
+        assert_eq!(b.record_at(true, t0), None, "a success resets the count");
+        b.record_at(false, t0);
+        b.record_at(false, t0);
+        assert_eq!(b.record_at(false, t0), Some(BreakerState::Open));
+        assert_eq!(b.admit_at(t0 + Duration::from_secs(1)), Admit::No);
+        assert_eq!(b.admit_at(t0 + Duration::from_secs(5)), Admit::Probe);
+        assert_eq!(
+            b.admit_at(t0 + Duration::from_secs(5)),
+            Admit::No,
+            "one probe at a time"
+        );
+        assert_eq!(
+            b.record_at(true, t0 + Duration::from_secs(6)),
+            Some(BreakerState::Closed)
+        );
+        assert_eq!(b.admit_at(t0 + Duration::from_secs(6)), Admit::Yes);
+    }
+
+    #[test]
+    fn a_failed_probe_opens_again() {
+        let b = Breaker::new(1, Duration::from_secs(1));
+        let t0 = Instant::now();
+        b.record_at(false, t0);
+        assert_eq!(b.admit_at(t0 + Duration::from_secs(1)), Admit::Probe);
+        assert_eq!(
+            b.record_at(false, t0 + Duration::from_secs(1)),
+            Some(BreakerState::Open),
+            "half-open back to open"
+        );
+        assert_eq!(b.state(), BreakerState::Open);
+        assert_eq!(b.admit_at(t0 + Duration::from_millis(1500)), Admit::No);
+        assert_eq!(b.admit_at(t0 + Duration::from_secs(2)), Admit::Probe);
+    }
+}
