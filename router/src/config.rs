@@ -1024,6 +1024,45 @@ sticky = "cookie:session"
         }
     }
 
+    /// Mutation test of the parser: random edits of a full config never panic, and
+    /// whatever still parses is a config that compiles into a route table.
+    #[test]
+    fn mutated_configs_never_panic_the_parser() {
+        use rand::{Rng, SeedableRng};
+        let full = format!(
+            "[server]\nlisten = \"127.0.0.1:8080\"\n[admin]\nlisten = \"127.0.0.1:9080\"\n[flags]\nfile = \"f.json\"\n{MINIMAL}\n[route.shadow]\npercent = 5\nignore = [\"/a/*/b\"]\n\n[[route]]\nname = \"item\"\nmatch = {{ path = \"/api/orders/{{id}}/{{*rest}}\", header = \"x-b\" }}\nnew = \"127.0.0.1:4001\"\n"
+        );
+        let alphabet: &[u8] = b"[]{}=\"/:*,.#\n abcz019-_";
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0xc0f1);
+        let mut parsed = 0;
+        for _ in 0..5_000 {
+            let mut bytes = full.clone().into_bytes();
+            for _ in 0..rng.random_range(1..6) {
+                let i = rng.random_range(0..bytes.len());
+                match rng.random_range(0..3) {
+                    0 => bytes[i] = alphabet[rng.random_range(0..alphabet.len())],
+                    1 => {
+                        bytes.remove(i);
+                    }
+                    _ => bytes.insert(i, alphabet[rng.random_range(0..alphabet.len())]),
+                }
+            }
+            let Ok(text) = String::from_utf8(bytes) else {
+                continue;
+            };
+            if let Ok(config) = RouterConfig::parse(&text, Path::new("fuzz.toml")) {
+                parsed += 1;
+                let table = crate::route::RouteTable::new(&config.routes);
+                let _ = table.find(
+                    &http::Method::GET,
+                    "/api/orders/1/x",
+                    &http::HeaderMap::new(),
+                );
+            }
+        }
+        assert!(parsed > 0, "some mutations should still parse");
+    }
+
     #[test]
     fn tokens_never_appear_in_debug_output() {
         let text = format!("[admin]\ntoken_file = \"token\"\n{MINIMAL}");
