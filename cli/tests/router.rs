@@ -360,7 +360,8 @@ async fn requests_keep_method_path_query_body_and_get_forwarding_headers() {
     assert_eq!(r["path"], "/api/orders/42");
     assert_eq!(r["query"], "expand=items&x=1");
     assert_eq!(r["body"].as_str().map(str::len), Some(body.len()));
-    assert_eq!(r["headers"]["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    // The client is not a trusted proxy: its X-Forwarded-For is replaced, not believed.
+    assert_eq!(r["headers"]["x-forwarded-for"], "127.0.0.1");
     assert_eq!(r["headers"]["x-forwarded-proto"], "http");
     assert_eq!(
         r["headers"]["x-forwarded-host"],
@@ -371,6 +372,30 @@ async fn requests_keep_method_path_query_body_and_get_forwarding_headers() {
             .as_str()
             .is_some_and(|v| v.contains("strangler"))
     );
+
+    // From a trusted proxy the header is kept and appended to.
+    let config = std::fs::read_to_string(&router.config_path).expect("config");
+    let trusted = config.replacen(
+        "threads = 2\n",
+        "threads = 2\ntrusted_proxies = [\"127.0.0.0/8\"]\n",
+        1,
+    );
+    replace_file(&router.config_path, &trusted);
+    wait_until(Duration::from_secs(3), "the reload", || {
+        let router = &router;
+        async move { router.log().contains("config reloaded") }
+    })
+    .await;
+    let r: Value = client
+        .get(router.url("/api/orders/1"))
+        .header("x-forwarded-for", "203.0.113.9")
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(r["headers"]["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
 
     // HTTP/2 from the client (cleartext, prior knowledge) reaches the HTTP/1.1 upstream.
     let h2 = reqwest::Client::builder()

@@ -341,6 +341,9 @@ pub struct RouterConfig {
     pub listen: SocketAddr,
     /// Worker threads.
     pub threads: usize,
+    /// Peers whose `X-Forwarded-For` is believed (load balancers, CDNs). From anyone
+    /// else the header is replaced by the peer's address.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// The legacy monolith, default for everything.
     pub legacy: UpstreamAddr,
     /// Timeouts toward legacy.
@@ -417,6 +420,7 @@ struct RawControl {
 struct RawServer {
     listen: Option<String>,
     threads: Option<usize>,
+    trusted_proxies: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -580,6 +584,16 @@ fn validate(raw: RawConfig, path: &Path) -> Result<RouterConfig, String> {
         return Err("server.threads must be at least 1".into());
     }
     let legacy = UpstreamAddr::parse(&raw.legacy.upstream).map_err(|e| format!("legacy: {e}"))?;
+    let mut trusted_proxies = Vec::new();
+    for entry in raw.server.trusted_proxies.iter().flatten() {
+        let net = entry
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            .map_err(|_| {
+                format!("server.trusted_proxies: {entry:?} is not an IP address or CIDR range")
+            })?;
+        trusted_proxies.push(net);
+    }
 
     let mut routes = Vec::with_capacity(raw.routes.len());
     let mut names = HashSet::new();
@@ -862,6 +876,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<RouterConfig, String> {
         source: path.to_path_buf(),
         listen,
         threads,
+        trusted_proxies,
         legacy,
         legacy_timeouts: timeouts_of!(raw.legacy),
         routes,

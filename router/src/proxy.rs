@@ -52,6 +52,8 @@ pub struct RequestCtx {
     tried_new: bool,
     /// The breaker kept this request off the new service.
     breaker_open: bool,
+    /// The peer is a trusted proxy, so its X-Forwarded-For is kept.
+    peer_trusted: bool,
 }
 
 /// The router's proxy logic.
@@ -88,16 +90,30 @@ impl ProxyHttp for StranglerProxy {
             fallback: false,
             tried_new: false,
             breaker_open: false,
+            peer_trusted: false,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
-        ctx.client_ip = session
+        let config = self.state.config();
+        let peer = session
             .client_addr()
             .and_then(|a| a.as_inet())
-            .map(|a| a.ip().to_string());
+            .map(|a| a.ip());
+        ctx.peer_trusted =
+            peer.is_some_and(|ip| config.trusted_proxies.iter().any(|n| n.contains(&ip)));
+        ctx.client_ip = match peer {
+            Some(ip) if ctx.peer_trusted => Some(
+                client_from_forwarded(
+                    session.req_header().headers.get("x-forwarded-for"),
+                    &config.trusted_proxies,
+                )
+                .unwrap_or(ip)
+                .to_string(),
+            ),
+            other => other.map(|ip| ip.to_string()),
+        };
         let req = session.req_header();
-        let config = self.state.config();
         let table = self.state.table();
         let route = table
             .find(&req.method, req.uri.path(), &req.headers)
@@ -344,14 +360,22 @@ impl ProxyHttp for StranglerProxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        if let Some(ip) = &ctx.client_ip {
-            let forwarded = match upstream_request
+        // X-Forwarded-For is appended to only when it came from a trusted proxy;
+        // from anyone else it is replaced, so clients cannot forge their address.
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_string());
+        if let Some(peer) = peer {
+            let prior = upstream_request
                 .headers
                 .get("x-forwarded-for")
                 .and_then(|v| v.to_str().ok())
-            {
-                Some(prior) => format!("{prior}, {ip}"),
-                None => ip.clone(),
+                .filter(|_| ctx.peer_trusted)
+                .map(str::to_string);
+            let forwarded = match prior {
+                Some(prior) => format!("{prior}, {peer}"),
+                None => peer,
             };
             upstream_request.insert_header("x-forwarded-for", forwarded)?;
         }
@@ -471,6 +495,25 @@ impl ProxyHttp for StranglerProxy {
             }
         }
     }
+}
+
+/// The client's address behind trusted proxies: the rightmost X-Forwarded-For entry
+/// that is not itself a trusted proxy.
+fn client_from_forwarded(
+    header: Option<&http::HeaderValue>,
+    trusted: &[ipnet::IpNet],
+) -> Option<std::net::IpAddr> {
+    let list = header?.to_str().ok()?;
+    let addrs: Vec<std::net::IpAddr> = list
+        .split(',')
+        .filter_map(|a| a.trim().parse().ok())
+        .collect();
+    addrs
+        .iter()
+        .rev()
+        .find(|ip| !trusted.iter().any(|n| n.contains(*ip)))
+        .or_else(|| addrs.first())
+        .copied()
 }
 
 /// Requests safe to send twice: only these are retried on legacy.
@@ -718,4 +761,32 @@ async fn finish_pair(
     }
     state.shadows.record(&route, verdict.as_ref(), sample);
     span.end();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_is_the_rightmost_untrusted_forwarded_address() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().expect("net")];
+        let header = |v: &str| http::HeaderValue::from_str(v).expect("header");
+        let ip = |s: &str| Some(s.parse::<std::net::IpAddr>().expect("ip"));
+        assert_eq!(
+            client_from_forwarded(
+                Some(&header("198.51.100.1, 203.0.113.9, 10.0.0.2")),
+                &trusted
+            ),
+            ip("203.0.113.9")
+        );
+        assert_eq!(
+            client_from_forwarded(Some(&header("10.0.0.5, 10.0.0.2")), &trusted),
+            ip("10.0.0.5")
+        );
+        assert_eq!(
+            client_from_forwarded(Some(&header("garbage, 203.0.113.9")), &trusted),
+            ip("203.0.113.9")
+        );
+        assert_eq!(client_from_forwarded(None, &trusted), None);
+    }
 }
