@@ -627,6 +627,66 @@ async fn the_breaker_keeps_a_failing_new_service_out_and_lets_it_back_after_a_pr
 }
 
 #[tokio::test]
+async fn oversized_requests_get_414_431_or_413_and_others_are_served() {
+    let legacy = Upstream::start("legacy").await;
+    let new = Upstream::start("new").await;
+    let router = Router::start(
+        &route_config(legacy.addr, new.addr, ""),
+        &[("flags.json", "{\"version\":2,\"features\":[]}")],
+        &[],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let long = format!("/api/orders?q={}", "x".repeat(10_000));
+    assert_eq!(
+        client
+            .get(router.url(&long))
+            .send()
+            .await
+            .expect("get")
+            .status()
+            .as_u16(),
+        414
+    );
+    let mut many = client.get(router.url("/"));
+    for i in 0..120 {
+        many = many.header(format!("x-h{i}"), "1");
+    }
+    assert_eq!(many.send().await.expect("get").status().as_u16(), 431);
+    let big = client
+        .post(router.url("/api/orders"))
+        .header("content-length", (100u64 << 20).to_string())
+        .body(vec![0u8; 10])
+        .send()
+        .await;
+    if let Ok(r) = big {
+        assert_eq!(r.status().as_u16(), 413);
+    }
+    let before = legacy.hits();
+    assert_eq!(
+        side_for(&client, &router, "/api/orders", "u").await,
+        "legacy"
+    );
+    assert_eq!(
+        legacy.hits(),
+        before + 1,
+        "refused requests never reached an upstream"
+    );
+    // Hop-by-hop headers, and those the client names in Connection, stop here.
+    let r: Value = client
+        .get(router.url("/x"))
+        .header("connection", "keep-alive, x-secret")
+        .header("x-secret", "1")
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert!(r["headers"]["x-secret"].is_null(), "{r}");
+}
+
+#[tokio::test]
 async fn malformed_http_gets_a_400_and_the_router_keeps_serving() {
     let legacy = Upstream::start("legacy").await;
     let new = Upstream::start("new").await;

@@ -226,6 +226,29 @@ pub enum Segment {
     Rest(String),
 }
 
+/// Longest request target accepted (414 above): generous for query strings, far
+/// below what would let a client pin memory.
+pub const DEFAULT_MAX_URI_BYTES: usize = 8 * 1024;
+/// Most request headers accepted (431 above).
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+/// Largest total size of request headers (431 above), as common proxies allow.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
+/// Largest declared request body (413 above).
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Per-request limits on what a client may send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Request target (path and query) length.
+    pub max_uri_bytes: usize,
+    /// Number of header fields.
+    pub max_headers: usize,
+    /// Sum of header name and value lengths.
+    pub max_header_bytes: usize,
+    /// Declared Content-Length.
+    pub max_body_bytes: u64,
+}
+
 /// A validated route.
 #[derive(Debug, Clone)]
 pub struct RouteConfig {
@@ -344,6 +367,8 @@ pub struct RouterConfig {
     /// Peers whose `X-Forwarded-For` is believed (load balancers, CDNs). From anyone
     /// else the header is replaced by the peer's address.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Request limits, answered with 414, 431 or 413.
+    pub limits: Limits,
     /// The legacy monolith, default for everything.
     pub legacy: UpstreamAddr,
     /// Timeouts toward legacy.
@@ -421,6 +446,10 @@ struct RawServer {
     listen: Option<String>,
     threads: Option<usize>,
     trusted_proxies: Option<Vec<String>>,
+    max_uri_bytes: Option<usize>,
+    max_headers: Option<usize>,
+    max_header_bytes: Option<usize>,
+    max_body_bytes: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -877,6 +906,15 @@ fn validate(raw: RawConfig, path: &Path) -> Result<RouterConfig, String> {
         listen,
         threads,
         trusted_proxies,
+        limits: Limits {
+            max_uri_bytes: raw.server.max_uri_bytes.unwrap_or(DEFAULT_MAX_URI_BYTES),
+            max_headers: raw.server.max_headers.unwrap_or(DEFAULT_MAX_HEADERS),
+            max_header_bytes: raw
+                .server
+                .max_header_bytes
+                .unwrap_or(DEFAULT_MAX_HEADER_BYTES),
+            max_body_bytes: raw.server.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES),
+        },
         legacy,
         legacy_timeouts: timeouts_of!(raw.legacy),
         routes,

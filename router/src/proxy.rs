@@ -96,6 +96,12 @@ impl ProxyHttp for StranglerProxy {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         let config = self.state.config();
+        if let Some((status, why)) = over_limit(session.req_header(), &config.limits) {
+            let _ = session
+                .respond_error_with_body(status, bytes::Bytes::from(format!("{why}\n")))
+                .await;
+            return Ok(true);
+        }
         let peer = session
             .client_addr()
             .and_then(|a| a.as_inet())
@@ -360,6 +366,7 @@ impl ProxyHttp for StranglerProxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        strip_hop_by_hop(upstream_request);
         // X-Forwarded-For is appended to only when it came from a trusted proxy;
         // from anyone else it is replaced, so clients cannot forge their address.
         let peer = session
@@ -514,6 +521,84 @@ fn client_from_forwarded(
         .find(|ip| !trusted.iter().any(|n| n.contains(*ip)))
         .or_else(|| addrs.first())
         .copied()
+}
+
+/// The first limit a request breaks, as the status to answer and why.
+fn over_limit(req: &RequestHeader, limits: &crate::config::Limits) -> Option<(u16, String)> {
+    let target = req.uri.path_and_query().map_or(0, |p| p.as_str().len());
+    if target > limits.max_uri_bytes {
+        return Some((
+            414,
+            format!(
+                "request target of {target} bytes exceeds {}",
+                limits.max_uri_bytes
+            ),
+        ));
+    }
+    if req.headers.len() > limits.max_headers {
+        return Some((
+            431,
+            format!(
+                "{} header fields exceed {}",
+                req.headers.len(),
+                limits.max_headers
+            ),
+        ));
+    }
+    let bytes: usize = req
+        .headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum();
+    if bytes > limits.max_header_bytes {
+        return Some((
+            431,
+            format!(
+                "{bytes} bytes of headers exceed {}",
+                limits.max_header_bytes
+            ),
+        ));
+    }
+    let declared = req
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = declared
+        && n > limits.max_body_bytes
+    {
+        return Some((
+            413,
+            format!("a body of {n} bytes exceeds {}", limits.max_body_bytes),
+        ));
+    }
+    None
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) that must not be forwarded, plus any the
+/// client names in `Connection`. `Upgrade`/`Connection: upgrade` stay for WebSockets.
+fn strip_hop_by_hop(request: &mut RequestHeader) {
+    let named: Vec<String> = request
+        .headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty() && t != "upgrade" && t != "keep-alive" && t != "close")
+        .collect();
+    for name in named {
+        request.remove_header(name.as_str());
+    }
+    for name in [
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "proxy-authorization",
+    ] {
+        request.remove_header(name);
+    }
 }
 
 /// Requests safe to send twice: only these are retried on legacy.
@@ -766,6 +851,63 @@ async fn finish_pair(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_answer_414_431_and_413() {
+        let limits = crate::config::Limits {
+            max_uri_bytes: 10,
+            max_headers: 2,
+            max_header_bytes: 40,
+            max_body_bytes: 5,
+        };
+        let req = |uri: &str, headers: &[(&str, &str)]| {
+            let mut r = RequestHeader::build("GET", uri.as_bytes(), None).expect("request");
+            for (k, v) in headers {
+                r.append_header(k.to_string(), *v).expect("header");
+            }
+            r
+        };
+        assert_eq!(over_limit(&req("/ok", &[]), &limits), None);
+        assert_eq!(
+            over_limit(&req("/0123456789", &[]), &limits).map(|x| x.0),
+            Some(414)
+        );
+        assert_eq!(
+            over_limit(&req("/", &[("a", "1"), ("b", "2"), ("c", "3")]), &limits).map(|x| x.0),
+            Some(431)
+        );
+        let long = "x".repeat(50);
+        assert_eq!(
+            over_limit(&req("/", &[("a", long.as_str())]), &limits).map(|x| x.0),
+            Some(431)
+        );
+        assert_eq!(
+            over_limit(&req("/", &[("content-length", "6")]), &limits).map(|x| x.0),
+            Some(413)
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_named_in_connection_are_dropped() {
+        let mut r = RequestHeader::build("GET", b"/", None).expect("request");
+        for (k, v) in [
+            ("connection", "keep-alive, X-Secret"),
+            ("x-secret", "1"),
+            ("te", "trailers"),
+            ("upgrade", "websocket"),
+            ("x-kept", "1"),
+        ] {
+            r.append_header(k, v).expect("header");
+        }
+        strip_hop_by_hop(&mut r);
+        assert!(r.headers.get("x-secret").is_none());
+        assert!(r.headers.get("te").is_none());
+        assert!(
+            r.headers.get("upgrade").is_some(),
+            "WebSocket upgrades pass"
+        );
+        assert!(r.headers.get("x-kept").is_some());
+    }
 
     #[test]
     fn the_client_is_the_rightmost_untrusted_forwarded_address() {
