@@ -627,6 +627,75 @@ async fn the_breaker_keeps_a_failing_new_service_out_and_lets_it_back_after_a_pr
 }
 
 #[tokio::test]
+async fn a_failing_health_check_bypasses_the_new_service_before_users_see_errors() {
+    let legacy = Upstream::start("legacy").await;
+    let healthy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let api_calls = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (flag, calls) = (
+        std::sync::Arc::clone(&healthy),
+        std::sync::Arc::clone(&api_calls),
+    );
+    let handler: Handler = std::sync::Arc::new(move |parts| {
+        let up = flag.load(std::sync::atomic::Ordering::Relaxed);
+        if parts.uri.path() != "/health" {
+            calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Reply {
+            status: if parts.uri.path() == "/health" && !up {
+                503
+            } else {
+                200
+            },
+            content_type: "application/json",
+            body: "{\"side\":\"new\"}".into(),
+            delay: Duration::ZERO,
+        }
+    });
+    let (new, _) = Upstream::start_with(handler).await;
+    let config = format!(
+        "[legacy]\nupstream = \"{}\"\n\n[[route]]\nname = \"orders\"\nmatch = {{ prefix = \"/api/orders\" }}\nnew = \"{}\"\nhealth_path = \"/health\"\nhealth_interval_ms = 100\nhealth_failures = 2\n",
+        legacy.addr, new.addr
+    );
+    let router = Router::start(
+        &config,
+        &[("flags.json", &flags_doc("strangler.orders", true, 100))],
+        &[],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    assert_eq!(side_for(&client, &router, "/api/orders", "u").await, "new");
+    healthy.store(false, std::sync::atomic::Ordering::Relaxed);
+    wait_until(Duration::from_secs(5), "the breaker to open on failed health checks", || {
+        let router = &router;
+        async move { router.admin(Method::GET, "/routes/orders", None).await.1["breaker"] == "open" }
+    })
+    .await;
+    let before = api_calls.load(std::sync::atomic::Ordering::Relaxed);
+    for i in 0..20 {
+        assert_eq!(
+            side_for(&client, &router, "/api/orders", &format!("u{i}")).await,
+            "legacy"
+        );
+    }
+    assert_eq!(
+        api_calls.load(std::sync::atomic::Ordering::Relaxed),
+        before,
+        "no user request reached the unhealthy service"
+    );
+    healthy.store(true, std::sync::atomic::Ordering::Relaxed);
+    wait_until(
+        Duration::from_secs(5),
+        "traffic to return to the new service",
+        || {
+            let (client, router) = (client.clone(), &router);
+            async move { side_for(&client, router, "/api/orders", "u").await == "new" }
+        },
+    )
+    .await;
+    assert!(new.hits() > 0);
+}
+
+#[tokio::test]
 async fn oversized_requests_get_414_431_or_413_and_others_are_served() {
     let legacy = Upstream::start("legacy").await;
     let new = Upstream::start("new").await;

@@ -27,6 +27,8 @@ struct Inner {
     failures: u32,
     opened_at: Option<Instant>,
     probe_in_flight: bool,
+    /// The active health check says the service is down: no requests, no probes.
+    health_down: bool,
 }
 
 /// One breaker.
@@ -59,6 +61,7 @@ impl Breaker {
                 failures: 0,
                 opened_at: None,
                 probe_in_flight: false,
+                health_down: false,
             }),
         }
     }
@@ -75,6 +78,9 @@ impl Breaker {
     /// Asks whether a request may go to the new service at `now`.
     pub fn admit_at(&self, now: Instant) -> Admit {
         let mut inner = self.lock();
+        if inner.health_down {
+            return Admit::No;
+        }
         match inner.state {
             BreakerState::Closed => Admit::Yes,
             BreakerState::Open => {
@@ -131,6 +137,24 @@ impl Breaker {
     pub fn record(&self, success: bool) -> Option<BreakerState> {
         self.record_at(success, Instant::now())
     }
+
+    /// What the active health check concluded. Down opens the breaker with no probes
+    /// until the check passes again; up closes it.
+    pub fn set_health(&self, healthy: bool) -> Option<BreakerState> {
+        let mut inner = self.lock();
+        let before = inner.state;
+        inner.health_down = !healthy;
+        if healthy {
+            inner.state = BreakerState::Closed;
+            inner.failures = 0;
+            inner.opened_at = None;
+            inner.probe_in_flight = false;
+        } else {
+            inner.state = BreakerState::Open;
+            inner.opened_at = Some(Instant::now());
+        }
+        (inner.state != before).then_some(inner.state)
+    }
 }
 
 #[cfg(test)]
@@ -158,6 +182,18 @@ mod tests {
             Some(BreakerState::Closed)
         );
         assert_eq!(b.admit_at(t0 + Duration::from_secs(6)), Admit::Yes);
+    }
+
+    #[test]
+    fn a_failing_health_check_holds_the_breaker_open_without_probes() {
+        let b = Breaker::new(5, Duration::from_millis(1));
+        assert_eq!(b.set_health(false), Some(BreakerState::Open));
+        assert_eq!(
+            b.admit_at(Instant::now() + Duration::from_secs(60)),
+            Admit::No
+        );
+        assert_eq!(b.set_health(true), Some(BreakerState::Closed));
+        assert_eq!(b.admit(), Admit::Yes);
     }
 
     #[test]

@@ -249,6 +249,22 @@ pub struct Limits {
     pub max_body_bytes: u64,
 }
 
+/// How often the new service's health path is checked by default.
+pub const DEFAULT_HEALTH_INTERVAL_MS: u64 = 1_000;
+/// Consecutive failed checks before the new service counts as down (and passes to be up).
+pub const DEFAULT_HEALTH_FAILURES: u32 = 2;
+
+/// An active health check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// Path requested on the new service.
+    pub path: String,
+    /// Time between checks.
+    pub interval: Duration,
+    /// Consecutive failures that mark it down, and successes that mark it up again.
+    pub threshold: u32,
+}
+
 /// A validated route.
 #[derive(Debug, Clone)]
 pub struct RouteConfig {
@@ -276,6 +292,8 @@ pub struct RouteConfig {
     pub breaker_failures: u32,
     /// How long the breaker stays open before a probe.
     pub breaker_open: Duration,
+    /// Active health check of the new service: `GET` this path; 2xx is healthy.
+    pub health: Option<HealthCheck>,
     /// Position in the file, the last tie-breaker.
     pub index: usize,
 }
@@ -514,6 +532,9 @@ struct RawRoute {
     shadow: Option<RawShadow>,
     breaker_failures: Option<u32>,
     breaker_open_ms: Option<u64>,
+    health_path: Option<String>,
+    health_interval_ms: Option<u64>,
+    health_failures: Option<u32>,
     connect_timeout_ms: Option<u64>,
     read_timeout_ms: Option<u64>,
     write_timeout_ms: Option<u64>,
@@ -727,6 +748,21 @@ fn validate(raw: RawConfig, path: &Path) -> Result<RouterConfig, String> {
             Some(s) => Stickiness::parse(s).map_err(ctx)?,
             None => Stickiness::Header("x-user-id".into()),
         };
+        let health = match &r.health_path {
+            None => None,
+            Some(p) if !p.starts_with('/') => {
+                return Err(ctx(format!("health_path {p:?} must start with '/'")));
+            }
+            Some(p) => Some(HealthCheck {
+                path: p.clone(),
+                interval: Duration::from_millis(
+                    r.health_interval_ms
+                        .unwrap_or(DEFAULT_HEALTH_INTERVAL_MS)
+                        .max(50),
+                ),
+                threshold: r.health_failures.unwrap_or(DEFAULT_HEALTH_FAILURES).max(1),
+            }),
+        };
         routes.push(RouteConfig {
             name,
             path,
@@ -745,6 +781,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<RouterConfig, String> {
             breaker_open: Duration::from_millis(
                 r.breaker_open_ms.unwrap_or(crate::breaker::DEFAULT_OPEN_MS),
             ),
+            health,
             index,
         });
     }

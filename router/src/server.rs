@@ -157,13 +157,66 @@ impl BackgroundService for Background {
             Arc::clone(&self.state),
             self.config_path.clone(),
         ));
+        let health = tokio::spawn(health_checks(Arc::clone(&self.state)));
         let _ = shutdown.changed().await;
         self.state.begin_shutdown();
         flags.abort();
         reload.abort();
+        health.abort();
         let state = Arc::clone(&self.state);
         // The SDK flush blocks; keep it off the runtime.
         let _ = tokio::task::spawn_blocking(move || state.telemetry.flush()).await;
+    }
+}
+
+/// Checks each route's new service on its health path and drives the route's breaker:
+/// `threshold` failed checks in a row mark it down (no traffic, no probes), as many
+/// passing checks mark it up again.
+async fn health_checks(state: Arc<RouterState>) {
+    #[derive(Default)]
+    struct Health {
+        next: Option<std::time::Instant>,
+        failures: u32,
+        successes: u32,
+        down: bool,
+    }
+    let client = reqwest::Client::new();
+    let mut health: std::collections::HashMap<String, Health> = std::collections::HashMap::new();
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let table = state.table();
+        for route in table.routes() {
+            let Some(check) = &route.health else { continue };
+            let h = health.entry(route.name.to_string()).or_default();
+            let now = std::time::Instant::now();
+            if h.next.is_some_and(|t| now < t) {
+                continue;
+            }
+            h.next = Some(now + check.interval);
+            let url = format!("http://{}{}", route.new_upstream.addr, check.path);
+            let ok = client
+                .get(&url)
+                .timeout(check.interval.min(Duration::from_secs(2)))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if ok {
+                h.failures = 0;
+                h.successes += 1;
+            } else {
+                h.successes = 0;
+                h.failures += 1;
+            }
+            if !h.down && h.failures >= check.threshold {
+                h.down = true;
+                state.breaker(route).set_health(false);
+                tracing::warn!(route = %route.name, %url, "health check failing: the new service is bypassed");
+            } else if h.down && h.successes >= check.threshold {
+                h.down = false;
+                state.breaker(route).set_health(true);
+                tracing::info!(route = %route.name, %url, "health check passing again: traffic returns to the new service");
+            }
+        }
     }
 }
 
