@@ -696,6 +696,89 @@ async fn a_failing_health_check_bypasses_the_new_service_before_users_see_errors
 }
 
 #[tokio::test]
+async fn killing_the_new_service_under_load_fails_no_read_and_traffic_returns_after_restart() {
+    let legacy = Upstream::start("legacy").await;
+    let handler: Handler = std::sync::Arc::new(|_| Reply {
+        status: 200,
+        content_type: "application/json",
+        body: "{\"side\":\"new\"}".into(),
+        delay: Duration::ZERO,
+    });
+    let (new, _) = Upstream::start_with(std::sync::Arc::clone(&handler)).await;
+    let new_addr = new.addr;
+    let config = format!(
+        "[legacy]\nupstream = \"{}\"\n\n[[route]]\nname = \"orders\"\nmatch = {{ prefix = \"/api/orders\" }}\nnew = \"{new_addr}\"\nbreaker_failures = 3\nbreaker_open_ms = 300\n",
+        legacy.addr
+    );
+    let router = Router::start(
+        &config,
+        &[("flags.json", &flags_doc("strangler.orders", true, 100))],
+        &[],
+    )
+    .await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut loaders = Vec::new();
+    for worker in 0..4 {
+        let (stop, url) = (std::sync::Arc::clone(&stop), router.url("/api/orders/1"));
+        loaders.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let (mut sent, mut ok, mut failed, mut from_new) = (0u64, 0u64, 0u64, 0u64);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                sent += 1;
+                match client
+                    .get(&url)
+                    .header("x-user-id", format!("w{worker}"))
+                    .send()
+                    .await
+                {
+                    Ok(r) if r.status().is_success() => {
+                        ok += 1;
+                        let v: Value = r.json().await.unwrap_or(Value::Null);
+                        from_new += u64::from(v["side"] == "new");
+                    }
+                    _ => failed += 1,
+                }
+            }
+            (sent, ok, failed, from_new)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(new); // the new service dies: listener and open connections closed
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let (_, doc) = router.admin(Method::GET, "/routes/orders", None).await;
+    assert_eq!(doc["breaker"], "open", "{doc}");
+    let (restarted, _) = Upstream::start_with_at(handler, new_addr).await;
+    wait_until(
+        Duration::from_secs(5),
+        "traffic back on the new service",
+        || {
+            let router = &router;
+            async move {
+                router.admin(Method::GET, "/routes/orders", None).await.1["breaker"] == "closed"
+            }
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut totals = (0, 0, 0, 0);
+    for l in loaders {
+        let (s, o, f, n) = l.await.expect("loader");
+        totals = (totals.0 + s, totals.1 + o, totals.2 + f, totals.3 + n);
+    }
+    eprintln!(
+        "kill new under GET load: sent {}, answered {}, failed {}",
+        totals.0, totals.1, totals.2
+    );
+    assert_eq!(totals.2, 0, "no client request may fail: {totals:?}");
+    assert_eq!(totals.0, totals.1);
+    assert!(
+        restarted.hits() > 0,
+        "traffic recovered to the restarted new service"
+    );
+}
+
+#[tokio::test]
 async fn oversized_requests_get_414_431_or_413_and_others_are_served() {
     let legacy = Upstream::start("legacy").await;
     let new = Upstream::start("new").await;

@@ -45,7 +45,13 @@ pub type Handler = Arc<dyn Fn(&hyper::http::request::Parts) -> Reply + Send + Sy
 impl Upstream {
     /// An upstream answering with `handler`; counts requests and those marked as shadow copies.
     pub async fn start_with(handler: Handler) -> (Self, Arc<AtomicU64>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        Self::start_with_at(handler, "127.0.0.1:0".parse().expect("addr")).await
+    }
+
+    /// Like [`Upstream::start_with`] on a given address (to restart a killed upstream on
+    /// its port). Dropping the upstream closes its listener and every open connection.
+    pub async fn start_with_at(handler: Handler, at: SocketAddr) -> (Self, Arc<AtomicU64>) {
+        let listener = tokio::net::TcpListener::bind(at)
             .await
             .expect("bind upstream");
         let addr = listener.local_addr().expect("addr");
@@ -53,6 +59,8 @@ impl Upstream {
         let shadow_hits = Arc::new(AtomicU64::new(0));
         let (counter, shadows) = (Arc::clone(&hits), Arc::clone(&shadow_hits));
         let task = tokio::spawn(async move {
+            // Connections live in this set: aborting the accept task drops them all.
+            let mut connections = tokio::task::JoinSet::new();
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
@@ -62,7 +70,7 @@ impl Upstream {
                     Arc::clone(&shadows),
                     Arc::clone(&handler),
                 );
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let (counter, shadows, handler) = (
                             Arc::clone(&counter),
