@@ -779,6 +779,65 @@ async fn killing_the_new_service_under_load_fails_no_read_and_traffic_returns_af
 }
 
 #[tokio::test]
+async fn reloads_under_load_lose_no_request() {
+    let legacy = Upstream::start("legacy").await;
+    let new = Upstream::start("new").await;
+    let router = Router::start(
+        &route_config(legacy.addr, new.addr, ""),
+        &[("flags.json", &flags_doc("strangler.orders", true, 50))],
+        &[],
+    )
+    .await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut loaders = Vec::new();
+    for worker in 0..4 {
+        let (stop, url) = (std::sync::Arc::clone(&stop), router.url("/api/orders/1"));
+        loaders.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let (mut sent, mut ok) = (0u64, 0u64);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                sent += 1;
+                let r = client
+                    .get(&url)
+                    .header("x-user-id", format!("w{worker}-{sent}"))
+                    .send()
+                    .await;
+                ok += u64::from(r.is_ok_and(|r| r.status().is_success()));
+            }
+            (sent, ok)
+        }));
+    }
+    // Ten reloads (file rewrites and SIGHUPs) while the load runs.
+    let config = std::fs::read_to_string(&router.config_path).expect("config");
+    for i in 0..10 {
+        replace_file(&router.config_path, &format!("{config}\n# reload {i}\n"));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(router.pid()),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .expect("sighup");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut sent, mut ok) = (0, 0);
+    for l in loaders {
+        let (s, o) = l.await.expect("loader");
+        sent += s;
+        ok += o;
+    }
+    eprintln!(
+        "reload under load: sent {sent}, answered {ok}, failed {}",
+        sent - ok
+    );
+    assert_eq!(sent, ok);
+    assert!(
+        router.log().matches("config reloaded").count() >= 10,
+        "{}",
+        router.log()
+    );
+}
+
+#[tokio::test]
 async fn oversized_requests_get_414_431_or_413_and_others_are_served() {
     let legacy = Upstream::start("legacy").await;
     let new = Upstream::start("new").await;
