@@ -19,13 +19,7 @@ cargo build --release --locked -p strangler-cli >&2
 cargo build --release --locked -p strangler-router --example otlp_sink --example bare_pingora >&2
 TARGET="${CARGO_TARGET_DIR:-target}/release"
 
-WORK="$(mktemp -d /tmp/strangler-bench.XXXXXX)"
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened; logs:" >&2; tail -n 20 "$WORK"/*.log "$WORK"/*/error.log >&2 2>/dev/null; return 1; }
+source bench/lib.sh strangler-bench
 
 UP=$(free_port); NGX=$(free_port); HAP=$(free_port); RTR=$(free_port); ADM=$(free_port); OTLP=$(free_port); BARE=$(free_port)
 
