@@ -595,6 +595,19 @@ async fn the_breaker_keeps_a_failing_new_service_out_and_lets_it_back_after_a_pr
         async move { router.admin(Method::GET, "/routes/orders", None).await.1["breaker"] == "open" }
     })
     .await;
+    let metrics = client
+        .get(router.admin_url("/metrics"))
+        .bearer_auth(&router.token)
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains(r#"strangler_breaker_open{route="orders"} 1"#),
+        "{metrics}"
+    );
     // The new service recovers; after the open period one probe closes the breaker.
     healthy.store(true, std::sync::atomic::Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(600)).await;

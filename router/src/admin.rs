@@ -189,6 +189,13 @@ impl AdminApi {
                 self.state
                     .metrics
                     .set_flag_freshness(f.last_success_age_ms, f.last_error.is_some());
+                for route in self.state.table().routes() {
+                    let open =
+                        self.state.breaker(route).state() != crate::breaker::BreakerState::Closed;
+                    self.state
+                        .metrics
+                        .set_breaker_open(route.name.as_str(), open);
+                }
                 respond(
                     StatusCode::OK,
                     "text/plain; version=0.0.4",

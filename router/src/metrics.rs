@@ -32,6 +32,7 @@ pub struct Metrics {
     pub spans_failed: IntCounter,
     flag_age: IntGauge,
     flag_errors: IntGauge,
+    breaker_open: prometheus::IntGaugeVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -98,6 +99,13 @@ impl Metrics {
             "strangler_flag_source_failing",
             "1 while the flag source is failing",
         ));
+        let breaker_open = must(prometheus::IntGaugeVec::new(
+            Opts::new(
+                "strangler_breaker_open",
+                "1 while the route's circuit breaker keeps the new service out",
+            ),
+            &["route"],
+        ));
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(errors.clone()),
@@ -108,6 +116,7 @@ impl Metrics {
             Box::new(spans_failed.clone()),
             Box::new(flag_age.clone()),
             Box::new(flag_errors.clone()),
+            Box::new(breaker_open.clone()),
         ] {
             must(registry.register(c));
         }
@@ -122,6 +131,7 @@ impl Metrics {
             spans_failed,
             flag_age,
             flag_errors,
+            breaker_open,
         }
     }
 
@@ -164,6 +174,13 @@ impl Metrics {
         self.flag_age
             .set(age_ms.map_or(-1, |ms| i64::try_from(ms / 1000).unwrap_or(i64::MAX)));
         self.flag_errors.set(i64::from(failing));
+    }
+
+    /// Sets a route's breaker gauge (called at scrape time).
+    pub fn set_breaker_open(&self, route: &str, open: bool) {
+        self.breaker_open
+            .with_label_values(&[route])
+            .set(i64::from(open));
     }
 
     /// The text exposition format.
