@@ -66,6 +66,11 @@ impl Breaker {
         }
     }
 
+    /// The threshold and open period it was made with.
+    pub fn settings(&self) -> (u32, Duration) {
+        (self.threshold, self.open_for)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -270,23 +270,27 @@ impl MinuteWindow {
 /// Last-minute windows per route and backend.
 #[derive(Debug, Default)]
 pub struct RouteWindows {
-    windows: std::sync::RwLock<HashMap<(String, Backend), std::sync::Arc<MinuteWindow>>>,
+    windows: std::sync::RwLock<HashMap<String, [std::sync::Arc<MinuteWindow>; 2]>>,
 }
 
 impl RouteWindows {
-    /// The window for a route and backend, created on first use.
+    /// The window for a route and backend, created on first use. Looked up by `&str`,
+    /// so the request path allocates nothing once a route has its windows.
     pub fn get(&self, route: &str, backend: Backend) -> std::sync::Arc<MinuteWindow> {
-        let key = (route.to_string(), backend);
+        let slot = match backend {
+            Backend::Legacy => 0,
+            Backend::New => 1,
+        };
         if let Some(w) = self
             .windows
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
+            .get(route)
         {
-            return std::sync::Arc::clone(w);
+            return std::sync::Arc::clone(&w[slot]);
         }
         let mut map = self.windows.write().unwrap_or_else(|p| p.into_inner());
-        std::sync::Arc::clone(map.entry(key).or_default())
+        std::sync::Arc::clone(&map.entry(route.to_string()).or_default()[slot])
     }
 }
 

@@ -30,9 +30,7 @@ pub struct RouterState {
     pub telemetry: Telemetry,
     /// Shadow copies, comparison results and calibration.
     pub shadows: crate::shadow::Shadows,
-    breakers: std::sync::Mutex<
-        std::collections::HashMap<(String, u32, u64), Arc<crate::breaker::Breaker>>,
-    >,
+    breakers: std::sync::Mutex<std::collections::HashMap<String, Arc<crate::breaker::Breaker>>>,
     shutting_down: AtomicBool,
 }
 
@@ -96,18 +94,19 @@ impl RouterState {
 
     /// The circuit breaker for a route's new service (a new one when its settings change).
     pub fn breaker(&self, route: &crate::config::RouteConfig) -> Arc<crate::breaker::Breaker> {
-        let key = (
-            route.name.to_string(),
-            route.breaker_failures,
-            u64::try_from(route.breaker_open.as_millis()).unwrap_or(u64::MAX),
-        );
         let mut map = self.breakers.lock().unwrap_or_else(|p| p.into_inner());
-        Arc::clone(map.entry(key).or_insert_with(|| {
-            Arc::new(crate::breaker::Breaker::new(
-                route.breaker_failures,
-                route.breaker_open,
-            ))
-        }))
+        // Looked up by &str: no allocation on the request path unless created or replaced.
+        if let Some(b) = map.get(route.name.as_str())
+            && b.settings() == (route.breaker_failures, route.breaker_open)
+        {
+            return Arc::clone(b);
+        }
+        let b = Arc::new(crate::breaker::Breaker::new(
+            route.breaker_failures,
+            route.breaker_open,
+        ));
+        map.insert(route.name.to_string(), Arc::clone(&b));
+        b
     }
 
     /// Marks the router as draining: readiness turns false.
