@@ -528,26 +528,19 @@ mod tests {
         engine.apply(doc(30, true)).expect("apply");
         let on = share_enabled(&engine, 2_000);
         assert!((500..=700).contains(&on), "30% of 2000 users, got {on}");
-        let first: Vec<bool> = (0..200)
-            .map(|u| {
-                engine
-                    .evaluate(
-                        "strangler.orders",
-                        &context_for(&Stickiness::Header("h".into()), Some(&u.to_string())),
-                    )
-                    .enabled
-            })
-            .collect();
-        let again: Vec<bool> = (0..200)
-            .map(|u| {
-                engine
-                    .evaluate(
-                        "strangler.orders",
-                        &context_for(&Stickiness::Header("h".into()), Some(&u.to_string())),
-                    )
-                    .enabled
-            })
-            .collect();
+        let sides = || -> Vec<bool> {
+            (0..200)
+                .map(|u| {
+                    engine
+                        .evaluate(
+                            "strangler.orders",
+                            &context_for(&Stickiness::Header("h".into()), Some(&u.to_string())),
+                        )
+                        .enabled
+                })
+                .collect()
+        };
+        let (first, again) = (sides(), sides());
         assert_eq!(first, again);
     }
 
