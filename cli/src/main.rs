@@ -191,7 +191,8 @@ enum RouteCommand {
 
 #[derive(Debug, Subcommand)]
 enum RouterCommand {
-    /// Start the router in the foreground (SIGTERM for a graceful stop, SIGHUP to reload).
+    /// Start the router in the foreground (SIGTERM for a graceful stop, SIGHUP to reload,
+    /// SIGQUIT to hand the sockets to a router started with --upgrade).
     Run {
         /// The router config file.
         #[arg(
@@ -201,6 +202,11 @@ enum RouterCommand {
             default_value = "strangler.toml"
         )]
         config: PathBuf,
+        /// Graceful binary upgrade: take over the listening sockets of the running
+        /// router with the same config. Start this, then send the old one SIGQUIT; it
+        /// stops accepting and finishes its in-flight requests.
+        #[arg(long)]
+        upgrade: bool,
     },
 }
 
@@ -418,11 +424,11 @@ async fn route_async(args: RouteArgs, config: RouterConfig) -> anyhow::Result<Ex
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Router {
-            command: RouterCommand::Run { config },
+            command: RouterCommand::Run { config, upgrade },
         } => {
             let parsed = RouterConfig::load(&config)?;
             init_logging(parsed.telemetry.json_logs);
-            strangler_router::run(&config)
+            strangler_router::run(&config, strangler_router::RunOptions { upgrade })
                 .with_context(|| format!("starting the router from {}", config.display()))?;
             Ok(ExitCode::SUCCESS)
         }

@@ -175,6 +175,9 @@ pub struct Timeouts {
     pub write: Duration,
     /// How long idle pooled connections are kept.
     pub idle: Duration,
+    /// The whole exchange, from sending the request to the last response byte;
+    /// `None` leaves only the per-read limit.
+    pub total: Option<Duration>,
 }
 
 /// Where the stickiness key of a request comes from.
@@ -247,6 +250,36 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Declared Content-Length.
     pub max_body_bytes: u64,
+    /// A request's headers must be complete this long after their first byte (408 otherwise).
+    pub header_timeout: Duration,
+    /// Longest wait for each read of a request body.
+    pub body_timeout: Duration,
+    /// At shutdown or upgrade, idle keep-alive connections are served with
+    /// `Connection: close` for this long before being closed.
+    pub drain: Duration,
+}
+
+/// Keep-alive drain at shutdown: long enough for a busy client to send its next
+/// request and learn to reconnect, well inside the 10 s graceful shutdown timeout.
+pub const DEFAULT_DRAIN_MS: u64 = 2_000;
+
+/// Request headers must arrive within this (nginx's `client_header_timeout` is 60 s
+/// per read; this is total, so a trickling client cannot reset it).
+pub const DEFAULT_HEADER_TIMEOUT_MS: u64 = 15_000;
+/// Each read of a request body may wait this long.
+pub const DEFAULT_BODY_TIMEOUT_MS: u64 = 60_000;
+/// Connect failures retried on the same upstream (nothing was sent, so any method is safe).
+pub const DEFAULT_CONNECT_RETRIES: u32 = 2;
+/// First retry delay; doubled each time, with full jitter.
+pub const DEFAULT_RETRY_BACKOFF_MS: u64 = 20;
+
+/// How failed connections are retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Retries after a connect failure.
+    pub connect_retries: u32,
+    /// Base delay of the exponential backoff.
+    pub backoff: Duration,
 }
 
 /// How often the new service's health path is checked by default.
@@ -294,6 +327,9 @@ pub struct RouteConfig {
     pub breaker_open: Duration,
     /// Active health check of the new service: `GET` this path; 2xx is healthy.
     pub health: Option<HealthCheck>,
+    /// Methods replayed on legacy when the new service fails: GET, HEAD and OPTIONS,
+    /// plus what the route declares (say PUT, DELETE).
+    pub idempotent_methods: Vec<http::Method>,
     /// Position in the file, the last tie-breaker.
     pub index: usize,
 }
@@ -373,6 +409,16 @@ pub struct AdminConfig {
     pub token: Option<Secret>,
 }
 
+/// TLS termination settings: PEM files, re-read on reload (SIGHUP or a change of the
+/// config file or either PEM file).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// Certificate chain (PEM), leaf first.
+    pub cert: PathBuf,
+    /// Private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
 /// A validated router configuration.
 #[derive(Debug, Clone)]
 pub struct RouterConfig {
@@ -385,8 +431,12 @@ pub struct RouterConfig {
     /// Peers whose `X-Forwarded-For` is believed (load balancers, CDNs). From anyone
     /// else the header is replaced by the peer's address.
     pub trusted_proxies: Vec<ipnet::IpNet>,
-    /// Request limits, answered with 414, 431 or 413.
+    /// Request limits, answered with 414, 431, 413 or 408.
     pub limits: Limits,
+    /// Retries of connect failures.
+    pub retry: RetryPolicy,
+    /// TLS termination on the listener.
+    pub tls: Option<TlsConfig>,
     /// The legacy monolith, default for everything.
     pub legacy: UpstreamAddr,
     /// Timeouts toward legacy.
@@ -468,6 +518,13 @@ struct RawServer {
     max_headers: Option<usize>,
     max_header_bytes: Option<usize>,
     max_body_bytes: Option<u64>,
+    header_timeout_ms: Option<u64>,
+    body_timeout_ms: Option<u64>,
+    drain_ms: Option<u64>,
+    connect_retries: Option<u32>,
+    retry_backoff_ms: Option<u64>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -478,6 +535,7 @@ struct RawUpstream {
     read_timeout_ms: Option<u64>,
     write_timeout_ms: Option<u64>,
     idle_timeout_ms: Option<u64>,
+    total_timeout_ms: Option<u64>,
 }
 
 // No `#[serde(flatten)]`: it would hide the position of an unknown key.
@@ -488,6 +546,7 @@ macro_rules! timeouts_of {
             $raw.read_timeout_ms,
             $raw.write_timeout_ms,
             $raw.idle_timeout_ms,
+            $raw.total_timeout_ms,
         )
     };
 }
@@ -535,10 +594,12 @@ struct RawRoute {
     health_path: Option<String>,
     health_interval_ms: Option<u64>,
     health_failures: Option<u32>,
+    idempotent_methods: Option<Vec<String>>,
     connect_timeout_ms: Option<u64>,
     read_timeout_ms: Option<u64>,
     write_timeout_ms: Option<u64>,
     idle_timeout_ms: Option<u64>,
+    total_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -608,6 +669,7 @@ fn timeouts(
     read: Option<u64>,
     write: Option<u64>,
     idle: Option<u64>,
+    total: Option<u64>,
 ) -> Timeouts {
     let ms = |v: Option<u64>, d| Duration::from_millis(v.unwrap_or(d));
     Timeouts {
@@ -615,6 +677,7 @@ fn timeouts(
         read: ms(read, DEFAULT_READ_TIMEOUT_MS),
         write: ms(write, DEFAULT_WRITE_TIMEOUT_MS),
         idle: ms(idle, DEFAULT_IDLE_TIMEOUT_MS),
+        total: total.map(Duration::from_millis),
     }
 }
 
@@ -645,6 +708,14 @@ fn validate(raw: RawConfig, path: &Path) -> Result<RouterConfig, String> {
         trusted_proxies.push(net);
     }
 
+    let tls = match (&raw.server.tls_cert, &raw.server.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsConfig {
+            cert: base.join(cert),
+            key: base.join(key),
+        }),
+        (None, None) => None,
+        _ => return Err("server.tls_cert and server.tls_key go together".into()),
+    };
     let mut routes = Vec::with_capacity(raw.routes.len());
     let mut names = HashSet::new();
     for (index, r) in raw.routes.into_iter().enumerate() {
@@ -763,6 +834,20 @@ fn validate(raw: RawConfig, path: &Path) -> Result<RouterConfig, String> {
                 threshold: r.health_failures.unwrap_or(DEFAULT_HEALTH_FAILURES).max(1),
             }),
         };
+        let mut idempotent_methods =
+            vec![http::Method::GET, http::Method::HEAD, http::Method::OPTIONS];
+        for m in r.idempotent_methods.iter().flatten() {
+            let method = http::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                .map_err(|_| ctx(format!("idempotent_methods: {m:?} is not an HTTP method")))?;
+            if method == http::Method::POST || method == http::Method::PATCH {
+                return Err(ctx(format!(
+                    "idempotent_methods: {method} is not idempotent; replaying it could apply a write twice"
+                )));
+            }
+            if !idempotent_methods.contains(&method) {
+                idempotent_methods.push(method);
+            }
+        }
         routes.push(RouteConfig {
             name,
             path,
@@ -782,6 +867,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<RouterConfig, String> {
                 r.breaker_open_ms.unwrap_or(crate::breaker::DEFAULT_OPEN_MS),
             ),
             health,
+            idempotent_methods,
             index,
         });
     }
@@ -951,7 +1037,34 @@ fn validate(raw: RawConfig, path: &Path) -> Result<RouterConfig, String> {
                 .max_header_bytes
                 .unwrap_or(DEFAULT_MAX_HEADER_BYTES),
             max_body_bytes: raw.server.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES),
+            header_timeout: Duration::from_millis(
+                raw.server
+                    .header_timeout_ms
+                    .unwrap_or(DEFAULT_HEADER_TIMEOUT_MS)
+                    .max(1),
+            ),
+            body_timeout: Duration::from_millis(
+                raw.server
+                    .body_timeout_ms
+                    .unwrap_or(DEFAULT_BODY_TIMEOUT_MS)
+                    .max(1),
+            ),
+            drain: Duration::from_millis(
+                raw.server.drain_ms.unwrap_or(DEFAULT_DRAIN_MS).min(8_000),
+            ),
         },
+        retry: RetryPolicy {
+            connect_retries: raw
+                .server
+                .connect_retries
+                .unwrap_or(DEFAULT_CONNECT_RETRIES),
+            backoff: Duration::from_millis(
+                raw.server
+                    .retry_backoff_ms
+                    .unwrap_or(DEFAULT_RETRY_BACKOFF_MS),
+            ),
+        },
+        tls,
         legacy,
         legacy_timeouts: timeouts_of!(raw.legacy),
         routes,

@@ -10,6 +10,7 @@ pub mod compare;
 pub mod config;
 pub mod decide;
 pub mod flags;
+pub mod guard;
 pub mod metrics;
 pub mod proxy;
 pub mod route;
@@ -17,6 +18,7 @@ pub mod server;
 pub mod shadow;
 pub mod state;
 pub mod telemetry;
+pub mod tls;
 
 pub use config::{ConfigError, RouterConfig};
-pub use server::{StartError, run};
+pub use server::{RunOptions, StartError, run};

@@ -30,6 +30,8 @@ pub struct Metrics {
     pub spans_exported: IntCounter,
     /// Spans the exporter failed to send.
     pub spans_failed: IntCounter,
+    /// Connections closed because their request headers did not arrive in time.
+    pub slow_clients: IntCounter,
     flag_age: IntGauge,
     flag_errors: IntGauge,
     breaker_open: prometheus::IntGaugeVec,
@@ -91,6 +93,10 @@ impl Metrics {
             "strangler_spans_export_failed_total",
             "Spans the OTLP exporter could not send",
         ));
+        let slow_clients = must(IntCounter::new(
+            "strangler_slow_clients_total",
+            "Connections closed with 408 because request headers did not arrive in time",
+        ));
         let flag_age = must(IntGauge::new(
             "strangler_flag_source_age_seconds",
             "Seconds since flags were last read successfully (-1 before the first read)",
@@ -114,6 +120,7 @@ impl Metrics {
             Box::new(spans_dropped.clone()),
             Box::new(spans_exported.clone()),
             Box::new(spans_failed.clone()),
+            Box::new(slow_clients.clone()),
             Box::new(flag_age.clone()),
             Box::new(flag_errors.clone()),
             Box::new(breaker_open.clone()),
@@ -129,6 +136,7 @@ impl Metrics {
             spans_dropped,
             spans_exported,
             spans_failed,
+            slow_clients,
             flag_age,
             flag_errors,
             breaker_open,

@@ -54,6 +54,10 @@ pub struct RequestCtx {
     breaker_open: bool,
     /// The peer is a trusted proxy, so its X-Forwarded-For is kept.
     peer_trusted: bool,
+    /// Delays for retrying connect failures, created at the first failure.
+    backoff: Option<backon::ExponentialBackoff>,
+    /// Wait this long before the next connect attempt.
+    retry_delay: Option<std::time::Duration>,
 }
 
 /// The router's proxy logic.
@@ -91,6 +95,8 @@ impl ProxyHttp for StranglerProxy {
             tried_new: false,
             breaker_open: false,
             peer_trusted: false,
+            backoff: None,
+            retry_delay: None,
         }
     }
 
@@ -102,6 +108,9 @@ impl ProxyHttp for StranglerProxy {
                 .await;
             return Ok(true);
         }
+        // Slow bodies: each read waits at most this long (headers have their own
+        // total deadline in the connection guard).
+        session.set_read_timeout(Some(config.limits.body_timeout));
         let peer = session
             .client_addr()
             .and_then(|a| a.as_inet())
@@ -159,7 +168,7 @@ impl ProxyHttp for StranglerProxy {
         let mut attributes = vec![
             KeyValue::new("http.request.method", req.method.to_string()),
             KeyValue::new("url.path", req.uri.path().to_string()),
-            KeyValue::new("url.scheme", "http"),
+            KeyValue::new("url.scheme", self.scheme()),
         ];
         if let Some(q) = req.uri.query() {
             attributes.push(KeyValue::new("url.query", q.to_string()));
@@ -251,6 +260,30 @@ impl ProxyHttp for StranglerProxy {
         Ok(())
     }
 
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<bytes::Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Self::CTX,
+    ) -> Result<Option<std::time::Duration>> {
+        if let Some((
+            _,
+            Timeouts {
+                total: Some(total), ..
+            },
+        )) = &ctx.upstream
+            && !end_of_stream
+            && ctx.started.elapsed() > *total
+        {
+            return Err(Error::explain(
+                ErrorType::ReadTimedout,
+                format!("the upstream's answer took longer than the total timeout of {total:?}"),
+            ));
+        }
+        Ok(None)
+    }
+
     fn response_body_filter(
         &self,
         _session: &mut Session,
@@ -276,6 +309,9 @@ impl ProxyHttp for StranglerProxy {
         _session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
+        if let Some(delay) = ctx.retry_delay.take() {
+            tokio::time::sleep(delay).await;
+        }
         if ctx.fallback {
             // The new service could not be reached: this retry goes to legacy.
             let config = self.state.config();
@@ -291,7 +327,20 @@ impl ProxyHttp for StranglerProxy {
         };
         let mut peer = HttpPeer::new(upstream.addr, false, upstream.host.clone());
         peer.options.connection_timeout = Some(timeouts.connect);
-        peer.options.read_timeout = Some(timeouts.read);
+        peer.options.read_timeout = Some(match timeouts.total {
+            // No single read may outlast what is left of the total.
+            Some(total) => {
+                let left = total.saturating_sub(ctx.started.elapsed());
+                if left.is_zero() {
+                    return Err(Error::explain(
+                        ErrorType::ConnectTimedout,
+                        format!("total timeout of {total:?} spent before connecting"),
+                    ));
+                }
+                timeouts.read.min(left)
+            }
+            None => timeouts.read,
+        });
         peer.options.write_timeout = Some(timeouts.write);
         peer.options.idle_timeout = Some(timeouts.idle);
         Ok(Box::new(peer))
@@ -305,10 +354,29 @@ impl ProxyHttp for StranglerProxy {
         mut e: Box<Error>,
     ) -> Box<Error> {
         // Nothing was sent yet, so an idempotent request can safely go to legacy instead.
-        let idempotent = is_idempotent(&session.req_header().method);
+        let idempotent = is_idempotent(ctx, &session.req_header().method);
         if ctx.decision.backend == Backend::New && !ctx.fallback && idempotent {
             self.begin_fallback(ctx);
             e.set_retry(true);
+            return e;
+        }
+        // Any method may be retried on the same upstream: it never saw the request.
+        let retry = self.state.config().retry;
+        let backoff = ctx.backoff.get_or_insert_with(|| {
+            backon::BackoffBuilder::build(
+                backon::ExponentialBuilder::default()
+                    .with_min_delay(retry.backoff)
+                    .with_max_delay(retry.backoff.saturating_mul(16))
+                    .with_max_times(retry.connect_retries as usize)
+                    .with_jitter(),
+            )
+        });
+        match backoff.next() {
+            Some(delay) => {
+                ctx.retry_delay = Some(delay);
+                e.set_retry(true);
+            }
+            None => e.set_retry(false),
         }
         e
     }
@@ -322,7 +390,7 @@ impl ProxyHttp for StranglerProxy {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        let idempotent = is_idempotent(&session.req_header().method);
+        let idempotent = is_idempotent(ctx, &session.req_header().method);
         if !idempotent || session.as_ref().retry_buffer_truncated() {
             e.set_retry(false);
         } else if ctx.decision.backend == Backend::New
@@ -349,7 +417,7 @@ impl ProxyHttp for StranglerProxy {
         if status >= 500
             && ctx.decision.backend == Backend::New
             && !ctx.fallback
-            && is_idempotent(&session.req_header().method)
+            && is_idempotent(ctx, &session.req_header().method)
         {
             // Turned into a retryable error; error_while_proxy sends the retry to legacy.
             return Err(Error::explain(
@@ -358,6 +426,22 @@ impl ProxyHttp for StranglerProxy {
             ));
         }
         Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        _ctx: &mut Self::CTX,
+    ) -> pingora::proxy::FailToProxy {
+        let code = error_status(e);
+        if code > 0 {
+            let _ = session.respond_error(code).await;
+        }
+        pingora::proxy::FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
     }
 
     async fn upstream_request_filter(
@@ -386,7 +470,7 @@ impl ProxyHttp for StranglerProxy {
             };
             upstream_request.insert_header("x-forwarded-for", forwarded)?;
         }
-        upstream_request.insert_header("x-forwarded-proto", "http")?;
+        upstream_request.insert_header("x-forwarded-proto", self.scheme())?;
         let host = session
             .req_header()
             .headers
@@ -601,15 +685,44 @@ fn strip_hop_by_hop(request: &mut RequestHeader) {
     }
 }
 
-/// Requests safe to send twice: only these are retried on legacy.
-fn is_idempotent(method: &http::Method) -> bool {
-    matches!(
-        *method,
-        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
-    )
+/// The status a client gets for a request the router could not complete: 504 when
+/// an upstream timed out, 408 when the client was too slow, 502 for other upstream
+/// failures, 400 for other client errors, 0 when the client is gone.
+fn error_status(e: &Error) -> u16 {
+    use pingora::{ErrorSource, ErrorType as T};
+    match (e.esource(), e.etype()) {
+        (_, T::HTTPStatus(code)) => *code,
+        (ErrorSource::Upstream, T::ConnectTimedout | T::ReadTimedout | T::WriteTimedout) => 504,
+        (ErrorSource::Upstream, _) => 502,
+        (ErrorSource::Downstream, T::ReadTimedout) => 408,
+        (ErrorSource::Downstream, T::WriteError | T::ReadError | T::ConnectionClosed) => 0,
+        (ErrorSource::Downstream, _) => 400,
+        (ErrorSource::Internal | ErrorSource::Unset, _) => 500,
+    }
+}
+
+/// Requests safe to send twice: only these are retried on legacy. GET, HEAD and
+/// OPTIONS, plus the methods the route declares.
+fn is_idempotent(ctx: &RequestCtx, method: &http::Method) -> bool {
+    match &ctx.route {
+        Some(route) => route.idempotent_methods.contains(method),
+        None => matches!(
+            *method,
+            http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
+        ),
+    }
 }
 
 impl StranglerProxy {
+    /// The client-facing scheme: the listener terminates TLS or it does not.
+    fn scheme(&self) -> &'static str {
+        if self.state.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     /// Marks the request for one retry on legacy.
     fn begin_fallback(&self, ctx: &mut RequestCtx) {
         ctx.fallback = true;
@@ -853,12 +966,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn timeouts_map_to_504_or_408_by_who_was_slow() {
+        let err = |t: ErrorType, s: pingora::ErrorSource| {
+            let mut e = Error::new(t);
+            e.esource = s;
+            error_status(&e)
+        };
+        use pingora::ErrorSource::{Downstream, Upstream};
+        assert_eq!(err(ErrorType::ReadTimedout, Upstream), 504);
+        assert_eq!(err(ErrorType::ConnectTimedout, Upstream), 504);
+        assert_eq!(err(ErrorType::ConnectRefused, Upstream), 502);
+        assert_eq!(err(ErrorType::ReadTimedout, Downstream), 408);
+        assert_eq!(err(ErrorType::ConnectionClosed, Downstream), 0);
+        assert_eq!(err(ErrorType::InvalidHTTPHeader, Downstream), 400);
+        assert_eq!(err(ErrorType::HTTPStatus(503), Upstream), 503);
+    }
+
+    #[test]
     fn limits_answer_414_431_and_413() {
         let limits = crate::config::Limits {
             max_uri_bytes: 10,
             max_headers: 2,
             max_header_bytes: 40,
             max_body_bytes: 5,
+            header_timeout: std::time::Duration::from_secs(1),
+            body_timeout: std::time::Duration::from_secs(1),
+            drain: std::time::Duration::from_secs(1),
         };
         let req = |uri: &str, headers: &[(&str, &str)]| {
             let mut r = RequestHeader::build("GET", uri.as_bytes(), None).expect("request");

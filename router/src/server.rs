@@ -31,6 +31,9 @@ pub enum StartError {
     /// Telemetry could not be set up.
     #[error(transparent)]
     Telemetry(#[from] TelemetryError),
+    /// The TLS certificate or key could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// A listen address is taken or not ours.
     #[error("cannot listen on {addr}")]
     Listen {
@@ -49,12 +52,29 @@ fn check_bindable(addr: std::net::SocketAddr) -> Result<(), StartError> {
         .map_err(|source| StartError::Listen { addr, source })
 }
 
-/// Builds the router from a config file and runs it until SIGTERM/SIGINT. Does not return
-/// on success (pingora exits the process after a graceful shutdown).
-pub fn run(config_path: &Path) -> Result<(), StartError> {
+/// How the router process starts.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Take over the listening sockets of a running router with the same listen
+    /// address (graceful binary upgrade): start this one with `upgrade`, then send the
+    /// old one SIGQUIT; it hands its sockets over and finishes its in-flight requests.
+    pub upgrade: bool,
+}
+
+/// Where a router listening on `listen` exchanges its sockets during an upgrade.
+pub fn upgrade_socket(listen: std::net::SocketAddr) -> PathBuf {
+    PathBuf::from(format!("/tmp/strangler-router-{}.sock", listen.port()))
+}
+
+/// Builds the router from a config file and runs it until SIGTERM/SIGINT (or SIGQUIT,
+/// which hands the sockets to an upgrading router). Does not return on success
+/// (pingora exits the process after a graceful shutdown).
+pub fn run(config_path: &Path, options: RunOptions) -> Result<(), StartError> {
     let config = RouterConfig::load(config_path)?;
-    check_bindable(config.listen)?;
-    check_bindable(config.admin.listen)?;
+    if !options.upgrade {
+        check_bindable(config.listen)?;
+        check_bindable(config.admin.listen)?;
+    }
     let metrics = Metrics::new();
     let telemetry = Telemetry::new(&config.telemetry, &metrics)?;
     let source: Arc<dyn FlagSource> = match &config.flags {
@@ -86,13 +106,15 @@ pub fn run(config_path: &Path) -> Result<(), StartError> {
     let listen = config.listen;
     let admin_listen = config.admin.listen;
     let threads = config.threads;
-    let state = Arc::new(RouterState::new(
-        config,
-        Arc::clone(&flags),
-        metrics,
-        telemetry,
-    ));
+    let tls = match &config.tls {
+        Some(files) => Some(Arc::new(crate::tls::CertStore::load(files)?)),
+        None => None,
+    };
+    let mut state = RouterState::new(config, Arc::clone(&flags), metrics, telemetry);
+    state.tls = tls;
+    let state = Arc::new(state);
 
+    let header_timeout = state.config().limits.header_timeout;
     let conf = ServerConf {
         threads,
         // One single-threaded runtime per worker, like nginx workers: no cross-thread
@@ -100,25 +122,45 @@ pub fn run(config_path: &Path) -> Result<(), StartError> {
         work_stealing: false,
         // Each router gets its own pid file and upgrade socket so several can share a host.
         pid_file: format!("/tmp/strangler-router-{}.pid", listen.port()),
-        upgrade_sock: format!("/tmp/strangler-router-{}.sock", listen.port()),
-        grace_period_seconds: Some(0),
+        upgrade_sock: upgrade_socket(listen).to_string_lossy().into_owned(),
+        // On SIGQUIT/SIGTERM keep accepting for a moment, so a load balancer (or the
+        // upgrading process) has taken over before the listener closes, then let
+        // in-flight requests finish.
+        grace_period_seconds: Some(1),
         graceful_shutdown_timeout_seconds: Some(10),
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
+    let opt = Opt {
+        upgrade: options.upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+    let mut http = pingora::proxy::http_proxy(
         &server.configuration,
         StranglerProxy::new(Arc::clone(&state)),
-        "strangler-router",
     );
-    if let Some(logic) = proxy.app_logic_mut() {
-        let mut options = pingora::apps::HttpServerOptions::default();
-        options.h2c = true;
-        logic.server_options = Some(options);
+    let mut http_options = pingora::apps::HttpServerOptions::default();
+    http_options.h2c = true;
+    http.server_options = Some(http_options);
+    let mut proxy = Service::new(
+        "strangler-router".to_string(),
+        crate::guard::GuardedApp::new(
+            http,
+            header_timeout,
+            state.metrics.slow_clients.clone(),
+            state.config().limits.drain,
+        ),
+    );
+    match &state.tls {
+        Some(store) => proxy.add_tls_with_settings(
+            &listen.to_string(),
+            None,
+            crate::tls::listener_settings(Arc::clone(store))?,
+        ),
+        None => proxy.add_tcp(&listen.to_string()),
     }
-    proxy.add_tcp(&listen.to_string());
     server.add_service(proxy);
 
     let mut admin = Service::new(
@@ -224,14 +266,24 @@ async fn health_checks(state: Arc<RouterState>) {
 async fn watch_config(state: Arc<RouterState>, path: PathBuf) {
     let changed = Arc::new(tokio::sync::Notify::new());
     let notify_on = Arc::clone(&changed);
-    let name = path.file_name().map(|n| n.to_os_string());
+    // The config file, and the certificate and key when TLS is on: a renewed
+    // certificate is picked up like a config change.
+    let mut watched = vec![path.clone()];
+    if let Some(store) = &state.tls {
+        let files = store.files();
+        watched.extend([files.cert, files.key]);
+    }
+    let names: Vec<_> = watched
+        .iter()
+        .filter_map(|p| p.file_name().map(|n| n.to_os_string()))
+        .collect();
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if let Ok(event) = event
             && event.kind.is_modify() | event.kind.is_create()
-            && event
-                .paths
-                .iter()
-                .any(|p| p.file_name().map(|n| n.to_os_string()) == name)
+            && event.paths.iter().any(|p| {
+                p.file_name()
+                    .is_some_and(|n| names.iter().any(|w| w.as_os_str() == n))
+            })
         {
             notify_on.notify_one();
         }
@@ -239,15 +291,23 @@ async fn watch_config(state: Arc<RouterState>, path: PathBuf) {
     let _watcher = match watcher {
         Ok(mut w) => {
             use notify::Watcher;
-            let dir = path
-                .parent()
-                .filter(|d| !d.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
-            if let Err(e) = w.watch(dir, notify::RecursiveMode::NonRecursive) {
-                tracing::warn!(
-                    "cannot watch {} for config changes: {e}; reload with SIGHUP",
-                    dir.display()
-                );
+            let mut dirs: Vec<&Path> = watched
+                .iter()
+                .map(|p| {
+                    p.parent()
+                        .filter(|d| !d.as_os_str().is_empty())
+                        .unwrap_or(Path::new("."))
+                })
+                .collect();
+            dirs.sort();
+            dirs.dedup();
+            for dir in dirs {
+                if let Err(e) = w.watch(dir, notify::RecursiveMode::NonRecursive) {
+                    tracing::warn!(
+                        "cannot watch {} for config changes: {e}; reload with SIGHUP",
+                        dir.display()
+                    );
+                }
             }
             Some(w)
         }

@@ -30,6 +30,8 @@ pub struct RouterState {
     pub telemetry: Telemetry,
     /// Shadow copies, comparison results and calibration.
     pub shadows: crate::shadow::Shadows,
+    /// The served certificate when the listener terminates TLS.
+    pub tls: Option<Arc<crate::tls::CertStore>>,
     breakers: std::sync::Mutex<std::collections::HashMap<String, Arc<crate::breaker::Breaker>>>,
     shutting_down: AtomicBool,
 }
@@ -52,6 +54,7 @@ impl RouterState {
             windows: RouteWindows::default(),
             telemetry,
             shadows: crate::shadow::Shadows::new(),
+            tls: None,
             breakers: std::sync::Mutex::new(std::collections::HashMap::new()),
             shutting_down: AtomicBool::new(false),
         }
@@ -84,6 +87,19 @@ impl RouterState {
             tracing::warn!(
                 "the flag source changes only on restart; applying routes and upstreams"
             );
+        }
+        match (&self.tls, &next.tls) {
+            (Some(store), Some(files)) => {
+                // A broken certificate must not take the routes' changes down with it.
+                match store.reload(files) {
+                    Ok(()) => {
+                        tracing::info!("TLS certificate reloaded from {}", files.cert.display())
+                    }
+                    Err(e) => tracing::error!("{e}; the previous certificate keeps serving"),
+                }
+            }
+            (None, None) => {}
+            _ => tracing::warn!("turning TLS on or off needs a restart"),
         }
         let routes = next.routes.len();
         self.table.store(Arc::new(RouteTable::new(&next.routes)));

@@ -206,6 +206,16 @@ impl Router {
     /// Writes `strangler.toml` (the `[server]` and `[admin]` sections are added here),
     /// plus any extra files, and starts the router; returns once `/health` answers.
     pub async fn start(body: &str, files: &[(&str, &str)], env: &[(&str, &str)]) -> Self {
+        Self::start_server("", body, files, env).await
+    }
+
+    /// Like [`Router::start`] with extra lines in the `[server]` section.
+    pub async fn start_server(
+        server_extra: &str,
+        body: &str,
+        files: &[(&str, &str)],
+        env: &[(&str, &str)],
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port().expect("port");
         let admin_port = free_port().expect("port");
@@ -213,7 +223,7 @@ impl Router {
             std::fs::write(dir.path().join(name), content).expect("write file");
         }
         let config = format!(
-            "[server]\nlisten = \"127.0.0.1:{}\"\nthreads = 2\n\n[admin]\nlisten = \"127.0.0.1:{}\"\n\n{body}",
+            "[server]\nlisten = \"127.0.0.1:{}\"\nthreads = 2\n{server_extra}\n\n[admin]\nlisten = \"127.0.0.1:{}\"\n\n{body}",
             port.port(),
             admin_port.port()
         );
@@ -252,6 +262,17 @@ impl Router {
             if let Ok(r) = client.get(self.admin_url("/health")).send().await
                 && r.status().is_success()
             {
+                // Give the flag source its first read (tests of a failing source
+                // never get ready and go on after this grace).
+                let ready_by = Instant::now() + Duration::from_secs(5);
+                while Instant::now() < ready_by {
+                    if let Ok(r) = client.get(self.admin_url("/ready")).send().await
+                        && r.status().is_success()
+                    {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
                 return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -276,6 +297,34 @@ impl Router {
 
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.admin_port.port())
+    }
+
+    /// Starts a second router process on the same config with `--upgrade` (it waits
+    /// for this one's sockets), logging to `upgrade.log`.
+    pub fn spawn_upgrade(&self) -> Child {
+        let log = std::fs::File::create(self.dir.path().join("upgrade.log")).expect("log");
+        Command::new(strangler_bin())
+            .args(["router", "run", "--upgrade", "--config"])
+            .arg(&self.config_path)
+            .env("STRANGLER_ADMIN_TOKEN", &self.token)
+            .env("STRANGLER_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn upgrading strangler")
+    }
+
+    /// Waits for the router process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     pub fn pid(&self) -> i32 {
