@@ -8,6 +8,61 @@ use std::time::{Duration, Instant};
 pub const DEFAULT_FAILURES: u32 = 5;
 /// How long it stays open before a probe: short, so recovery is quick.
 pub const DEFAULT_OPEN_MS: u64 = 5_000;
+/// The error-rate rule looks at this much recent history.
+pub const DEFAULT_RATE_WINDOW_MS: u64 = 10_000;
+/// ...and only once it holds this many requests, so three requests with one error
+/// do not count as a 33 % error rate.
+pub const DEFAULT_RATE_MIN_REQUESTS: u32 = 20;
+
+/// Opening on an error rate, besides consecutive failures: an intermittently failing
+/// service (one request in three) never fails five times in a row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorRate {
+    /// Open when at least this percentage of the window's requests failed.
+    pub percent: u8,
+    /// Requests the window must hold before the rate counts.
+    pub min_requests: u32,
+    /// Length of the window.
+    pub window: Duration,
+}
+
+const BUCKETS: usize = 10;
+
+/// Outcomes over a sliding window, in ten buckets.
+#[derive(Debug)]
+struct Window {
+    origin: Instant,
+    /// (bucket number since `origin`, successes, failures)
+    buckets: [(u64, u32, u32); BUCKETS],
+}
+
+impl Window {
+    fn new(now: Instant) -> Self {
+        Self {
+            origin: now,
+            buckets: [(u64::MAX, 0, 0); BUCKETS],
+        }
+    }
+
+    /// Adds an outcome and returns (requests, failures) over the window.
+    fn add(&mut self, rule: &ErrorRate, success: bool, now: Instant) -> (u32, u32) {
+        let width = (rule.window.as_nanos() / BUCKETS as u128).max(1);
+        let n = (now.saturating_duration_since(self.origin).as_nanos() / width) as u64;
+        let slot = &mut self.buckets[(n % BUCKETS as u64) as usize];
+        if slot.0 != n {
+            *slot = (n, 0, 0);
+        }
+        if success {
+            slot.1 += 1;
+        } else {
+            slot.2 += 1;
+        }
+        self.buckets
+            .iter()
+            .filter(|(b, _, _)| *b != u64::MAX && n.saturating_sub(*b) < BUCKETS as u64)
+            .fold((0, 0), |(r, f), (_, ok, fail)| (r + ok + fail, f + fail))
+    }
+}
 
 /// The breaker's state, as the admin API shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -29,6 +84,7 @@ struct Inner {
     probe_in_flight: bool,
     /// The active health check says the service is down: no requests, no probes.
     health_down: bool,
+    window: Window,
 }
 
 /// One breaker.
@@ -36,6 +92,7 @@ struct Inner {
 pub struct Breaker {
     threshold: u32,
     open_for: Duration,
+    rate: Option<ErrorRate>,
     inner: Mutex<Inner>,
 }
 
@@ -53,22 +110,29 @@ pub enum Admit {
 impl Breaker {
     /// A closed breaker that opens after `threshold` consecutive failures for `open_for`.
     pub fn new(threshold: u32, open_for: Duration) -> Self {
+        Self::with_rate(threshold, open_for, None)
+    }
+
+    /// Like [`Breaker::new`], also opening when the error rate over a window reaches `rate`.
+    pub fn with_rate(threshold: u32, open_for: Duration, rate: Option<ErrorRate>) -> Self {
         Self {
             threshold: threshold.max(1),
             open_for,
+            rate,
             inner: Mutex::new(Inner {
                 state: BreakerState::Closed,
                 failures: 0,
                 opened_at: None,
                 probe_in_flight: false,
                 health_down: false,
+                window: Window::new(Instant::now()),
             }),
         }
     }
 
-    /// The threshold and open period it was made with.
-    pub fn settings(&self) -> (u32, Duration) {
-        (self.threshold, self.open_for)
+    /// The settings it was made with.
+    pub fn settings(&self) -> (u32, Duration, Option<ErrorRate>) {
+        (self.threshold, self.open_for, self.rate)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -121,7 +185,21 @@ impl Breaker {
     pub fn record_at(&self, success: bool, now: Instant) -> Option<BreakerState> {
         let mut inner = self.lock();
         let before = inner.state;
-        if success {
+        let rate_tripped = match &self.rate {
+            Some(rule) if inner.state == BreakerState::Closed => {
+                let (requests, failures) = inner.window.add(rule, success, now);
+                requests >= rule.min_requests.max(1)
+                    && u64::from(failures) * 100 >= u64::from(rule.percent) * u64::from(requests)
+            }
+            _ => false,
+        };
+        if rate_tripped {
+            inner.state = BreakerState::Open;
+            inner.opened_at = Some(now);
+            inner.probe_in_flight = false;
+            inner.failures = 0;
+            inner.window = Window::new(now);
+        } else if success {
             inner.failures = 0;
             inner.state = BreakerState::Closed;
             inner.opened_at = None;
@@ -199,6 +277,53 @@ mod tests {
         );
         assert_eq!(b.set_health(true), Some(BreakerState::Closed));
         assert_eq!(b.admit(), Admit::Yes);
+    }
+
+    #[test]
+    fn an_error_rate_opens_a_breaker_that_consecutive_counting_never_would() {
+        let rule = ErrorRate {
+            percent: 30,
+            min_requests: 20,
+            window: Duration::from_secs(10),
+        };
+        let b = Breaker::with_rate(5, Duration::from_secs(5), Some(rule));
+        let t0 = Instant::now();
+        // One failure in three: never five in a row.
+        let mut opened = None;
+        for i in 0..30u32 {
+            if let Some(s) = b.record_at(i % 3 != 0, t0 + Duration::from_millis(u64::from(i))) {
+                opened = Some((i, s));
+                break;
+            }
+        }
+        assert_eq!(
+            opened,
+            Some((19, BreakerState::Open)),
+            "opens once 20 requests are seen"
+        );
+        let plain = Breaker::new(5, Duration::from_secs(5));
+        for i in 0..300u32 {
+            assert_eq!(plain.record_at(i % 3 != 0, t0), None);
+        }
+    }
+
+    #[test]
+    fn old_failures_leave_the_rate_window() {
+        let rule = ErrorRate {
+            percent: 50,
+            min_requests: 10,
+            window: Duration::from_secs(1),
+        };
+        let b = Breaker::with_rate(100, Duration::from_secs(5), Some(rule));
+        let t0 = Instant::now();
+        for _ in 0..9 {
+            b.record_at(false, t0);
+        }
+        // Two seconds later those nine failures are out of the window.
+        for i in 0..10 {
+            assert_eq!(b.record_at(i != 0, t0 + Duration::from_secs(2)), None);
+        }
+        assert_eq!(b.state(), BreakerState::Closed);
     }
 
     #[test]

@@ -325,6 +325,8 @@ pub struct RouteConfig {
     pub breaker_failures: u32,
     /// How long the breaker stays open before a probe.
     pub breaker_open: Duration,
+    /// Also open the breaker at this error rate over a recent window.
+    pub breaker_rate: Option<crate::breaker::ErrorRate>,
     /// Active health check of the new service: `GET` this path; 2xx is healthy.
     pub health: Option<HealthCheck>,
     /// Methods replayed on legacy when the new service fails: GET, HEAD and OPTIONS,
@@ -591,6 +593,9 @@ struct RawRoute {
     shadow: Option<RawShadow>,
     breaker_failures: Option<u32>,
     breaker_open_ms: Option<u64>,
+    breaker_error_rate: Option<u8>,
+    breaker_min_requests: Option<u32>,
+    breaker_window_ms: Option<u64>,
     health_path: Option<String>,
     health_interval_ms: Option<u64>,
     health_failures: Option<u32>,
@@ -848,6 +853,33 @@ fn validate(raw: RawConfig, path: &Path) -> Result<RouterConfig, String> {
                 idempotent_methods.push(method);
             }
         }
+        let breaker_rate = match r.breaker_error_rate {
+            None => {
+                if r.breaker_min_requests.is_some() || r.breaker_window_ms.is_some() {
+                    return Err(ctx(
+                        "breaker_min_requests and breaker_window_ms need breaker_error_rate".into(),
+                    ));
+                }
+                None
+            }
+            Some(p) if p == 0 || p > 100 => {
+                return Err(ctx(format!(
+                    "breaker_error_rate = {p}: a percentage from 1 to 100"
+                )));
+            }
+            Some(percent) => Some(crate::breaker::ErrorRate {
+                percent,
+                min_requests: r
+                    .breaker_min_requests
+                    .unwrap_or(crate::breaker::DEFAULT_RATE_MIN_REQUESTS)
+                    .max(1),
+                window: Duration::from_millis(
+                    r.breaker_window_ms
+                        .unwrap_or(crate::breaker::DEFAULT_RATE_WINDOW_MS)
+                        .max(100),
+                ),
+            }),
+        };
         routes.push(RouteConfig {
             name,
             path,
@@ -866,6 +898,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<RouterConfig, String> {
             breaker_open: Duration::from_millis(
                 r.breaker_open_ms.unwrap_or(crate::breaker::DEFAULT_OPEN_MS),
             ),
+            breaker_rate,
             health,
             idempotent_methods,
             index,
@@ -1236,9 +1269,11 @@ sticky = "cookie:session"
             "[server]\nlisten = \"127.0.0.1:8080\"\n[admin]\nlisten = \"127.0.0.1:9080\"\n[flags]\nfile = \"f.json\"\n{MINIMAL}\n[route.shadow]\npercent = 5\nignore = [\"/a/*/b\"]\n\n[[route]]\nname = \"item\"\nmatch = {{ path = \"/api/orders/{{id}}/{{*rest}}\", header = \"x-b\" }}\nnew = \"127.0.0.1:4001\"\n"
         );
         let alphabet: &[u8] = b"[]{}=\"/:*,.#\n abcz019-_";
-        let mut rng = rand::rngs::StdRng::seed_from_u64(0xc0f1);
+        // STRANGLER_FUZZ_ITERATIONS / STRANGLER_FUZZ_SEED run it longer (docs/testing.md).
+        let (iterations, seed) = crate::fuzz_settings(5_000, 0xc0f1);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut parsed = 0;
-        for _ in 0..5_000 {
+        for _ in 0..iterations {
             let mut bytes = full.clone().into_bytes();
             for _ in 0..rng.random_range(1..6) {
                 let i = rng.random_range(0..bytes.len());

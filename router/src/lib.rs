@@ -22,3 +22,15 @@ pub mod tls;
 
 pub use config::{ConfigError, RouterConfig};
 pub use server::{RunOptions, StartError, run};
+
+/// Iterations and seed of the property tests that throw random input at the config
+/// parser and the matcher: the defaults in CI, more on demand through
+/// `STRANGLER_FUZZ_ITERATIONS` and `STRANGLER_FUZZ_SEED`.
+#[cfg(test)]
+pub(crate) fn fuzz_settings(default_iterations: u64, default_seed: u64) -> (u64, u64) {
+    let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse().ok());
+    (
+        env("STRANGLER_FUZZ_ITERATIONS").unwrap_or(default_iterations),
+        env("STRANGLER_FUZZ_SEED").unwrap_or(default_seed),
+    )
+}

@@ -174,8 +174,9 @@ mod tests {
         let pieces = [
             "/", "api", "orders", "items", "", "x", "%2F", "..", "é", "{id}", "//", "?",
         ];
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        for _ in 0..20_000 {
+        let (iterations, seed) = crate::fuzz_settings(20_000, 7);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        for _ in 0..iterations {
             let n = rng.random_range(0..12);
             let path: String = (0..n)
                 .map(|_| pieces[rng.random_range(0..pieces.len())])

@@ -113,13 +113,19 @@ impl RouterState {
         let mut map = self.breakers.lock().unwrap_or_else(|p| p.into_inner());
         // Looked up by &str: no allocation on the request path unless created or replaced.
         if let Some(b) = map.get(route.name.as_str())
-            && b.settings() == (route.breaker_failures, route.breaker_open)
+            && b.settings()
+                == (
+                    route.breaker_failures,
+                    route.breaker_open,
+                    route.breaker_rate,
+                )
         {
             return Arc::clone(b);
         }
-        let b = Arc::new(crate::breaker::Breaker::new(
+        let b = Arc::new(crate::breaker::Breaker::with_rate(
             route.breaker_failures,
             route.breaker_open,
+            route.breaker_rate,
         ));
         map.insert(route.name.to_string(), Arc::clone(&b));
         b
