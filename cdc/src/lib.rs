@@ -1,4 +1,18 @@
-//! strangler's change data capture owns keeping the legacy database and the new
-//! service's database in sync while routes move: a source (PostgreSQL pgoutput,
-//! MySQL/MariaDB binlog), mappings written as SQL, sinks, checkpoints that are
-//! acknowledged only after the sink commits, verification and reverse sync.
+//! strangler's change data capture: keeps the new service's database in step with
+//! the legacy one while routes move. PostgreSQL logical replication (`pgoutput`,
+//! decoded by `pg_walstream`) is read from the legacy database; each mapped table's
+//! changes pass through a mapping written as SQL and are applied to the target in
+//! whole transactions, idempotently, with the applied position stored in the same
+//! target transaction.
+
+pub mod apply;
+pub mod config;
+pub mod lsn;
+pub mod mapping;
+pub mod plan;
+pub mod run;
+
+pub use config::CdcConfig;
+pub use lsn::Lsn;
+pub use pg_walstream::CancellationToken;
+pub use run::{CdcError, check, run};

@@ -1,0 +1,284 @@
+//! `cdc.toml`: where to read, where to write, and the mappings.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::mapping::{Mapping, MappingError};
+
+/// Why a config could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not valid TOML or unknown keys.
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value that cannot work.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A mapping's SQL was refused.
+    #[error("{path}: {source}")]
+    Mapping {
+        /// The file.
+        path: PathBuf,
+        /// The mapping error, with its position in the SQL.
+        #[source]
+        source: MappingError,
+    },
+}
+
+/// Default replication slot and publication name.
+pub const DEFAULT_NAME: &str = "strangler_cdc";
+/// Rows per applied batch (whole transactions are never split; a batch closes at
+/// the first commit past this).
+pub const DEFAULT_BATCH_ROWS: usize = 5_000;
+/// Longest a received commit waits to be applied: bounds the lag added by batching.
+pub const DEFAULT_BATCH_MS: u64 = 20;
+/// Tables copied at once during the snapshot.
+pub const DEFAULT_SNAPSHOT_PARALLELISM: usize = 4;
+
+/// A validated CDC configuration.
+#[derive(Debug, Clone)]
+pub struct CdcConfig {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// Source (legacy) connection URL.
+    pub source: String,
+    /// Target (new) connection URL.
+    pub target: String,
+    /// Replication slot on the source.
+    pub slot: String,
+    /// Publication on the source (created for the mapped tables when missing).
+    pub publication: String,
+    /// Rows per batch.
+    pub batch_rows: usize,
+    /// Batch linger.
+    pub batch_linger: Duration,
+    /// Tables copied in parallel.
+    pub snapshot_parallelism: usize,
+    /// The mappings, one per target table.
+    pub mappings: Vec<Mapping>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    source: RawSource,
+    target: RawTarget,
+    #[serde(default)]
+    apply: RawApply,
+    #[serde(default, rename = "map")]
+    maps: Vec<RawMap>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    url: String,
+    slot: Option<String>,
+    publication: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    url: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApply {
+    batch_rows: Option<usize>,
+    batch_ms: Option<u64>,
+    snapshot_parallelism: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMap {
+    target: String,
+    sql: Option<String>,
+    sql_file: Option<PathBuf>,
+}
+
+impl CdcConfig {
+    /// Reads and validates a config file, mappings included.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Validates config text; `path` names it in errors and anchors relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let raw: Raw = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((0, 0));
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: e.message().to_string(),
+            }
+        })?;
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        let name_ok = |n: &str| {
+            !n.is_empty()
+                && n.len() <= 63
+                && n.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        };
+        let slot = raw.source.slot.unwrap_or_else(|| DEFAULT_NAME.into());
+        let publication = raw
+            .source
+            .publication
+            .unwrap_or_else(|| DEFAULT_NAME.into());
+        for (what, n) in [("source.slot", &slot), ("source.publication", &publication)] {
+            if !name_ok(n) {
+                return Err(invalid(format!(
+                    "{what} = {n:?}: lower-case letters, digits and _ only, at most 63"
+                )));
+            }
+        }
+        if raw.maps.is_empty() {
+            return Err(invalid(
+                "no [[map]] sections: add one per target table, e.g.\n[[map]]\ntarget = \"orders\"\nsql = \"SELECT id, total_cents FROM orders\"".into(),
+            ));
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut mappings: Vec<Mapping> = Vec::new();
+        for m in raw.maps {
+            let sql = match (m.sql, m.sql_file) {
+                (Some(sql), None) => sql,
+                (None, Some(file)) => {
+                    let file = base.join(file);
+                    std::fs::read_to_string(&file).map_err(|source| ConfigError::Read {
+                        path: file.clone(),
+                        source,
+                    })?
+                }
+                _ => {
+                    return Err(invalid(format!(
+                        "map {}: give exactly one of sql or sql_file",
+                        m.target
+                    )));
+                }
+            };
+            let mapping =
+                Mapping::parse(&m.target, &sql).map_err(|source| ConfigError::Mapping {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+            if mappings.iter().any(|o| o.target == mapping.target) {
+                return Err(invalid(format!("two mappings write {}", mapping.target)));
+            }
+            if mappings.iter().any(|o| {
+                o.source_schema == mapping.source_schema && o.source_table == mapping.source_table
+            }) {
+                return Err(invalid(format!(
+                    "{}.{} is mapped twice; one source table feeds one target table",
+                    mapping.source_schema, mapping.source_table
+                )));
+            }
+            mappings.push(mapping);
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            source: raw.source.url,
+            target: raw.target.url,
+            slot,
+            publication,
+            batch_rows: raw.apply.batch_rows.unwrap_or(DEFAULT_BATCH_ROWS).max(1),
+            batch_linger: Duration::from_millis(raw.apply.batch_ms.unwrap_or(DEFAULT_BATCH_MS)),
+            snapshot_parallelism: raw
+                .apply
+                .snapshot_parallelism
+                .unwrap_or(DEFAULT_SNAPSHOT_PARALLELISM)
+                .clamp(1, 64),
+            mappings,
+        })
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "[source]\nurl = \"postgres://a@127.0.0.1/legacy\"\n[target]\nurl = \"postgres://a@127.0.0.1/new\"\n\n[[map]]\ntarget = \"orders\"\nsql = \"SELECT id, total_cents / 100.0 AS total FROM orders WHERE status <> 'draft'\"\n";
+
+    #[test]
+    fn a_minimal_config_gets_defaults() {
+        let c = CdcConfig::parse(GOOD, Path::new("cdc.toml")).expect("valid");
+        assert_eq!(c.slot, DEFAULT_NAME);
+        assert_eq!(c.batch_rows, DEFAULT_BATCH_ROWS);
+        assert_eq!(c.mappings[0].source_table, "orders");
+    }
+
+    #[test]
+    fn bad_configs_say_where_and_what() {
+        let e = CdcConfig::parse(
+            &GOOD.replace("[target]", "[target]\nbogus = 1"),
+            Path::new("c.toml"),
+        )
+        .expect_err("unknown key");
+        assert!(e.to_string().starts_with("c.toml:4:"), "{e}");
+        let e = CdcConfig::parse(
+            &GOOD.replace("total_cents / 100.0", "random()"),
+            Path::new("c.toml"),
+        )
+        .expect_err("bad mapping");
+        assert!(
+            e.to_string().contains("function random() is not supported"),
+            "{e}"
+        );
+        let e = CdcConfig::parse(
+            &format!("{GOOD}\n[[map]]\ntarget = \"orders\"\nsql = \"SELECT id FROM x\"\n"),
+            Path::new("c.toml"),
+        )
+        .expect_err("twice");
+        assert!(e.to_string().contains("two mappings write orders"), "{e}");
+        let e = CdcConfig::parse(
+            &GOOD.replace(
+                "url = \"postgres://a@127.0.0.1/legacy\"",
+                "url = \"x\"\nslot = \"Bad-Name\"",
+            ),
+            Path::new("c.toml"),
+        )
+        .expect_err("slot");
+        assert!(e.to_string().contains("source.slot"), "{e}");
+    }
+}

@@ -1,0 +1,515 @@
+//! Checking mappings against both schemas, and the SQL each table is applied with.
+//!
+//! Changed rows reach the target as text arrays (pgoutput's text format is each
+//! type's output function, which its input function reads back exactly), are cast
+//! to the source column types, and pass through the mapping's own expressions in
+//! one `INSERT … SELECT … FROM unnest(…) ON CONFLICT DO UPDATE` per table and batch.
+
+use std::collections::BTreeSet;
+
+use tokio_postgres::Client;
+
+use crate::mapping::{Mapping, Output};
+
+/// A mapping that does not fit the databases.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// A database could not be queried.
+    #[error("{side}: {source}")]
+    Db {
+        /// "source" or "target".
+        side: &'static str,
+        /// The error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The mapping does not fit the schemas.
+    #[error("mapping for {target}: {message}")]
+    Schema {
+        /// The target table.
+        target: String,
+        /// What does not fit.
+        message: String,
+    },
+}
+
+/// A column as the catalog describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    /// Name.
+    pub name: String,
+    /// `format_type()` of its type.
+    pub type_sql: String,
+    /// The type changed rows are cast to: the column's type when it is a built-in
+    /// type, `text` for enums, domains and other user types (which the other
+    /// database may not have).
+    pub cast: String,
+    /// NOT NULL.
+    pub not_null: bool,
+    /// Has a default (or is generated/identity).
+    pub has_default: bool,
+}
+
+/// A table as the catalog describes it.
+#[derive(Debug, Clone)]
+pub struct Table {
+    /// Schema.
+    pub schema: String,
+    /// Name.
+    pub name: String,
+    /// Columns in order.
+    pub columns: Vec<Column>,
+    /// Primary key columns in key order.
+    pub key: Vec<String>,
+    /// `d`efault, `f`ull, `i`ndex or `n`othing.
+    pub replica_identity: char,
+}
+
+impl Table {
+    fn column(&self, name: &str) -> Option<&Column> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+
+    /// `"schema"."name"`.
+    pub fn quoted(&self) -> String {
+        format!("{}.{}", ident(&self.schema), ident(&self.name))
+    }
+}
+
+/// Quotes an identifier for PostgreSQL.
+pub fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Splits `schema.table` (default schema `public`).
+pub fn split_name(name: &str) -> (String, String) {
+    match name.split_once('.') {
+        Some((s, t)) => (s.to_string(), t.to_string()),
+        None => ("public".to_string(), name.to_string()),
+    }
+}
+
+/// Reads a table's columns, key and replica identity; `None` when it does not exist.
+pub async fn describe(
+    client: &Client,
+    side: &'static str,
+    schema: &str,
+    name: &str,
+) -> Result<Option<Table>, CheckError> {
+    let db = |source| CheckError::Db { side, source };
+    let rel = client
+        .query_opt(
+            "SELECT c.oid, c.relreplident::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+            &[&schema, &name],
+        )
+        .await
+        .map_err(db)?;
+    let Some(rel) = rel else {
+        return Ok(None);
+    };
+    let oid: u32 = rel.get(0);
+    let ident_kind: String = rel.get(1);
+    let rows = client
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), \
+                    (t.typtype = 'b' AND tn.nspname = 'pg_catalog') \
+                      OR (t.typcategory = 'A' AND et.typtype = 'b' AND etn.nspname = 'pg_catalog'), \
+                    a.attnotnull, a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> '' \
+             FROM pg_attribute a \
+             JOIN pg_type t ON t.oid = a.atttypid JOIN pg_namespace tn ON tn.oid = t.typnamespace \
+             LEFT JOIN pg_type et ON et.oid = t.typelem LEFT JOIN pg_namespace etn ON etn.oid = et.typnamespace \
+             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+            &[&oid],
+        )
+        .await
+        .map_err(db)?;
+    let columns = rows
+        .iter()
+        .map(|r| {
+            let type_sql: String = r.get(1);
+            let builtin: bool = r.get(2);
+            Column {
+                name: r.get(0),
+                cast: if builtin {
+                    type_sql.clone()
+                } else {
+                    "text".into()
+                },
+                type_sql,
+                not_null: r.get(3),
+                has_default: r.get(4),
+            }
+        })
+        .collect();
+    let key = client
+        .query(
+            "SELECT a.attname::text FROM pg_index i \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey::int2[]) \
+             WHERE i.indrelid = $1 AND i.indisprimary \
+             ORDER BY array_position(i.indkey::int2[], a.attnum)",
+            &[&oid],
+        )
+        .await
+        .map_err(db)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    Ok(Some(Table {
+        schema: schema.to_string(),
+        name: name.to_string(),
+        columns,
+        key,
+        replica_identity: ident_kind.chars().next().unwrap_or('d'),
+    }))
+}
+
+/// Everything needed to move one table: checked mapping, both tables, and SQL.
+#[derive(Debug, Clone)]
+pub struct TablePlan {
+    /// The mapping (with `*` expanded).
+    pub mapping: Mapping,
+    /// The source table.
+    pub source: Table,
+    /// The target table.
+    pub target: Table,
+    /// Source columns carried in each change, in parameter order: the key first,
+    /// then the other columns the mapping reads.
+    pub carried: Vec<Column>,
+    /// Insert-or-update of changed rows (one text[] parameter per carried column).
+    pub upsert_sql: String,
+    /// Removal of rows whose new version the filter rejects (same parameters).
+    pub filtered_out_sql: Option<String>,
+    /// Removal by source key (one text[] parameter per source key column).
+    pub delete_sql: String,
+    /// The snapshot query run on the source.
+    pub copy_out_sql: String,
+    /// The snapshot load run on the target.
+    pub copy_in_sql: String,
+}
+
+impl TablePlan {
+    /// The source key columns.
+    pub fn source_key(&self) -> &[String] {
+        &self.source.key
+    }
+
+    /// Index in `carried` of each output's reads, used to tell whether an output
+    /// can be computed when some columns were not sent (unchanged TOAST).
+    pub fn output_reads(&self) -> impl Iterator<Item = &Output> {
+        self.mapping.outputs.iter()
+    }
+}
+
+/// Checks `mapping` against both databases and builds its SQL. Verifies, before any
+/// row moves: both tables exist, the source has a primary key and a replica identity
+/// that sends it, every column read exists, every output has a target column, the
+/// target key is produced from the source key alone (so a delete can find its row),
+/// required target columns are filled, and the target accepts the statement's types
+/// (it is prepared there).
+pub async fn check(
+    mapping: &Mapping,
+    source_db: &Client,
+    target_db: &Client,
+) -> Result<TablePlan, CheckError> {
+    let fail = |message: String| CheckError::Schema {
+        target: mapping.target.clone(),
+        message,
+    };
+    let source = describe(
+        source_db,
+        "source",
+        &mapping.source_schema,
+        &mapping.source_table,
+    )
+    .await?
+    .ok_or_else(|| {
+        fail(format!(
+            "source table {}.{} does not exist",
+            mapping.source_schema, mapping.source_table
+        ))
+    })?;
+    let (ts, tn) = split_name(&mapping.target);
+    let target = describe(target_db, "target", &ts, &tn)
+        .await?
+        .ok_or_else(|| fail(format!("target table {ts}.{tn} does not exist")))?;
+    if source.key.is_empty() {
+        return Err(fail(format!(
+            "source table {} has no primary key; add one (rows are matched by key)",
+            source.quoted()
+        )));
+    }
+    if source.replica_identity == 'n' || source.replica_identity == 'i' {
+        return Err(fail(format!(
+            "source table {} has REPLICA IDENTITY {}; use DEFAULT (the primary key) or FULL",
+            source.quoted(),
+            if source.replica_identity == 'n' {
+                "NOTHING"
+            } else {
+                "USING INDEX"
+            }
+        )));
+    }
+    if target.key.is_empty() {
+        return Err(fail(format!(
+            "target table {} has no primary key; upserts need one",
+            target.quoted()
+        )));
+    }
+    let mut mapping = mapping.clone();
+    if mapping.wildcard {
+        mapping.outputs = source
+            .columns
+            .iter()
+            .map(|c| Output {
+                column: c.name.clone(),
+                sql: ident(&c.name),
+                reads: BTreeSet::from([c.name.clone()]),
+            })
+            .collect();
+    }
+    for read in mapping.reads() {
+        if source.column(&read).is_none() {
+            return Err(fail(format!(
+                "column {read} does not exist in source table {} (it has: {})",
+                source.quoted(),
+                source
+                    .columns
+                    .iter()
+                    .map(|c| c.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+    }
+    for o in &mapping.outputs {
+        if target.column(&o.column).is_none() {
+            return Err(fail(format!(
+                "target table {} has no column {} (it has: {})",
+                target.quoted(),
+                o.column,
+                target
+                    .columns
+                    .iter()
+                    .map(|c| c.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+    }
+    for k in &target.key {
+        let Some(o) = mapping.outputs.iter().find(|o| &o.column == k) else {
+            return Err(fail(format!(
+                "the mapping does not produce target key column {k}; the primary key must be carried"
+            )));
+        };
+        if let Some(r) = o.reads.iter().find(|r| !source.key.contains(r)) {
+            return Err(fail(format!(
+                "target key column {k} is computed from {r}, which is not in the source key ({}): a deleted row could not be found",
+                source.key.join(", ")
+            )));
+        }
+    }
+    for c in &target.columns {
+        if c.not_null && !c.has_default && !mapping.outputs.iter().any(|o| o.column == c.name) {
+            return Err(fail(format!(
+                "target column {} is NOT NULL without a default and the mapping does not fill it",
+                c.name
+            )));
+        }
+    }
+    let mut carried: Vec<Column> = Vec::new();
+    for name in source.key.iter().chain(mapping.reads().iter()) {
+        if !carried.iter().any(|c| &c.name == name)
+            && let Some(col) = source.column(name)
+        {
+            carried.push(col.clone());
+        }
+    }
+    let plan = build(mapping, source, target, carried);
+    // Type check: the target parses and plans every statement now, not at the first row.
+    for sql in [
+        Some(&plan.upsert_sql),
+        plan.filtered_out_sql.as_ref(),
+        Some(&plan.delete_sql),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        target_db.prepare(sql).await.map_err(|e| {
+            fail(format!(
+                "the target rejects the mapping: {}",
+                e.as_db_error()
+                    .map_or_else(|| e.to_string(), |d| d.message().to_string())
+            ))
+        })?;
+    }
+    source_db
+        .prepare(&format!(
+            "SELECT * FROM ({}) AS m LIMIT 0",
+            plan_select_on_source(&plan)
+        ))
+        .await
+        .map_err(|e| {
+            fail(format!(
+                "the source rejects the mapping: {}",
+                e.as_db_error()
+                    .map_or_else(|| e.to_string(), |d| d.message().to_string())
+            ))
+        })?;
+    Ok(plan)
+}
+
+fn qualifier(mapping: &Mapping) -> String {
+    // Expressions may say `orders.total` or use the alias written in the mapping;
+    // the derived table gets the same name.
+    alias_of(&mapping.sql).unwrap_or_else(|| mapping.source_table.clone())
+}
+
+fn alias_of(sql: &str) -> Option<String> {
+    use sqlparser::ast::{SetExpr, Statement, TableFactor};
+    let stmts =
+        sqlparser::parser::Parser::parse_sql(&sqlparser::dialect::PostgreSqlDialect {}, sql)
+            .ok()?;
+    let Some(Statement::Query(q)) = stmts.first() else {
+        return None;
+    };
+    let SetExpr::Select(s) = q.body.as_ref() else {
+        return None;
+    };
+    match &s.from.first()?.relation {
+        TableFactor::Table { alias: Some(a), .. } => Some(a.name.value.clone()),
+        _ => None,
+    }
+}
+
+/// The mapping's SELECT over the real source table (the snapshot query).
+fn plan_select_on_source(plan: &TablePlan) -> String {
+    let m = &plan.mapping;
+    let cols = m
+        .outputs
+        .iter()
+        .map(|o| format!("{} AS {}", o.sql, ident(&o.column)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let filter = m
+        .filter
+        .as_ref()
+        .map(|f| format!(" WHERE {}", f.sql))
+        .unwrap_or_default();
+    format!(
+        "SELECT {cols} FROM {} AS {}{filter}",
+        plan.source.quoted(),
+        ident(&qualifier(m))
+    )
+}
+
+fn build(mapping: Mapping, source: Table, target: Table, carried: Vec<Column>) -> TablePlan {
+    let q = ident(&qualifier(&mapping));
+    let unnest = |cols: &[&Column]| {
+        let params = (1..=cols.len())
+            .map(|i| format!("${i}::text[]"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let names = cols
+            .iter()
+            .map(|c| ident(&c.name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let casts = cols
+            .iter()
+            .map(|c| format!("{}::{} AS {}", ident(&c.name), c.cast, ident(&c.name)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!("(SELECT {casts} FROM unnest({params}) AS u({names})) AS {q}")
+    };
+    let all: Vec<&Column> = carried.iter().collect();
+    let out_cols = mapping
+        .outputs
+        .iter()
+        .map(|o| ident(&o.column))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let out_exprs = mapping
+        .outputs
+        .iter()
+        .map(|o| o.sql.clone())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let filter = mapping
+        .filter
+        .as_ref()
+        .map(|f| format!(" WHERE {}", f.sql))
+        .unwrap_or_default();
+    let key_cols = target
+        .key
+        .iter()
+        .map(|k| ident(k))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let updates: Vec<String> = mapping
+        .outputs
+        .iter()
+        .filter(|o| !target.key.contains(&o.column))
+        .map(|o| format!("{c} = EXCLUDED.{c}", c = ident(&o.column)))
+        .collect();
+    let conflict = if updates.is_empty() {
+        "DO NOTHING".to_string()
+    } else {
+        format!("DO UPDATE SET {}", updates.join(", "))
+    };
+    let upsert_sql = format!(
+        "INSERT INTO {} ({out_cols}) SELECT {out_exprs} FROM {}{filter} ON CONFLICT ({key_cols}) {conflict}",
+        target.quoted(),
+        unnest(&all)
+    );
+    let key_exprs = |alias: &str| {
+        target
+            .key
+            .iter()
+            .filter_map(|k| mapping.outputs.iter().find(|o| &o.column == k))
+            .map(|o| format!("{} AS {}", o.sql, ident(&format!("{alias}{}", o.column))))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let key_match = target
+        .key
+        .iter()
+        .map(|k| format!("t.{} = d.{}", ident(k), ident(&format!("k_{k}"))))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let filtered_out_sql = mapping.filter.as_ref().map(|f| {
+        format!(
+            "DELETE FROM {} AS t USING (SELECT {} FROM {} WHERE NOT coalesce(({}), false)) AS d WHERE {key_match}",
+            target.quoted(),
+            key_exprs("k_"),
+            unnest(&all),
+            f.sql
+        )
+    });
+    let key_columns: Vec<&Column> = source
+        .key
+        .iter()
+        .filter_map(|k| carried.iter().find(|c| &c.name == k))
+        .collect();
+    let delete_sql = format!(
+        "DELETE FROM {} AS t USING (SELECT {} FROM {}) AS d WHERE {key_match}",
+        target.quoted(),
+        key_exprs("k_"),
+        unnest(&key_columns)
+    );
+    let mut plan = TablePlan {
+        mapping,
+        source,
+        target,
+        carried,
+        upsert_sql,
+        filtered_out_sql,
+        delete_sql,
+        copy_out_sql: String::new(),
+        copy_in_sql: String::new(),
+    };
+    plan.copy_out_sql = format!("COPY ({}) TO STDOUT", plan_select_on_source(&plan));
+    plan.copy_in_sql = format!("COPY {} ({out_cols}) FROM STDIN", plan.target.quoted());
+    plan
+}

@@ -1,0 +1,607 @@
+//! Running CDC: check, snapshot inside the slot's exported snapshot, then stream
+//! from the slot's position, applying batches of whole transactions.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt, TryStreamExt};
+use pg_walstream::{
+    CancellationToken, EventType, LogicalReplicationStream, ReplicationError,
+    ReplicationSlotOptions, ReplicationStreamConfig, StreamingMode,
+};
+use tokio_postgres::{Client, NoTls};
+
+use crate::apply::{ApplyError, Batch, ensure_checkpoint_table, read_checkpoint};
+use crate::config::CdcConfig;
+use crate::lsn::Lsn;
+use crate::plan::{CheckError, TablePlan, ident};
+
+/// Why CDC stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum CdcError {
+    /// A database could not be reached.
+    #[error("cannot connect to the {side} database: {source}")]
+    Connect {
+        /// "source" or "target".
+        side: &'static str,
+        /// Why.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// A mapping does not fit the schemas.
+    #[error(transparent)]
+    Check(#[from] CheckError),
+    /// A query on the source failed.
+    #[error("source: {0}")]
+    Source(#[source] tokio_postgres::Error),
+    /// The replication stream failed.
+    #[error("replication: {0}")]
+    Replication(#[from] ReplicationError),
+    /// Applying to the target failed; the stream stops there.
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    /// The snapshot copy of a table failed.
+    #[error("snapshot of {table}: {message}")]
+    Snapshot {
+        /// The target table.
+        table: String,
+        /// Why.
+        message: String,
+    },
+    /// The slot is gone while the target says streaming had started: changes since
+    /// the checkpoint are lost, so continuing would leave the target silently behind.
+    #[error(
+        "replication slot {slot} no longer exists on the source, but the target was applied up to {lsn}: changes after that are lost. \
+         Re-copy with `strangler cdc run --resnapshot` (truncates the mapped target tables and copies them again)"
+    )]
+    SlotLost {
+        /// The slot.
+        slot: String,
+        /// Where the target was.
+        lsn: Lsn,
+    },
+}
+
+async fn connect(url: &str, side: &'static str) -> Result<Client, CdcError> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .map_err(|source| CdcError::Connect { side, source })?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!("{side} connection closed: {e}");
+        }
+    });
+    Ok(client)
+}
+
+/// Checks every mapping against both databases without moving a row.
+pub async fn check(config: &CdcConfig) -> Result<Vec<TablePlan>, CdcError> {
+    let source = connect(&config.source, "source").await?;
+    let target = connect(&config.target, "target").await?;
+    let mut plans = Vec::new();
+    for m in &config.mappings {
+        plans.push(crate::plan::check(m, &source, &target).await?);
+    }
+    Ok(plans)
+}
+
+/// Options of a run.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Drop the slot and the checkpoint, truncate the targets and copy again.
+    pub resnapshot: bool,
+    /// Stop once the stream has applied up to the source's position at start
+    /// (tests and one-shot catch-ups); `None` runs until cancelled.
+    pub stop: Option<CancellationToken>,
+}
+
+/// Progress visible to `strangler cdc status` and the metrics.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Applied position.
+    pub applied: std::sync::atomic::AtomicU64,
+    /// Rows applied since start.
+    pub rows: std::sync::atomic::AtomicU64,
+    /// Transactions applied since start.
+    pub transactions: std::sync::atomic::AtomicU64,
+}
+
+fn replication_url(url: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}replication=database")
+}
+
+async fn ensure_publication(
+    source: &Client,
+    config: &CdcConfig,
+    plans: &[TablePlan],
+) -> Result<(), CdcError> {
+    let exists = source
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&config.publication],
+        )
+        .await
+        .map_err(CdcError::Source)?
+        .is_some();
+    let tables: Vec<String> = plans.iter().map(|p| p.source.quoted()).collect();
+    if !exists {
+        source
+            .batch_execute(&format!(
+                "CREATE PUBLICATION {} FOR TABLE {}",
+                ident(&config.publication),
+                tables.join(", ")
+            ))
+            .await
+            .map_err(CdcError::Source)?;
+        return Ok(());
+    }
+    for p in plans {
+        let included = source
+            .query_opt(
+                "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+                &[&config.publication, &p.source.schema, &p.source.name],
+            )
+            .await
+            .map_err(CdcError::Source)?
+            .is_some();
+        if !included {
+            source
+                .batch_execute(&format!(
+                    "ALTER PUBLICATION {} ADD TABLE {}",
+                    ident(&config.publication),
+                    p.source.quoted()
+                ))
+                .await
+                .map_err(CdcError::Source)?;
+        }
+    }
+    Ok(())
+}
+
+async fn slot_position(source: &Client, slot: &str) -> Result<Option<Lsn>, CdcError> {
+    let row = source
+        .query_opt(
+            "SELECT coalesce(confirmed_flush_lsn, restart_lsn)::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(CdcError::Source)?;
+    Ok(row
+        .and_then(|r| r.get::<_, Option<String>>(0))
+        .and_then(|s| s.parse().ok()))
+}
+
+async fn drop_slot(source: &Client, slot: &str) -> Result<(), CdcError> {
+    // A walsender that just went away may still hold it for a moment.
+    for _ in 0..50 {
+        let r = source
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await;
+        match r {
+            Ok(_) => return Ok(()),
+            Err(e) if e.to_string().contains("is active") => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(CdcError::Source(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Copies one table inside the exported snapshot: the mapping runs on the source
+/// (`COPY (SELECT …) TO STDOUT`) and streams straight into `COPY … FROM STDIN` on
+/// the target, after truncating it, in one target transaction.
+async fn copy_table(config: &CdcConfig, plan: &TablePlan, snapshot: &str) -> Result<u64, CdcError> {
+    let fail = |message: String| CdcError::Snapshot {
+        table: plan.target.quoted(),
+        message,
+    };
+    let source = connect(&config.source, "source").await?;
+    let mut target = connect(&config.target, "target").await?;
+    source
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
+            snapshot.replace('\'', "''")
+        ))
+        .await
+        .map_err(|e| fail(format!("cannot enter the exported snapshot: {e}")))?;
+    let tx = target
+        .transaction()
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    // Foreign keys between target tables would make parallel copies order-dependent;
+    // as PostgreSQL's own apply workers do, skip triggers for this session if allowed.
+    let _ = tx
+        .batch_execute("SET LOCAL session_replication_role = replica")
+        .await;
+    tx.batch_execute(&format!("TRUNCATE {}", plan.target.quoted()))
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let out = source
+        .copy_out(&plan.copy_out_sql)
+        .await
+        .map_err(|e| fail(format!("source: {e}")))?;
+    let sink = tx
+        .copy_in::<_, bytes::Bytes>(&plan.copy_in_sql)
+        .await
+        .map_err(|e| fail(format!("target: {e}")))?;
+    futures::pin_mut!(out);
+    futures::pin_mut!(sink);
+    while let Some(chunk) = out
+        .try_next()
+        .await
+        .map_err(|e| fail(format!("source: {e}")))?
+    {
+        sink.send(chunk)
+            .await
+            .map_err(|e| fail(format!("target: {}", db_message(&e))))?;
+    }
+    let rows = sink
+        .finish()
+        .await
+        .map_err(|e| fail(format!("target: {}", db_message(&e))))?;
+    tx.commit().await.map_err(|e| fail(e.to_string()))?;
+    let _ = source.batch_execute("COMMIT").await;
+    Ok(rows)
+}
+
+async fn copy_logged(
+    config: &CdcConfig,
+    plan: &TablePlan,
+    snapshot: String,
+) -> Result<(String, u64), CdcError> {
+    let t0 = Instant::now();
+    let rows = copy_table(config, plan, &snapshot).await?;
+    tracing::info!(
+        table = %plan.target.quoted(),
+        rows,
+        rows_per_s = rows as f64 / t0.elapsed().as_secs_f64().max(1e-6),
+        "snapshot copied"
+    );
+    Ok((plan.target.quoted(), rows))
+}
+
+fn db_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => match d.detail() {
+            Some(detail) => format!("{} ({detail})", d.message()),
+            None => d.message().to_string(),
+        },
+        None => e.to_string(),
+    }
+}
+
+/// Runs CDC until `options.stop` is cancelled or an error stops it.
+pub async fn run(config: &CdcConfig, options: RunOptions) -> Result<(), CdcError> {
+    let progress = Arc::new(Progress::default());
+    run_with(config, options, progress).await
+}
+
+/// [`run`] reporting into `progress`.
+pub async fn run_with(
+    config: &CdcConfig,
+    options: RunOptions,
+    progress: Arc<Progress>,
+) -> Result<(), CdcError> {
+    let source = connect(&config.source, "source").await?;
+    let mut target = connect(&config.target, "target").await?;
+    let mut plans = Vec::new();
+    for m in &config.mappings {
+        plans.push(crate::plan::check(m, &source, &target).await?);
+    }
+    ensure_publication(&source, config, &plans).await?;
+    ensure_checkpoint_table(&target).await?;
+    if options.resnapshot {
+        drop_slot(&source, &config.slot).await?;
+        target
+            .execute(
+                &format!(
+                    "DELETE FROM {} WHERE slot = $1",
+                    crate::apply::CHECKPOINT_TABLE
+                ),
+                &[&config.slot],
+            )
+            .await
+            .map_err(ApplyError::Checkpoint)?;
+    }
+    let checkpoint = read_checkpoint(&target, &config.slot).await?;
+    let slot = slot_position(&source, &config.slot).await?;
+    let stream_config = ReplicationStreamConfig::builder(&config.slot, &config.publication)
+        .with_protocol_version(1)
+        .with_streaming_mode(StreamingMode::Off)
+        .with_feedback_interval(Duration::from_secs(1));
+    let start = match (checkpoint, slot) {
+        (Some(lsn), None) => {
+            return Err(CdcError::SlotLost {
+                slot: config.slot.clone(),
+                lsn,
+            });
+        }
+        (Some(lsn), Some(_)) => {
+            tracing::info!(%lsn, slot = %config.slot, "resuming from the target's checkpoint");
+            let mut stream =
+                LogicalReplicationStream::new(&replication_url(&config.source), stream_config)
+                    .await?;
+            stream.start(Some(lsn.0)).await?;
+            (stream, lsn)
+        }
+        (None, existing) => {
+            if existing.is_some() {
+                // A slot without a checkpoint: an earlier snapshot never finished.
+                tracing::warn!(slot = %config.slot, "slot without a finished snapshot; starting over");
+                drop_slot(&source, &config.slot).await?;
+            }
+            let stream_config = stream_config.with_slot_options(ReplicationSlotOptions {
+                snapshot: Some("export".into()),
+                ..ReplicationSlotOptions::default()
+            });
+            let mut stream =
+                LogicalReplicationStream::new(&replication_url(&config.source), stream_config)
+                    .await?;
+            stream.ensure_replication_slot().await?;
+            let snapshot = stream
+                .exported_snapshot_name()
+                .map(str::to_string)
+                .ok_or_else(|| CdcError::Snapshot {
+                    table: String::new(),
+                    message: "the source exported no snapshot".into(),
+                })?;
+            let consistent = slot_position(&source, &config.slot)
+                .await?
+                .unwrap_or_default();
+            let started = Instant::now();
+            let copies: Vec<_> = plans
+                .iter()
+                .map(|p| copy_logged(config, p, snapshot.clone()))
+                .collect();
+            let results: Vec<Result<(String, u64), CdcError>> = futures::stream::iter(copies)
+                .buffer_unordered(config.snapshot_parallelism)
+                .collect()
+                .await;
+            let mut total = 0;
+            for r in results {
+                total += r?.1;
+            }
+            target
+                .execute(
+                    &format!(
+                        "INSERT INTO {} (slot, lsn) VALUES ($1, $2::text::pg_lsn) ON CONFLICT (slot) DO UPDATE SET lsn = EXCLUDED.lsn, updated_at = now()",
+                        crate::apply::CHECKPOINT_TABLE
+                    ),
+                    &[&config.slot, &consistent.to_string()],
+                )
+                .await
+                .map_err(ApplyError::Checkpoint)?;
+            tracing::info!(
+                rows = total,
+                seconds = started.elapsed().as_secs_f64(),
+                lsn = %consistent,
+                "snapshot complete; streaming"
+            );
+            stream.start(None).await?;
+            (stream, consistent)
+        }
+    };
+    let (mut stream, from) = start;
+    progress
+        .applied
+        .store(from.0, std::sync::atomic::Ordering::Relaxed);
+    stream_changes(
+        config,
+        &plans,
+        &mut stream,
+        &mut target,
+        from,
+        options.stop,
+        progress,
+    )
+    .await
+}
+
+/// Replaces the token the stream waits with every `tick`, so the loop regains
+/// control on an idle stream (to apply a lingering batch and advance the slot).
+struct Ticker {
+    current: Arc<std::sync::Mutex<CancellationToken>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Ticker {
+    fn start(tick: Duration) -> Self {
+        let current = Arc::new(std::sync::Mutex::new(CancellationToken::new()));
+        let shared = Arc::clone(&current);
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(tick).await;
+                let old = {
+                    let mut guard = shared.lock().unwrap_or_else(|p| p.into_inner());
+                    std::mem::replace(&mut *guard, CancellationToken::new())
+                };
+                old.cancel();
+            }
+        });
+        Self { current, task }
+    }
+
+    fn token(&self) -> CancellationToken {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn stream_changes(
+    config: &CdcConfig,
+    plans: &[TablePlan],
+    stream: &mut LogicalReplicationStream,
+    target: &mut Client,
+    from: Lsn,
+    stop: Option<CancellationToken>,
+    progress: Arc<Progress>,
+) -> Result<(), CdcError> {
+    let by_name: HashMap<(String, String), usize> = plans
+        .iter()
+        .enumerate()
+        .map(|(i, p)| ((p.source.schema.clone(), p.source.name.clone()), i))
+        .collect();
+    let feedback = Arc::clone(&stream.shared_lsn_feedback);
+    let ticker = Ticker::start(config.batch_linger.max(Duration::from_millis(5)));
+    let mut batch = Batch::new(plans.len());
+    let mut in_transaction = false;
+    let mut skipping = false;
+    let mut applied = from;
+    loop {
+        if stop.as_ref().is_some_and(CancellationToken::is_cancelled) && !in_transaction {
+            if !batch.is_empty() {
+                apply_batch(&mut batch, target, plans, config, &progress).await?;
+            }
+            return Ok(());
+        }
+        let token = ticker.token();
+        let event = match stream.next_event(&token).await {
+            Ok(event) => event,
+            Err(ReplicationError::Cancelled(_)) => {
+                // A tick: apply what lingered, or advance the slot on an idle stream.
+                if !in_transaction {
+                    if !batch.is_empty() {
+                        applied = apply_batch(&mut batch, target, plans, config, &progress).await?;
+                        feedback.update_applied_lsn(applied.0);
+                    } else {
+                        // Everything received is applied: the slot may move to the
+                        // server's position even though nothing of ours changed.
+                        let here = stream.current_lsn();
+                        if here > applied.0 {
+                            feedback.update_applied_lsn(here);
+                            let _ = stream.send_feedback().await;
+                        }
+                    }
+                }
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match &event.event_type {
+            EventType::Begin { final_lsn, .. } => {
+                in_transaction = true;
+                // Committed before the checkpoint we resumed from: already applied
+                // (the server resends from the slot's position, which may be older).
+                skipping = final_lsn.value() < from.0;
+            }
+            EventType::Insert {
+                schema,
+                table,
+                data,
+                ..
+            } if !skipping => {
+                if let Some(&t) = by_name.get(&(schema.to_string(), table.to_string())) {
+                    batch.insert(t, &plans[t], data)?;
+                }
+            }
+            EventType::Update {
+                schema,
+                table,
+                old_data,
+                new_data,
+                ..
+            } if !skipping => {
+                if let Some(&t) = by_name.get(&(schema.to_string(), table.to_string())) {
+                    batch.update(t, &plans[t], old_data.as_ref(), new_data)?;
+                }
+            }
+            EventType::Delete {
+                schema,
+                table,
+                old_data,
+                ..
+            } if !skipping => {
+                if let Some(&t) = by_name.get(&(schema.to_string(), table.to_string())) {
+                    batch.delete(t, &plans[t], old_data)?;
+                }
+            }
+            EventType::Truncate { tables, .. } if !skipping => {
+                for name in tables {
+                    let (s, n) = crate::plan::split_name(name);
+                    if let Some(&t) = by_name.get(&(s, n)) {
+                        batch.truncate(t);
+                    }
+                }
+            }
+            EventType::Relation {
+                namespace,
+                relation_name,
+                columns,
+                ..
+            } => {
+                if let Some(&t) = by_name.get(&(namespace.to_string(), relation_name.to_string())) {
+                    let known: Vec<&str> = plans[t]
+                        .source
+                        .columns
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .collect();
+                    for c in columns {
+                        if !known.contains(&c.name.as_ref()) {
+                            tracing::warn!(
+                                table = %plans[t].source.quoted(),
+                                column = %c.name,
+                                "column added to a source table; mappings that name it pick it up after a restart, others ignore it"
+                            );
+                        }
+                    }
+                }
+            }
+            EventType::Commit {
+                end_lsn,
+                commit_timestamp,
+                ..
+            } => {
+                in_transaction = false;
+                if skipping {
+                    skipping = false;
+                    continue;
+                }
+                batch.commit(
+                    Lsn(end_lsn.value()),
+                    Some(std::time::SystemTime::from(*commit_timestamp)),
+                );
+                let full = batch.changes >= config.batch_rows;
+                let lingered = batch
+                    .first_commit
+                    .is_some_and(|t| t.elapsed() >= config.batch_linger);
+                if full || lingered {
+                    applied = apply_batch(&mut batch, target, plans, config, &progress).await?;
+                    feedback.update_applied_lsn(applied.0);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn apply_batch(
+    batch: &mut Batch,
+    target: &mut Client,
+    plans: &[TablePlan],
+    config: &CdcConfig,
+    progress: &Progress,
+) -> Result<Lsn, CdcError> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let end = batch.end_lsn;
+    let txs = batch.transactions as u64;
+    let rows = batch.apply(target, plans, &config.slot).await?;
+    progress.applied.store(end.0, Relaxed);
+    progress.rows.fetch_add(rows, Relaxed);
+    progress.transactions.fetch_add(txs, Relaxed);
+    Ok(end)
+}

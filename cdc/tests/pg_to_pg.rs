@@ -1,0 +1,307 @@
+//! PostgreSQL → PostgreSQL CDC against two real servers from the testkit.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use strangler_cdc::CdcConfig;
+use strangler_cdc::run::{RunOptions, run};
+use strangler_testkit::Postgres;
+use tokio_postgres::Client;
+
+const SOURCE_SCHEMA: &str = "
+CREATE TYPE order_kind AS ENUM ('web', 'phone', 'shop');
+CREATE TABLE customers (id serial PRIMARY KEY, email text NOT NULL, name text);
+CREATE TABLE orders (
+    id bigserial PRIMARY KEY,
+    customer_id int NOT NULL,
+    total_cents bigint NOT NULL,
+    status text NOT NULL,
+    email text,
+    note text,
+    tags text[],
+    meta jsonb,
+    created timestamptz NOT NULL DEFAULT now(),
+    uid uuid,
+    data bytea,
+    kind order_kind NOT NULL DEFAULT 'web'
+);
+";
+
+const TARGET_SCHEMA: &str = "
+CREATE TABLE customers (id int PRIMARY KEY, email text NOT NULL, name text);
+CREATE TABLE orders_v2 (
+    id bigint PRIMARY KEY,
+    buyer int NOT NULL,
+    total numeric(12,2) NOT NULL,
+    email text,
+    note text,
+    tags text[],
+    meta jsonb,
+    created timestamptz NOT NULL,
+    uid uuid,
+    data bytea,
+    kind text NOT NULL
+);
+";
+
+fn config(source: &str, target: &str) -> CdcConfig {
+    let text = format!(
+        "[source]\nurl = \"{source}\"\n[target]\nurl = \"{target}\"\n[apply]\nbatch_ms = 10\n\n\
+         [[map]]\ntarget = \"customers\"\nsql = \"SELECT * FROM customers\"\n\n\
+         [[map]]\ntarget = \"orders_v2\"\nsql = \"\"\"\n\
+         SELECT id, customer_id AS buyer, total_cents / 100.0 AS total, lower(email) AS email,\n\
+                note, tags, meta, created, uid, data, kind::text AS kind\n\
+         FROM orders WHERE status <> 'draft'\"\"\"\n"
+    );
+    CdcConfig::parse(&text, Path::new("cdc.toml")).expect("config")
+}
+
+/// The mapped rows as the source defines them, and the target's rows, as text.
+async fn mapped_source(db: &Client) -> Vec<String> {
+    db.query(
+        "SELECT (id, customer_id, (total_cents / 100.0)::numeric(12,2), lower(email), note, tags, meta, created, uid, data, kind::text)::text \
+         FROM orders WHERE status <> 'draft' ORDER BY id",
+        &[],
+    )
+    .await
+    .expect("source rows")
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+async fn target_rows(db: &Client) -> Vec<String> {
+    db.query(
+        "SELECT (id, buyer, total, email, note, tags, meta, created, uid, data, kind)::text FROM orders_v2 ORDER BY id",
+        &[],
+    )
+    .await
+    .expect("target rows")
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+async fn customers(db: &Client) -> Vec<String> {
+    db.query(
+        "SELECT (id, email, name)::text FROM customers ORDER BY id",
+        &[],
+    )
+    .await
+    .expect("customers")
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+async fn wait_caught_up(source: &Client, target: &Client, slot: &str, timeout: Duration) {
+    let goal: String = source
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("wal lsn")
+        .get(0);
+    let deadline = Instant::now() + timeout;
+    loop {
+        let row = target
+            .query_opt(
+                "SELECT lsn >= $2::text::pg_lsn FROM strangler.cdc_checkpoint WHERE slot = $1",
+                &[&slot, &goal],
+            )
+            .await;
+        if let Ok(Some(r)) = row
+            && r.get::<_, bool>(0)
+        {
+            return;
+        }
+        // An idle tail (no more of our commits) only moves the checkpoint with the
+        // next commit: make one.
+        let _ = source
+            .execute("UPDATE customers SET name = name WHERE id = 1", &[])
+            .await;
+        assert!(
+            Instant::now() < deadline,
+            "target did not catch up to {goal}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn seed(db: &Client, customers: i32, orders: i32) {
+    db.execute(
+        "INSERT INTO customers (email, name) SELECT 'c' || g || '@example.com', 'Customer ' || g FROM generate_series(1, $1) g",
+        &[&customers],
+    )
+    .await
+    .expect("customers");
+    db.execute(
+        "INSERT INTO orders (customer_id, total_cents, status, email, note, tags, meta, uid, data, kind) \
+         SELECT g % 50 + 1, g * 37, CASE WHEN g % 10 = 0 THEN 'draft' ELSE 'paid' END, 'Buyer' || g || '@Example.COM', \
+                CASE WHEN g % 7 = 0 THEN NULL ELSE 'note ' || g END, ARRAY['a', 'b' || g], jsonb_build_object('n', g, 'x', ARRAY[1,2]), \
+                md5(g::text)::uuid, decode(md5(g::text), 'hex'), (ARRAY['web','phone','shop'])[g % 3 + 1]::order_kind \
+         FROM generate_series(1, $1) g",
+        &[&orders],
+    )
+    .await
+    .expect("orders");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn snapshot_then_stream_under_writes_ends_with_exactly_the_mapped_rows() {
+    let (src, tgt) = tokio::join!(Postgres::start(), Postgres::start());
+    let (src, tgt) = (src.expect("source pg"), tgt.expect("target pg"));
+    src.create_database("legacy").await.expect("db");
+    tgt.create_database("shop").await.expect("db");
+    let source = src.connect("legacy").await.expect("source");
+    let target = tgt.connect("shop").await.expect("target");
+    source.batch_execute(SOURCE_SCHEMA).await.expect("schema");
+    target.batch_execute(TARGET_SCHEMA).await.expect("schema");
+    seed(&source, 100, 5_000).await;
+
+    let config = config(&src.url("legacy"), &tgt.url("shop"));
+    let stop = strangler_cdc::CancellationToken::new();
+    let cdc = {
+        let (config, stop) = (config.clone(), stop.clone());
+        tokio::spawn(async move {
+            run(
+                &config,
+                RunOptions {
+                    stop: Some(stop),
+                    ..RunOptions::default()
+                },
+            )
+            .await
+        })
+    };
+
+    // Writes while the snapshot and then the stream run: inserts, updates (some moving
+    // rows in and out of the filter, one changing a key), deletes, all types.
+    let writer_db = src.connect("legacy").await.expect("writer");
+    for round in 0..40 {
+        writer_db
+            .batch_execute(&format!(
+                "BEGIN;
+                 INSERT INTO orders (customer_id, total_cents, status, email, tags, meta, uid, kind)
+                   SELECT 7, {round} * 1000 + g, 'paid', 'NEW{round}@X.org', ARRAY['n'], '{{\"r\": {round}}}', gen_random_uuid(), 'shop'
+                   FROM generate_series(1, 25) g;
+                 UPDATE orders SET total_cents = total_cents + 1, note = 'touched {round}' WHERE id % 97 = {m};
+                 UPDATE orders SET status = CASE status WHEN 'draft' THEN 'paid' ELSE 'draft' END WHERE id % 89 = {m};
+                 DELETE FROM orders WHERE id % 101 = {m} AND id < 5000;
+                 UPDATE customers SET name = 'renamed {round}' WHERE id = {c};
+                 COMMIT;",
+                m = round % 89,
+                c = round + 1
+            ))
+            .await
+            .expect("writes");
+        if round == 39 {
+            let moved = writer_db
+                .execute(
+                    "UPDATE orders SET id = 900000, status = 'paid' WHERE id = (SELECT max(id) FROM orders WHERE id < 5000)",
+                    &[],
+                )
+                .await
+                .expect("key change");
+            assert_eq!(moved, 1);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_caught_up(&source, &target, &config.slot, Duration::from_secs(60)).await;
+    stop.cancel();
+    let result = tokio::time::timeout(Duration::from_secs(10), cdc)
+        .await
+        .expect("cdc stops")
+        .expect("cdc task");
+    result.expect("cdc ran without error");
+
+    let want = mapped_source(&source).await;
+    let got = target_rows(&target).await;
+    assert_eq!(want.len(), got.len(), "row counts");
+    assert!(want.len() > 2_000, "{}", want.len());
+    for (w, g) in want.iter().zip(&got) {
+        assert_eq!(w, g);
+    }
+    assert_eq!(customers(&source).await, customers(&target).await);
+    assert!(
+        got.iter().any(|r| r.starts_with("(900000,")),
+        "key change applied"
+    );
+    let old_key_left = got
+        .iter()
+        .filter(|r| r.starts_with("(4999,") || r.starts_with("(5000,"))
+        .count();
+    assert!(old_key_left <= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mappings_that_do_not_fit_the_schemas_are_refused_before_any_row_moves() {
+    let (src, tgt) = tokio::join!(Postgres::start(), Postgres::start());
+    let (src, tgt) = (src.expect("source pg"), tgt.expect("target pg"));
+    let source = src.connect("postgres").await.expect("source");
+    let target = tgt.connect("postgres").await.expect("target");
+    source
+        .batch_execute(
+            "CREATE TABLE orders (id int PRIMARY KEY, total_cents bigint, email text);
+             CREATE TABLE nokey (id int, v text);
+             INSERT INTO orders VALUES (1, 100, 'a');",
+        )
+        .await
+        .expect("source schema");
+    target
+        .batch_execute(
+            "CREATE TABLE orders (id int PRIMARY KEY, total numeric, email text, created date NOT NULL);
+             CREATE TABLE o2 (id int PRIMARY KEY, total int);
+             CREATE TABLE nokey (id int PRIMARY KEY, v text);",
+        )
+        .await
+        .expect("target schema");
+    let cases = [
+        (
+            "orders",
+            "SELECT id, totl_cents AS total FROM orders",
+            "column totl_cents does not exist in source table",
+        ),
+        (
+            "orders",
+            "SELECT id, total_cents AS total, email FROM orders",
+            "created is NOT NULL without a default",
+        ),
+        (
+            "o2",
+            "SELECT id, email AS total FROM orders",
+            "the target rejects the mapping",
+        ),
+        ("nokey", "SELECT id, v FROM nokey", "has no primary key"),
+        (
+            "missing",
+            "SELECT id FROM orders",
+            "target table public.missing does not exist",
+        ),
+        (
+            "o2",
+            "SELECT total_cents AS id FROM orders",
+            "not in the source key",
+        ),
+    ];
+    for (target_table, sql, needle) in cases {
+        let text = format!(
+            "[source]\nurl = \"{}\"\n[target]\nurl = \"{}\"\n[[map]]\ntarget = \"{target_table}\"\nsql = \"{sql}\"\n",
+            src.url("postgres"),
+            tgt.url("postgres")
+        );
+        let config = CdcConfig::parse(&text, Path::new("cdc.toml")).expect("parses");
+        let e = strangler_cdc::check(&config).await.expect_err(sql);
+        assert!(e.to_string().contains(needle), "{sql}: {e}");
+    }
+    let n: i64 = target
+        .query_one("SELECT count(*) FROM o2", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(n, 0);
+    let slots: i64 = source
+        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+        .await
+        .expect("slots")
+        .get(0);
+    assert_eq!(slots, 0, "check creates no slot");
+}
