@@ -228,8 +228,10 @@ impl Batch {
                 match n {
                     Ok(n) => written += n,
                     Err(e) => {
-                        // Name the row: replay it alone inside a savepoint to find it.
-                        let key = blame(&tx, plan, &present).await;
+                        // Name the row: the transaction is aborted, so roll it back
+                        // and replay the rows one by one in a fresh one.
+                        drop(tx);
+                        let key = blame(target, plan, &present).await;
                         return Err(rejected(&table, &key, &e));
                     }
                 }
@@ -308,11 +310,11 @@ fn rejected(table: &str, key: &str, e: &tokio_postgres::Error) -> ApplyError {
 
 /// Finds the first row the target rejects, for the error message; the batch is
 /// failing anyway, so the extra statements cost nothing that matters.
-async fn blame(
-    tx: &tokio_postgres::Transaction<'_>,
-    plan: &TablePlan,
-    rows: &[(Key, Values)],
-) -> String {
+async fn blame(target: &mut Client, plan: &TablePlan, rows: &[(Key, Values)]) -> String {
+    let Ok(tx) = target.transaction().await else {
+        return String::new();
+    };
+    let tx = &tx;
     for (key, values) in rows {
         let columns = transpose(plan.carried.len(), std::iter::once(values));
         if tx.batch_execute("SAVEPOINT strangler_blame").await.is_err() {

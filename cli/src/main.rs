@@ -69,6 +69,11 @@ enum Command {
         #[command(subcommand)]
         command: CollectorCommand,
     },
+    /// Keep the new database in sync with the legacy one (PostgreSQL logical replication).
+    Cdc {
+        #[command(subcommand)]
+        command: CdcCommand,
+    },
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -223,6 +228,35 @@ enum CollectorCommand {
         /// The database name.
         #[arg(long, default_value = "strangler")]
         database: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CdcCommand {
+    /// Snapshot the mapped tables (first run), then stream changes until SIGTERM/Ctrl-C.
+    /// Restarts resume from the position stored in the target.
+    Run {
+        /// The CDC config (source, target, [[map]] sections).
+        #[arg(long, short, env = "STRANGLER_CDC_CONFIG", default_value = "cdc.toml")]
+        config: PathBuf,
+        /// Drop the slot and checkpoint, truncate the mapped target tables, copy again.
+        #[arg(long)]
+        resnapshot: bool,
+    },
+    /// Check every mapping against both schemas; moves no row, creates no slot.
+    Check {
+        /// The CDC config.
+        #[arg(long, short, env = "STRANGLER_CDC_CONFIG", default_value = "cdc.toml")]
+        config: PathBuf,
+    },
+    /// Slot, applied position and lag.
+    Status {
+        /// The CDC config.
+        #[arg(long, short, env = "STRANGLER_CDC_CONFIG", default_value = "cdc.toml")]
+        config: PathBuf,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: Output,
     },
 }
 
@@ -481,6 +515,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Cdc { command } => cdc_command(command),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
@@ -506,6 +541,97 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("strangler: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn cdc_command(command: CdcCommand) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    match command {
+        CdcCommand::Run { config, resnapshot } => {
+            let config = strangler_cdc::CdcConfig::load(&config)?;
+            init_logging(false);
+            runtime.block_on(async {
+                let stop = strangler_cdc::CancellationToken::new();
+                let on_signal = stop.clone();
+                tokio::spawn(async move {
+                    let mut term =
+                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                            .ok();
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        Some(()) = async { match term.as_mut() { Some(t) => t.recv().await, None => std::future::pending().await } } => {}
+                    }
+                    tracing::info!("stopping after the current transaction");
+                    on_signal.cancel();
+                });
+                strangler_cdc::run::run(
+                    &config,
+                    strangler_cdc::run::RunOptions {
+                        resnapshot,
+                        stop: Some(stop),
+                    },
+                )
+                .await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        CdcCommand::Check { config } => {
+            let config = strangler_cdc::CdcConfig::load(&config)?;
+            let plans = runtime.block_on(strangler_cdc::check(&config))?;
+            for p in &plans {
+                println!(
+                    "ok  {}.{} -> {}  ({} columns, key {})",
+                    p.source.schema,
+                    p.source.name,
+                    p.target.quoted(),
+                    p.mapping.outputs.len(),
+                    p.target.key.join(", ")
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        CdcCommand::Status { config, output } => {
+            let config = strangler_cdc::CdcConfig::load(&config)?;
+            let s = runtime.block_on(strangler_cdc::run::status(&config))?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&s)?),
+                Output::Table => {
+                    let or = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+                    println!(
+                        "slot          {} ({})",
+                        s.slot,
+                        if !s.slot_exists {
+                            "missing"
+                        } else if s.slot_active {
+                            "active"
+                        } else {
+                            "inactive"
+                        }
+                    );
+                    println!("source        {}", s.source_lsn);
+                    println!("confirmed     {}", or(&s.confirmed_lsn));
+                    println!("applied       {}", or(&s.applied_lsn));
+                    println!(
+                        "lag           {}",
+                        s.lag_bytes.map_or("-".into(), |b| format!("{b} bytes"))
+                    );
+                    println!(
+                        "retained WAL  {}",
+                        s.retained_bytes
+                            .map_or("-".into(), |b| format!("{b} bytes"))
+                    );
+                    println!(
+                        "checkpoint    {}",
+                        s.checkpoint_age_seconds
+                            .map_or("-".into(), |a| format!("{a:.1} s ago"))
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -1,0 +1,341 @@
+//! `strangler cdc` as a process against two real PostgreSQL servers: crash and
+//! resume, idle slots, rejected rows, lost slots.
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use strangler_testkit::Postgres;
+use support::{strangler_bin, wait_until};
+use tokio_postgres::Client;
+
+struct Pair {
+    src: Postgres,
+    tgt: Postgres,
+    source: Client,
+    target: Client,
+    dir: tempfile::TempDir,
+}
+
+const TARGET_DDL: &str = "
+CREATE TABLE ledger (id bigint PRIMARY KEY, account int NOT NULL, amount_cents bigint NOT NULL CHECK (amount_cents >= 0), note text);
+CREATE TABLE apply_log (id bigint NOT NULL);
+CREATE FUNCTION log_apply() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN INSERT INTO apply_log VALUES (NEW.id); RETURN NEW; END $$;
+CREATE TRIGGER counted AFTER INSERT OR UPDATE ON ledger FOR EACH ROW EXECUTE FUNCTION log_apply();
+";
+
+async fn pair() -> Pair {
+    let (src, tgt) = tokio::join!(Postgres::start(), Postgres::start());
+    let (src, tgt) = (src.expect("source pg"), tgt.expect("target pg"));
+    src.create_database("legacy").await.expect("db");
+    tgt.create_database("new").await.expect("db");
+    let source = src.connect("legacy").await.expect("source");
+    let target = tgt.connect("new").await.expect("target");
+    source
+        .batch_execute(
+            "CREATE TABLE events (id bigserial PRIMARY KEY, account int NOT NULL, amount bigint NOT NULL, note text)",
+        )
+        .await
+        .expect("source schema");
+    target
+        .batch_execute(TARGET_DDL)
+        .await
+        .expect("target schema");
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(
+        dir.path().join("cdc.toml"),
+        format!(
+            "[source]\nurl = \"{}\"\n[target]\nurl = \"{}\"\n[apply]\nbatch_ms = 10\n\n[[map]]\ntarget = \"ledger\"\nsql = \"SELECT id, account, amount AS amount_cents, note FROM events\"\n",
+            src.url("legacy"),
+            tgt.url("new")
+        ),
+    )
+    .expect("config");
+    Pair {
+        src,
+        tgt,
+        source,
+        target,
+        dir,
+    }
+}
+
+impl Pair {
+    fn cdc(&self, args: &[&str], log: &str) -> Child {
+        let log = std::fs::File::create(self.dir.path().join(log)).expect("log");
+        Command::new(strangler_bin())
+            .arg("cdc")
+            .args(args)
+            .arg("--config")
+            .arg(self.dir.path().join("cdc.toml"))
+            .env("STRANGLER_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn strangler cdc")
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
+    }
+
+    async fn caught_up(&self) -> bool {
+        let goal: String = self
+            .source
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .expect("lsn")
+            .get(0);
+        // Our last commit ends at or before the current position; compare with the
+        // source's own rows instead of LSNs, which move with unrelated WAL.
+        let _ = goal;
+        let want: i64 = self
+            .source
+            .query_one("SELECT count(*) FROM events", &[])
+            .await
+            .expect("count")
+            .get(0);
+        let got: i64 = self
+            .target
+            .query_one("SELECT count(*) FROM ledger", &[])
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(-1);
+        want == got
+    }
+}
+
+fn stop(mut child: Child) -> std::process::ExitStatus {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid")),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    for _ in 0..200 {
+        if let Ok(Some(status)) = child.try_wait() {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    child.wait().expect("wait")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_under_writes_then_restart_loses_nothing_and_applies_nothing_twice() {
+    let p = pair().await;
+    let first = p.cdc(&["run"], "cdc1.log");
+    wait_until(Duration::from_secs(20), "slot", || async {
+        p.source
+            .query_opt("SELECT 1 FROM pg_replication_slots WHERE active", &[])
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+    })
+    .await;
+    let writer = {
+        let db = p.src.connect("legacy").await.expect("writer");
+        tokio::spawn(async move {
+            for round in 0..150i64 {
+                db.execute(
+                    "INSERT INTO events (account, amount, note) SELECT g % 9, $1::bigint * 100 + g, 'r' || $1::bigint FROM generate_series(1, 20) g",
+                    &[&round],
+                )
+                .await
+                .expect("insert");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut first = first;
+    first.kill().expect("SIGKILL");
+    let _ = first.wait();
+    let applied_at_kill: i64 = p
+        .target
+        .query_one("SELECT count(*) FROM ledger", &[])
+        .await
+        .expect("count")
+        .get(0);
+    let second = p.cdc(&["run"], "cdc2.log");
+    writer.await.expect("writer");
+    wait_until(Duration::from_secs(60), "catch-up after restart", || {
+        p.caught_up()
+    })
+    .await;
+    let status = stop(second);
+    assert!(status.success(), "{status}; log:\n{}", p.log("cdc2.log"));
+    assert!(
+        p.log("cdc2.log")
+            .contains("resuming from the target's checkpoint"),
+        "{}",
+        p.log("cdc2.log")
+    );
+
+    let source_rows: Vec<String> = p
+        .source
+        .query(
+            "SELECT (id, account, amount, note)::text FROM events ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("source")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let target_rows: Vec<String> = p
+        .target
+        .query(
+            "SELECT (id, account, amount_cents, note)::text FROM ledger ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("target")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(source_rows.len(), 3_000);
+    assert_eq!(source_rows, target_rows, "no row lost");
+    let twice: i64 = p
+        .target
+        .query_one(
+            "SELECT count(*) FROM (SELECT id FROM apply_log GROUP BY id HAVING count(*) > 1) d",
+            &[],
+        )
+        .await
+        .expect("dups")
+        .get(0);
+    let applies: i64 = p
+        .target
+        .query_one("SELECT count(*) FROM apply_log", &[])
+        .await
+        .expect("applies")
+        .get(0);
+    eprintln!(
+        "crash test: {} rows, {applied_at_kill} applied when killed, {applies} applies in all, {twice} applied twice",
+        source_rows.len()
+    );
+    assert_eq!(twice, 0, "rows applied twice");
+    assert_eq!(applies, 3_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_source_still_advances_the_slot() {
+    let p = pair().await;
+    p.src.create_database("other").await.expect("other db");
+    p.source
+        .execute("INSERT INTO events (account, amount) VALUES (1, 1)", &[])
+        .await
+        .expect("insert");
+    let cdc = p.cdc(&["run"], "cdc.log");
+    wait_until(Duration::from_secs(30), "first row", || p.caught_up()).await;
+    // WAL written elsewhere on the server (another database): nothing for our
+    // publication, but the slot must not hold it back.
+    let other = p.src.connect("other").await.expect("other");
+    other
+        .batch_execute(
+            "CREATE TABLE noise (x int); INSERT INTO noise SELECT generate_series(1, 20000);",
+        )
+        .await
+        .expect("noise");
+    let after: String = p
+        .source
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("lsn")
+        .get(0);
+    let took = wait_until(
+        Duration::from_secs(20),
+        "slot to pass the unrelated WAL",
+        || async {
+            p.source
+                .query_one(
+                    "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots",
+                    &[&after],
+                )
+                .await
+                .map(|r| r.get::<_, bool>(0))
+                .unwrap_or(false)
+        },
+    )
+    .await;
+    eprintln!("idle slot advanced past {after} after {took:?}");
+    let status = Command::new(strangler_bin())
+        .args(["cdc", "status", "--output", "json", "--config"])
+        .arg(p.dir.path().join("cdc.toml"))
+        .output()
+        .expect("status");
+    let doc: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
+    assert_eq!(doc["slot_active"], true, "{doc}");
+    assert!(doc["applied_lsn"].is_string(), "{doc}");
+    stop(cdc);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_the_target_rejects_stops_the_stream_with_its_key_and_a_lost_slot_is_refused() {
+    let p = pair().await;
+    let cdc = p.cdc(&["run"], "cdc.log");
+    p.source
+        .execute(
+            "INSERT INTO events (account, amount) VALUES (1, 5), (2, 6)",
+            &[],
+        )
+        .await
+        .expect("good rows");
+    wait_until(Duration::from_secs(30), "good rows", || p.caught_up()).await;
+    p.source
+        .execute(
+            "INSERT INTO events (id, account, amount) VALUES (77, 3, -1)",
+            &[],
+        )
+        .await
+        .expect("row the target refuses");
+    let mut cdc = cdc;
+    let mut exited = None;
+    for _ in 0..200 {
+        if let Ok(Some(s)) = cdc.try_wait() {
+            exited = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = p.log("cdc.log");
+    let status = exited.unwrap_or_else(|| panic!("still running; log:\n{log}"));
+    assert!(!status.success());
+    assert!(log.contains("source key id=77"), "{log}");
+    assert!(log.contains("ledger_amount_cents_check"), "{log}");
+    let n: i64 = p
+        .target
+        .query_one("SELECT count(*) FROM ledger", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(n, 2, "nothing of the failed transaction was applied");
+
+    // The slot is dropped behind strangler's back: a restart must not carry on as if
+    // nothing happened.
+    wait_until(Duration::from_secs(10), "slot released", || async {
+        p.source
+            .query_opt("SELECT 1 FROM pg_replication_slots WHERE NOT active", &[])
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+    })
+    .await;
+    p.source
+        .execute("SELECT pg_drop_replication_slot('strangler_cdc')", &[])
+        .await
+        .expect("drop slot");
+    let out = Command::new(strangler_bin())
+        .args(["cdc", "run", "--config"])
+        .arg(p.dir.path().join("cdc.toml"))
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("no longer exists"), "{stderr}");
+    let _ = &p.tgt;
+}
