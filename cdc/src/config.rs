@@ -57,6 +57,8 @@ pub const DEFAULT_NAME: &str = "strangler_cdc";
 pub const DEFAULT_BATCH_ROWS: usize = 5_000;
 /// Longest a received commit waits to be applied: bounds the lag added by batching.
 pub const DEFAULT_BATCH_MS: u64 = 20;
+/// Heartbeat interval on an idle source.
+pub const DEFAULT_HEARTBEAT_MS: u64 = 10_000;
 /// Tables copied at once during the snapshot.
 pub const DEFAULT_SNAPSHOT_PARALLELISM: usize = 4;
 
@@ -79,6 +81,9 @@ pub struct CdcConfig {
     pub batch_linger: Duration,
     /// Tables copied in parallel.
     pub snapshot_parallelism: usize,
+    /// With no commit of ours for this long, a heartbeat is written on the source so
+    /// the slot (and the checkpoint) move past unrelated WAL.
+    pub heartbeat: Duration,
     /// The mappings, one per target table.
     pub mappings: Vec<Mapping>,
 }
@@ -114,6 +119,7 @@ struct RawApply {
     batch_rows: Option<usize>,
     batch_ms: Option<u64>,
     snapshot_parallelism: Option<usize>,
+    heartbeat_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -222,6 +228,12 @@ impl CdcConfig {
                 .snapshot_parallelism
                 .unwrap_or(DEFAULT_SNAPSHOT_PARALLELISM)
                 .clamp(1, 64),
+            heartbeat: Duration::from_millis(
+                raw.apply
+                    .heartbeat_ms
+                    .unwrap_or(DEFAULT_HEARTBEAT_MS)
+                    .max(100),
+            ),
             mappings,
         })
     }

@@ -11,6 +11,7 @@ pub mod lsn;
 pub mod mapping;
 pub mod plan;
 pub mod run;
+pub mod verify;
 
 pub use config::CdcConfig;
 pub use lsn::Lsn;

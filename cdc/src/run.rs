@@ -63,7 +63,7 @@ pub enum CdcError {
     },
 }
 
-async fn connect(url: &str, side: &'static str) -> Result<Client, CdcError> {
+pub(crate) async fn connect(url: &str, side: &'static str) -> Result<Client, CdcError> {
     let (client, connection) = tokio_postgres::connect(url, NoTls)
         .await
         .map_err(|source| CdcError::Connect { side, source })?;
@@ -314,6 +314,8 @@ pub async fn run_with(
     let stream_config = ReplicationStreamConfig::builder(&config.slot, &config.publication)
         .with_protocol_version(1)
         .with_streaming_mode(StreamingMode::Off)
+        // Heartbeat messages (see stream_changes) come through as commits.
+        .with_messages(true)
         .with_feedback_interval(Duration::from_secs(1));
     let start = match (checkpoint, slot) {
         (Some(lsn), None) => {
@@ -393,6 +395,7 @@ pub async fn run_with(
         .store(from.0, std::sync::atomic::Ordering::Relaxed);
     stream_changes(
         config,
+        &source,
         &plans,
         &mut stream,
         &mut target,
@@ -441,8 +444,10 @@ impl Drop for Ticker {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn stream_changes(
     config: &CdcConfig,
+    source: &Client,
     plans: &[TablePlan],
     stream: &mut LogicalReplicationStream,
     target: &mut Client,
@@ -460,7 +465,7 @@ async fn stream_changes(
     let mut batch = Batch::new(plans.len());
     let mut in_transaction = false;
     let mut skipping = false;
-    let mut applied = from;
+    let mut last_commit = Instant::now();
     loop {
         if stop.as_ref().is_some_and(CancellationToken::is_cancelled) && !in_transaction {
             if !batch.is_empty() {
@@ -475,15 +480,26 @@ async fn stream_changes(
                 // A tick: apply what lingered, or advance the slot on an idle stream.
                 if !in_transaction {
                     if !batch.is_empty() {
-                        applied = apply_batch(&mut batch, target, plans, config, &progress).await?;
+                        let applied =
+                            apply_batch(&mut batch, target, plans, config, &progress).await?;
                         feedback.update_applied_lsn(applied.0);
-                    } else {
-                        // Everything received is applied: the slot may move to the
-                        // server's position even though nothing of ours changed.
-                        let here = stream.current_lsn();
-                        if here > applied.0 {
-                            feedback.update_applied_lsn(here);
-                            let _ = stream.send_feedback().await;
+                    } else if last_commit.elapsed() >= config.heartbeat {
+                        // Nothing of ours committed for a while, but the server may be
+                        // writing WAL elsewhere that the slot holds on to. A heartbeat
+                        // (a transactional logical message) comes back through the
+                        // stream as a commit, which moves the checkpoint and the slot
+                        // past everything before it. The stream's own received position
+                        // cannot be used: it is the server's WAL end, which may lie past
+                        // changes not yet sent.
+                        last_commit = Instant::now();
+                        if let Err(e) = source
+                            .execute(
+                                "SELECT pg_logical_emit_message(true, 'strangler_cdc', $1)",
+                                &[&config.slot],
+                            )
+                            .await
+                        {
+                            tracing::warn!("heartbeat on the source failed: {e}");
                         }
                     }
                 }
@@ -567,6 +583,7 @@ async fn stream_changes(
                 ..
             } => {
                 in_transaction = false;
+                last_commit = Instant::now();
                 if skipping {
                     skipping = false;
                     continue;
@@ -580,7 +597,7 @@ async fn stream_changes(
                     .first_commit
                     .is_some_and(|t| t.elapsed() >= config.batch_linger);
                 if full || lingered {
-                    applied = apply_batch(&mut batch, target, plans, config, &progress).await?;
+                    let applied = apply_batch(&mut batch, target, plans, config, &progress).await?;
                     feedback.update_applied_lsn(applied.0);
                 }
             }
@@ -634,7 +651,7 @@ pub async fn status(config: &CdcConfig) -> Result<Status, CdcError> {
     let source = connect(&config.source, "source").await?;
     let target = connect(&config.target, "target").await?;
     let current: String = source
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await
         .map_err(CdcError::Source)?
         .get(0);

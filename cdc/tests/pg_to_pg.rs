@@ -96,7 +96,7 @@ async fn customers(db: &Client) -> Vec<String> {
 
 async fn wait_caught_up(source: &Client, target: &Client, slot: &str, timeout: Duration) {
     let goal: String = source
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await
         .expect("wal lsn")
         .get(0);
@@ -206,6 +206,65 @@ async fn snapshot_then_stream_under_writes_ends_with_exactly_the_mapped_rows() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     wait_caught_up(&source, &target, &config.slot, Duration::from_secs(60)).await;
+
+    // verify while CDC runs: clean; then break the target behind its back and
+    // verify names exactly the broken keys.
+    let reports = strangler_cdc::verify::verify(&config, Duration::from_secs(30))
+        .await
+        .expect("verify");
+    for r in &reports {
+        assert!(r.clean(), "{r:?}");
+    }
+    let ids: Vec<i64> = target
+        .query(
+            "SELECT id FROM orders_v2 WHERE id < 5000 ORDER BY id LIMIT 2",
+            &[],
+        )
+        .await
+        .expect("ids")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let (a, b) = (ids[0], ids[1]);
+    target
+        .batch_execute(&format!(
+            "UPDATE orders_v2 SET note = 'tampered' WHERE id = {a};
+             DELETE FROM orders_v2 WHERE id = {b};
+             INSERT INTO orders_v2 (id, buyer, total, created, kind) VALUES (777777, 1, 1, now(), 'web');"
+        ))
+        .await
+        .expect("tamper");
+    let reports = strangler_cdc::verify::verify(&config, Duration::from_secs(30))
+        .await
+        .expect("verify");
+    let orders = reports
+        .iter()
+        .find(|r| r.table.contains("orders_v2"))
+        .expect("orders report");
+    eprintln!("verify after tampering: {orders:?}");
+    assert_eq!(orders.different, [a.to_string()]);
+    assert_eq!(orders.missing, [b.to_string()]);
+    assert_eq!(orders.extra, ["777777"]);
+    assert!(
+        reports
+            .iter()
+            .find(|r| r.table.contains("customers"))
+            .is_some_and(|r| r.clean())
+    );
+    // Put it back so the row-by-row comparison below holds.
+    target
+        .batch_execute("DELETE FROM orders_v2 WHERE id = 777777")
+        .await
+        .expect("untamper");
+    let touched = source
+        .execute(
+            &format!("UPDATE orders SET note = note WHERE id IN ({a}, {b})"),
+            &[],
+        )
+        .await
+        .expect("re-touch");
+    assert_eq!(touched, 2);
+    wait_caught_up(&source, &target, &config.slot, Duration::from_secs(60)).await;
     stop.cancel();
     let result = tokio::time::timeout(Duration::from_secs(10), cdc)
         .await
@@ -215,7 +274,13 @@ async fn snapshot_then_stream_under_writes_ends_with_exactly_the_mapped_rows() {
 
     let want = mapped_source(&source).await;
     let got = target_rows(&target).await;
-    assert_eq!(want.len(), got.len(), "row counts");
+    let only_source: Vec<_> = want.iter().filter(|w| !got.contains(w)).collect();
+    let only_target: Vec<_> = got.iter().filter(|g| !want.contains(g)).collect();
+    assert_eq!(
+        want.len(),
+        got.len(),
+        "row counts; source only {only_source:?}, target only {only_target:?}"
+    );
     assert!(want.len() > 2_000, "{}", want.len());
     for (w, g) in want.iter().zip(&got) {
         assert_eq!(w, g);

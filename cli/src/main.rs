@@ -249,6 +249,19 @@ enum CdcCommand {
         #[arg(long, short, env = "STRANGLER_CDC_CONFIG", default_value = "cdc.toml")]
         config: PathBuf,
     },
+    /// Compare source and target through the mappings (key-range checksums, bisected
+    /// to rows); exits 1 on a difference. Waits for the target to catch up first.
+    Verify {
+        /// The CDC config.
+        #[arg(long, short, env = "STRANGLER_CDC_CONFIG", default_value = "cdc.toml")]
+        config: PathBuf,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: Output,
+        /// How long to wait for the target to apply up to the source's position.
+        #[arg(long, default_value = "30")]
+        wait_secs: u64,
+    },
     /// Slot, applied position and lag.
     Status {
         /// The CDC config.
@@ -593,6 +606,55 @@ fn cdc_command(command: CdcCommand) -> anyhow::Result<ExitCode> {
                 );
             }
             Ok(ExitCode::SUCCESS)
+        }
+        CdcCommand::Verify {
+            config,
+            output,
+            wait_secs,
+        } => {
+            let config = strangler_cdc::CdcConfig::load(&config)?;
+            let reports = runtime.block_on(strangler_cdc::verify::verify(
+                &config,
+                std::time::Duration::from_secs(wait_secs),
+            ))?;
+            let clean = reports.iter().all(|r| r.clean());
+            match output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({ "clean": clean, "tables": reports })
+                    )?
+                ),
+                Output::Table => {
+                    for r in &reports {
+                        let verdict = if r.clean() { "clean" } else { "DIFFERENT" };
+                        println!(
+                            "{verdict:<9} {}  source {} rows, target {} rows, {} ranges, {:.2} s",
+                            r.table, r.source_rows, r.target_rows, r.ranges_compared, r.seconds
+                        );
+                        let show = |what: &str, keys: &[String]| {
+                            if !keys.is_empty() {
+                                let head: Vec<&str> =
+                                    keys.iter().take(20).map(String::as_str).collect();
+                                println!(
+                                    "  {what} ({}): {}{}",
+                                    keys.len(),
+                                    head.join(", "),
+                                    if keys.len() > 20 { ", …" } else { "" }
+                                );
+                            }
+                        };
+                        show("missing in target", &r.missing);
+                        show("only in target", &r.extra);
+                        show("different", &r.different);
+                    }
+                }
+            }
+            Ok(if clean {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         CdcCommand::Status { config, output } => {
             let config = strangler_cdc::CdcConfig::load(&config)?;

@@ -46,7 +46,7 @@ async fn pair() -> Pair {
     std::fs::write(
         dir.path().join("cdc.toml"),
         format!(
-            "[source]\nurl = \"{}\"\n[target]\nurl = \"{}\"\n[apply]\nbatch_ms = 10\n\n[[map]]\ntarget = \"ledger\"\nsql = \"SELECT id, account, amount AS amount_cents, note FROM events\"\n",
+            "[source]\nurl = \"{}\"\n[target]\nurl = \"{}\"\n[apply]\nbatch_ms = 10\nheartbeat_ms = 300\n\n[[map]]\ntarget = \"ledger\"\nsql = \"SELECT id, account, amount AS amount_cents, note FROM events\"\n",
             src.url("legacy"),
             tgt.url("new")
         ),
@@ -84,7 +84,7 @@ impl Pair {
     async fn caught_up(&self) -> bool {
         let goal: String = self
             .source
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
             .await
             .expect("lsn")
             .get(0);
@@ -165,6 +165,14 @@ async fn sigkill_under_writes_then_restart_loses_nothing_and_applies_nothing_twi
         p.caught_up()
     })
     .await;
+    let verify = Command::new(strangler_bin())
+        .args(["cdc", "verify", "--config"])
+        .arg(p.dir.path().join("cdc.toml"))
+        .output()
+        .expect("verify");
+    let report = String::from_utf8_lossy(&verify.stdout);
+    assert!(verify.status.success(), "{report}{}", String::from_utf8_lossy(&verify.stderr));
+    assert!(report.starts_with("clean"), "{report}");
     let status = stop(second);
     assert!(status.success(), "{status}; log:\n{}", p.log("cdc2.log"));
     assert!(
@@ -242,7 +250,7 @@ async fn an_idle_source_still_advances_the_slot() {
         .expect("noise");
     let after: String = p
         .source
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await
         .expect("lsn")
         .get(0);
