@@ -282,10 +282,76 @@ pub async fn run(config: &CdcConfig, options: RunOptions) -> Result<(), CdcError
     run_with(config, options, progress).await
 }
 
-/// [`run`] reporting into `progress`.
+/// [`run`] reporting into `progress`. A lost connection to either database (a
+/// restart, a failover, a network blip) is retried with backoff, resuming from the
+/// target's checkpoint; anything else stops with the error.
 pub async fn run_with(
     config: &CdcConfig,
-    options: RunOptions,
+    mut options: RunOptions,
+    progress: Arc<Progress>,
+) -> Result<(), CdcError> {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let started = Instant::now();
+        match run_once(config, &options, Arc::clone(&progress)).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_transient() => {
+                if options
+                    .stop
+                    .as_ref()
+                    .is_some_and(CancellationToken::is_cancelled)
+                {
+                    return Ok(());
+                }
+                if started.elapsed() > Duration::from_secs(30) {
+                    backoff = Duration::from_millis(200);
+                }
+                tracing::warn!(
+                    "{e}; reconnecting in {backoff:?}, resuming from the target's checkpoint"
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                options.resnapshot = false;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+impl CdcError {
+    /// A lost connection rather than a problem with the data or the setup.
+    pub fn is_transient(&self) -> bool {
+        fn pg(e: &tokio_postgres::Error) -> bool {
+            e.is_closed()
+                || e.as_db_error().is_some_and(|d| {
+                    let code = d.code().code();
+                    code.starts_with("08") || code.starts_with("57P")
+                })
+                || e.as_db_error().is_none()
+        }
+        match self {
+            CdcError::Connect { .. } => true,
+            CdcError::Source(e) => pg(e),
+            CdcError::Replication(e) => matches!(
+                e,
+                ReplicationError::TransientConnection(_)
+                    | ReplicationError::ReplicationConnection(_)
+                    | ReplicationError::Io(_)
+                    | ReplicationError::Timeout(_)
+                    | ReplicationError::Protocol(_)
+            ),
+            CdcError::Apply(ApplyError::Checkpoint(e)) => pg(e),
+            CdcError::Apply(ApplyError::Rejected { message, .. }) => {
+                message.contains("connection closed") || message.contains("terminating connection")
+            }
+            _ => false,
+        }
+    }
+}
+
+async fn run_once(
+    config: &CdcConfig,
+    options: &RunOptions,
     progress: Arc<Progress>,
 ) -> Result<(), CdcError> {
     let source = connect(&config.source, "source").await?;
@@ -400,7 +466,7 @@ pub async fn run_with(
         &mut stream,
         &mut target,
         from,
-        options.stop,
+        options.stop.clone(),
         progress,
     )
     .await
