@@ -69,8 +69,8 @@ pub struct Batch {
     pub end_lsn: Lsn,
     /// When its first commit arrived (for the linger).
     pub first_commit: Option<Instant>,
-    /// Commit time of the last transaction (for lag in seconds).
-    pub last_commit_time: Option<std::time::SystemTime>,
+    /// Commit time of the first transaction (for lag in seconds).
+    pub first_commit_time: Option<std::time::SystemTime>,
 }
 
 impl Batch {
@@ -180,8 +180,8 @@ impl Batch {
         self.transactions += 1;
         self.end_lsn = end;
         self.first_commit.get_or_insert_with(Instant::now);
-        if at.is_some() {
-            self.last_commit_time = at;
+        if self.first_commit_time.is_none() {
+            self.first_commit_time = at;
         }
     }
 

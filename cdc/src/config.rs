@@ -86,6 +86,10 @@ pub struct CdcConfig {
     pub heartbeat: Duration,
     /// The mappings, one per target table.
     pub mappings: Vec<Mapping>,
+    /// Where `/metrics` is served (off when unset).
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// OTLP/gRPC endpoint for one span per applied batch (off when unset).
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -97,6 +101,15 @@ struct Raw {
     apply: RawApply,
     #[serde(default, rename = "map")]
     maps: Vec<RawMap>,
+    #[serde(default)]
+    observe: RawObserve,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawObserve {
+    metrics_listen: Option<String>,
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -178,6 +191,14 @@ impl CdcConfig {
                 "no [[map]] sections: add one per target table, e.g.\n[[map]]\ntarget = \"orders\"\nsql = \"SELECT id, total_cents FROM orders\"".into(),
             ));
         }
+        let metrics_listen = match &raw.observe.metrics_listen {
+            Some(a) => Some(a.parse().map_err(|_| {
+                invalid(format!(
+                    "observe.metrics_listen = {a:?} must be an IP:port such as 127.0.0.1:9187"
+                ))
+            })?),
+            None => None,
+        };
         let base = path.parent().unwrap_or(Path::new("."));
         let mut mappings: Vec<Mapping> = Vec::new();
         for m in raw.maps {
@@ -235,6 +256,8 @@ impl CdcConfig {
                     .max(100),
             ),
             mappings,
+            metrics_listen,
+            otlp_endpoint: raw.observe.otlp_endpoint,
         })
     }
 }

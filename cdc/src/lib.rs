@@ -9,6 +9,7 @@ pub mod apply;
 pub mod config;
 pub mod lsn;
 pub mod mapping;
+pub mod observe;
 pub mod plan;
 pub mod run;
 pub mod verify;

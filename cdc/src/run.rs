@@ -91,9 +91,10 @@ pub async fn check(config: &CdcConfig) -> Result<Vec<TablePlan>, CdcError> {
 pub struct RunOptions {
     /// Drop the slot and the checkpoint, truncate the targets and copy again.
     pub resnapshot: bool,
-    /// Stop once the stream has applied up to the source's position at start
-    /// (tests and one-shot catch-ups); `None` runs until cancelled.
+    /// Stops the run (after the transaction being received) when cancelled.
     pub stop: Option<CancellationToken>,
+    /// Where metrics and spans go; one is made from the config when `None`.
+    pub observe: Option<Arc<crate::observe::Observe>>,
 }
 
 /// Progress visible to `strangler cdc status` and the metrics.
@@ -290,12 +291,69 @@ pub async fn run_with(
     mut options: RunOptions,
     progress: Arc<Progress>,
 ) -> Result<(), CdcError> {
+    let observe = match &options.observe {
+        Some(o) => Arc::clone(o),
+        None => {
+            let o = Arc::new(crate::observe::Observe::new(
+                config.otlp_endpoint.as_deref(),
+            ));
+            if let Some(addr) = config.metrics_listen {
+                crate::observe::serve(addr, Arc::clone(&o))
+                    .await
+                    .map_err(|e| CdcError::Snapshot {
+                        table: String::new(),
+                        message: format!("cannot serve metrics on {addr}: {e}"),
+                    })?;
+            }
+            options.observe = Some(Arc::clone(&o));
+            o
+        }
+    };
+    let sampler = tokio::spawn(sample_lag(config.source.clone(), Arc::clone(&observe)));
+    let result = run_retrying(config, options, progress, &observe).await;
+    sampler.abort();
+    observe.shutdown();
+    result
+}
+
+/// Samples the source's position every second for `strangler_cdc_lag_bytes`.
+async fn sample_lag(source_url: String, observe: Arc<crate::observe::Observe>) {
+    let mut client = None;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if client.is_none() {
+            client = connect(&source_url, "source").await.ok();
+        }
+        let Some(c) = &client else { continue };
+        match c
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await
+        {
+            Ok(row) => {
+                let here: Lsn = row.get::<_, String>(0).parse().unwrap_or_default();
+                let applied = u64::try_from(observe.applied_lsn.get()).unwrap_or(0);
+                observe
+                    .lag_bytes
+                    .set(i64::try_from(here.0.saturating_sub(applied)).unwrap_or(i64::MAX));
+            }
+            Err(_) => client = None,
+        }
+    }
+}
+
+async fn run_retrying(
+    config: &CdcConfig,
+    mut options: RunOptions,
+    progress: Arc<Progress>,
+    observe: &crate::observe::Observe,
+) -> Result<(), CdcError> {
     let mut backoff = Duration::from_millis(200);
     loop {
         let started = Instant::now();
         match run_once(config, &options, Arc::clone(&progress)).await {
             Ok(()) => return Ok(()),
             Err(e) if e.is_transient() => {
+                observe.errors.with_label_values(&["transient"]).inc();
                 if options
                     .stop
                     .as_ref()
@@ -313,7 +371,10 @@ pub async fn run_with(
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 options.resnapshot = false;
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                observe.errors.with_label_values(&["fatal"]).inc();
+                return Err(e);
+            }
         }
     }
 }
@@ -468,6 +529,7 @@ async fn run_once(
         from,
         options.stop.clone(),
         progress,
+        options.observe.clone(),
     )
     .await
 }
@@ -520,6 +582,7 @@ async fn stream_changes(
     from: Lsn,
     stop: Option<CancellationToken>,
     progress: Arc<Progress>,
+    observe: Option<Arc<crate::observe::Observe>>,
 ) -> Result<(), CdcError> {
     let by_name: HashMap<(String, String), usize> = plans
         .iter()
@@ -535,7 +598,15 @@ async fn stream_changes(
     loop {
         if stop.as_ref().is_some_and(CancellationToken::is_cancelled) && !in_transaction {
             if !batch.is_empty() {
-                apply_batch(&mut batch, target, plans, config, &progress).await?;
+                apply_batch(
+                    &mut batch,
+                    target,
+                    plans,
+                    config,
+                    &progress,
+                    observe.as_deref(),
+                )
+                .await?;
             }
             return Ok(());
         }
@@ -546,8 +617,15 @@ async fn stream_changes(
                 // A tick: apply what lingered, or advance the slot on an idle stream.
                 if !in_transaction {
                     if !batch.is_empty() {
-                        let applied =
-                            apply_batch(&mut batch, target, plans, config, &progress).await?;
+                        let applied = apply_batch(
+                            &mut batch,
+                            target,
+                            plans,
+                            config,
+                            &progress,
+                            observe.as_deref(),
+                        )
+                        .await?;
                         feedback.update_applied_lsn(applied.0);
                     } else if last_commit.elapsed() >= config.heartbeat {
                         // Nothing of ours committed for a while, but the server may be
@@ -663,7 +741,15 @@ async fn stream_changes(
                     .first_commit
                     .is_some_and(|t| t.elapsed() >= config.batch_linger);
                 if full || lingered {
-                    let applied = apply_batch(&mut batch, target, plans, config, &progress).await?;
+                    let applied = apply_batch(
+                        &mut batch,
+                        target,
+                        plans,
+                        config,
+                        &progress,
+                        observe.as_deref(),
+                    )
+                    .await?;
                     feedback.update_applied_lsn(applied.0);
                 }
             }
@@ -678,11 +764,24 @@ async fn apply_batch(
     plans: &[TablePlan],
     config: &CdcConfig,
     progress: &Progress,
+    observe: Option<&crate::observe::Observe>,
 ) -> Result<Lsn, CdcError> {
     use std::sync::atomic::Ordering::Relaxed;
     let end = batch.end_lsn;
     let txs = batch.transactions as u64;
+    let started = std::time::SystemTime::now();
+    let t0 = Instant::now();
+    let oldest = batch.first_commit_time;
+    let by_table: Vec<(String, u64)> = plans
+        .iter()
+        .zip(&batch.changes_by_table)
+        .filter(|(_, n)| **n > 0)
+        .map(|(p, n)| (p.target.quoted(), *n))
+        .collect();
     let rows = batch.apply(target, plans, &config.slot).await?;
+    if let Some(o) = observe {
+        o.batch(started, t0.elapsed(), end.0, txs, &by_table, oldest);
+    }
     progress.applied.store(end.0, Relaxed);
     progress.rows.fetch_add(rows, Relaxed);
     progress.transactions.fetch_add(txs, Relaxed);

@@ -586,6 +586,7 @@ fn cdc_command(command: CdcCommand) -> anyhow::Result<ExitCode> {
                     strangler_cdc::run::RunOptions {
                         resnapshot,
                         stop: Some(stop),
+                        observe: None,
                     },
                 )
                 .await

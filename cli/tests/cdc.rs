@@ -16,6 +16,7 @@ struct Pair {
     source: Client,
     target: Client,
     dir: tempfile::TempDir,
+    metrics: strangler_testkit::PortLease,
 }
 
 const TARGET_DDL: &str = "
@@ -43,12 +44,14 @@ async fn pair() -> Pair {
         .await
         .expect("target schema");
     let dir = tempfile::tempdir().expect("dir");
+    let metrics = strangler_testkit::free_port().expect("port");
     std::fs::write(
         dir.path().join("cdc.toml"),
         format!(
-            "[source]\nurl = \"{}\"\n[target]\nurl = \"{}\"\n[apply]\nbatch_ms = 10\nheartbeat_ms = 300\n\n[[map]]\ntarget = \"ledger\"\nsql = \"SELECT id, account, amount AS amount_cents, note FROM events\"\n",
+            "[source]\nurl = \"{}\"\n[target]\nurl = \"{}\"\n[apply]\nbatch_ms = 10\nheartbeat_ms = 300\n[observe]\nmetrics_listen = \"127.0.0.1:{}\"\n\n[[map]]\ntarget = \"ledger\"\nsql = \"SELECT id, account, amount AS amount_cents, note FROM events\"\n",
             src.url("legacy"),
-            tgt.url("new")
+            tgt.url("new"),
+            metrics.port()
         ),
     )
     .expect("config");
@@ -58,6 +61,7 @@ async fn pair() -> Pair {
         source,
         target,
         dir,
+        metrics,
     }
 }
 
@@ -282,6 +286,30 @@ async fn an_idle_source_still_advances_the_slot() {
     let doc: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
     assert_eq!(doc["slot_active"], true, "{doc}");
     assert!(doc["applied_lsn"].is_string(), "{doc}");
+    // The first row came with the snapshot; one through the stream:
+    p.source
+        .execute("INSERT INTO events (account, amount) VALUES (2, 2)", &[])
+        .await
+        .expect("insert");
+    wait_until(Duration::from_secs(30), "streamed row", || p.caught_up()).await;
+    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", p.metrics.port()))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("strangler_cdc_rows_total{table=\"\\\"public\\\".\\\"ledger\\\"\"} 1"),
+        "{metrics}"
+    );
+    for name in [
+        "strangler_cdc_lag_bytes",
+        "strangler_cdc_lag_milliseconds",
+        "strangler_cdc_batches_total",
+        "strangler_cdc_applied_lsn",
+    ] {
+        assert!(metrics.contains(name), "{name} in {metrics}");
+    }
     stop(cdc);
 }
 
