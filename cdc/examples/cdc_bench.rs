@@ -1,0 +1,319 @@
+//! CDC benchmark (run by bench/cdc.sh): the same tables on the same two PostgreSQL
+//! servers, strangler side by side with PostgreSQL's own tools.
+//!
+//! (a) snapshot: `strangler cdc` snapshot vs `pg_dump | psql`;
+//! (b) streaming apply rate on a backlog: strangler vs CREATE SUBSCRIPTION;
+//! (c) lag p50/p99 at a steady write rate: strangler vs CREATE SUBSCRIPTION.
+//!
+//! STRANGLER_BENCH_ROWS (default 300000) rows per table, STRANGLER_BENCH_BACKLOG
+//! (default 200000) changes, STRANGLER_BENCH_RATE (default 5000) rows/s for
+//! STRANGLER_BENCH_SECONDS (default 15).
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use strangler_cdc::run::{Progress, RunOptions, run_with};
+use strangler_cdc::{CancellationToken, CdcConfig};
+use strangler_testkit::Postgres;
+use tokio_postgres::Client;
+
+const BIN: &str = "/usr/lib/postgresql/15/bin";
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+const TABLES: &str = "
+CREATE TABLE bench_orders (id bigint PRIMARY KEY, customer_id int NOT NULL, total_cents bigint NOT NULL,
+  status text NOT NULL, email text, note text, created timestamptz NOT NULL DEFAULT clock_timestamp());
+CREATE TABLE bench_items (id bigint PRIMARY KEY, order_id bigint NOT NULL, sku text NOT NULL, qty int NOT NULL,
+  price numeric(12,2) NOT NULL, attrs jsonb);
+";
+
+/// Target tables: the same plus `applied_at`, filled by the target when a row lands.
+fn target_tables() -> String {
+    TABLES
+        .replace(
+            "created timestamptz NOT NULL DEFAULT clock_timestamp());",
+            "created timestamptz NOT NULL, applied_at timestamptz DEFAULT clock_timestamp());",
+        )
+        .replace(
+            "attrs jsonb);",
+            "attrs jsonb, applied_at timestamptz DEFAULT clock_timestamp());",
+        )
+}
+
+async fn count(db: &Client, table: &str) -> i64 {
+    db.query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or(-1)
+}
+
+async fn wait_count(db: &Client, table: &str, want: i64, timeout: Duration) -> Duration {
+    let started = Instant::now();
+    while count(db, table).await < want {
+        assert!(
+            started.elapsed() < timeout,
+            "{table} never reached {want} rows"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    started.elapsed()
+}
+
+async fn write_rows(db: &Client, from: i64, n: i64) {
+    db.execute(
+        "INSERT INTO bench_orders (id, customer_id, total_cents, status, email, note)
+         SELECT g, g % 1000, g * 7, 'paid', 'c' || g || '@example.com', 'note ' || g FROM generate_series($1::bigint, $2::bigint) g",
+        &[&from, &(from + n - 1)],
+    )
+    .await
+    .expect("write orders");
+}
+
+/// Writes `rate` rows/s in 10 ms ticks for `seconds`, ids from `from`.
+async fn steady(db: &Client, from: i64, rate: u64, seconds: u64) -> i64 {
+    let per_tick = (rate / 100).max(1) as i64;
+    let ticks = seconds * 100;
+    let mut id = from;
+    let started = Instant::now();
+    for t in 0..ticks {
+        write_rows(db, id, per_tick).await;
+        id += per_tick;
+        let due = started + Duration::from_millis(10 * (t + 1));
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
+    id - from
+}
+
+async fn lag_percentiles(db: &Client, from: i64) -> (f64, f64) {
+    let row = db
+        .query_one(
+            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM applied_at - created)),
+                    percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM applied_at - created))
+             FROM bench_orders WHERE id >= $1",
+            &[&from],
+        )
+        .await
+        .expect("lag");
+    (
+        row.get::<_, Option<f64>>(0).unwrap_or(f64::NAN) * 1000.0,
+        row.get::<_, Option<f64>>(1).unwrap_or(f64::NAN) * 1000.0,
+    )
+}
+
+fn start_cdc(config: &CdcConfig) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let stop = CancellationToken::new();
+    let (config, token) = (config.clone(), stop.clone());
+    let task = tokio::spawn(async move {
+        if let Err(e) = run_with(
+            &config,
+            RunOptions {
+                stop: Some(token),
+                ..RunOptions::default()
+            },
+            Arc::new(Progress::default()),
+        )
+        .await
+        {
+            eprintln!("cdc failed: {e}");
+        }
+    });
+    (stop, task)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let rows = env("STRANGLER_BENCH_ROWS", 300_000) as i64;
+    let backlog = env("STRANGLER_BENCH_BACKLOG", 200_000) as i64;
+    let rate = env("STRANGLER_BENCH_RATE", 5_000);
+    let seconds = env("STRANGLER_BENCH_SECONDS", 15);
+    let (src, tgt) = tokio::join!(Postgres::start(), Postgres::start());
+    let (src, tgt) = (src.expect("source pg"), tgt.expect("target pg"));
+    src.create_database("legacy").await.expect("db");
+    for db in ["viadump", "viacdc", "viasub"] {
+        tgt.create_database(db).await.expect("db");
+    }
+    let source = src.connect("legacy").await.expect("source");
+    // The test servers run with synchronous_commit off; a walsender only sends WAL
+    // that is flushed, so without this every commit would wait for the WAL writer
+    // (200 ms) and both replicators would show that delay as lag.
+    source
+        .batch_execute("SET synchronous_commit = on")
+        .await
+        .expect("sync commit");
+    source.batch_execute(TABLES).await.expect("tables");
+    source
+        .execute(
+            "INSERT INTO bench_orders (id, customer_id, total_cents, status, email, note)
+             SELECT g, g % 1000, g * 7, 'paid', 'c' || g || '@example.com', 'note ' || g FROM generate_series(1, $1::bigint) g",
+            &[&rows],
+        )
+        .await
+        .expect("load orders");
+    source
+        .execute(
+            "INSERT INTO bench_items SELECT g, g, 'sku-' || (g % 5000), g % 9 + 1, (g % 10000) / 100.0, jsonb_build_object('c', g % 7)
+             FROM generate_series(1, $1::bigint) g",
+            &[&rows],
+        )
+        .await
+        .expect("load items");
+    source
+        .batch_execute("VACUUM ANALYZE")
+        .await
+        .expect("vacuum");
+    let via_cdc = tgt.connect("viacdc").await.expect("target");
+    let via_sub = tgt.connect("viasub").await.expect("target");
+    via_cdc
+        .batch_execute(&target_tables())
+        .await
+        .expect("tables");
+    via_sub
+        .batch_execute(&target_tables())
+        .await
+        .expect("tables");
+    println!(
+        "CDC benchmark: {rows} rows in each of 2 tables, backlog {backlog}, steady {rate} rows/s for {seconds} s"
+    );
+
+    // (a) snapshot
+    let started = Instant::now();
+    let dump = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{BIN}/pg_dump -h 127.0.0.1 -p {} -U postgres -t bench_orders -t bench_items legacy | {BIN}/psql -q -h 127.0.0.1 -p {} -U postgres -d viadump -v ON_ERROR_STOP=1 >/dev/null",
+            src.port(),
+            tgt.port()
+        ))
+        .status()
+        .expect("pg_dump | psql");
+    assert!(dump.success());
+    let dump_time = started.elapsed();
+
+    let config_text = format!(
+        "[source]\nurl = \"{}\"\n[target]\nurl = \"{}\"\n[apply]\nheartbeat_ms = 1000\n\
+         [[map]]\ntarget = \"bench_orders\"\nsql = \"SELECT * FROM bench_orders\"\n\
+         [[map]]\ntarget = \"bench_items\"\nsql = \"SELECT * FROM bench_items\"\n",
+        src.url("legacy"),
+        tgt.url("viacdc")
+    );
+    let config = CdcConfig::parse(&config_text, Path::new("bench.toml")).expect("config");
+    let started = Instant::now();
+    let (stop, task) = start_cdc(&config);
+    loop {
+        let done = via_cdc
+            .query_opt("SELECT 1 FROM strangler.cdc_checkpoint", &[])
+            .await
+            .ok()
+            .flatten()
+            .is_some();
+        if done {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "snapshot did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let cdc_time = started.elapsed();
+    let total = (rows * 2) as f64;
+    println!(
+        "(a) snapshot      strangler {:>7.2} s {:>9.0} rows/s | pg_dump|psql {:>7.2} s {:>9.0} rows/s | ratio {:.2}x (goal >= 1.5x)",
+        cdc_time.as_secs_f64(),
+        total / cdc_time.as_secs_f64(),
+        dump_time.as_secs_f64(),
+        total / dump_time.as_secs_f64(),
+        dump_time.as_secs_f64() / cdc_time.as_secs_f64()
+    );
+
+    // (b) backlog apply rate; the subscription's slot exists (disabled) before the writes.
+    stop.cancel();
+    let _ = task.await;
+    source
+        .batch_execute("CREATE PUBLICATION bench_sub FOR TABLE bench_orders, bench_items")
+        .await
+        .expect("publication");
+    via_sub
+        .batch_execute(&format!(
+            "CREATE SUBSCRIPTION bench_sub CONNECTION 'host=127.0.0.1 port={} user=postgres dbname=legacy' PUBLICATION bench_sub WITH (copy_data = false, enabled = false)",
+            src.port()
+        ))
+        .await
+        .expect("subscription");
+    write_rows(&source, rows + 1, backlog).await;
+    let want_cdc = count(&source, "bench_orders").await;
+    let started = Instant::now();
+    let (stop, task) = start_cdc(&config);
+    wait_count(&via_cdc, "bench_orders", want_cdc, Duration::from_secs(600)).await;
+    let cdc_apply = started.elapsed();
+    stop.cancel();
+    let _ = task.await;
+    let started = Instant::now();
+    via_sub
+        .batch_execute("ALTER SUBSCRIPTION bench_sub ENABLE")
+        .await
+        .expect("enable");
+    wait_count(&via_sub, "bench_orders", backlog, Duration::from_secs(600)).await;
+    let sub_apply = started.elapsed();
+    println!(
+        "(b) backlog apply strangler {:>9.0} rows/s | subscription {:>9.0} rows/s | ratio {:.2}x (goal >= 2x)",
+        backlog as f64 / cdc_apply.as_secs_f64(),
+        backlog as f64 / sub_apply.as_secs_f64(),
+        sub_apply.as_secs_f64() / cdc_apply.as_secs_f64()
+    );
+
+    // (c) steady-rate lag, one after the other on identical load.
+    via_sub
+        .batch_execute("ALTER SUBSCRIPTION bench_sub DISABLE")
+        .await
+        .expect("disable");
+    let from = rows + backlog + 1;
+    let (stop, task) = start_cdc(&config);
+    wait_count(&via_cdc, "bench_orders", want_cdc, Duration::from_secs(60)).await;
+    let written = steady(&source, from, rate, seconds).await;
+    wait_count(
+        &via_cdc,
+        "bench_orders",
+        want_cdc + written,
+        Duration::from_secs(120),
+    )
+    .await;
+    let (cdc_p50, cdc_p99) = lag_percentiles(&via_cdc, from).await;
+    stop.cancel();
+    let _ = task.await;
+    // The subscription catches up on the rows just written (not measured), then
+    // measures its own steady phase.
+    via_sub
+        .batch_execute("ALTER SUBSCRIPTION bench_sub ENABLE")
+        .await
+        .expect("enable");
+    let sub_base = backlog + written;
+    wait_count(&via_sub, "bench_orders", sub_base, Duration::from_secs(300)).await;
+    let from2 = from + written;
+    let written2 = steady(&source, from2, rate, seconds).await;
+    wait_count(
+        &via_sub,
+        "bench_orders",
+        sub_base + written2,
+        Duration::from_secs(120),
+    )
+    .await;
+    let (sub_p50, sub_p99) = lag_percentiles(&via_sub, from2).await;
+    println!(
+        "(c) lag at {rate} rows/s  strangler p50 {cdc_p50:.1} ms p99 {cdc_p99:.1} ms | subscription p50 {sub_p50:.1} ms p99 {sub_p99:.1} ms (goal p99 <= 100 ms)"
+    );
+    via_sub
+        .batch_execute("ALTER SUBSCRIPTION bench_sub DISABLE; ALTER SUBSCRIPTION bench_sub SET (slot_name = NONE); DROP SUBSCRIPTION bench_sub")
+        .await
+        .ok();
+}
