@@ -57,6 +57,8 @@ pub const DEFAULT_NAME: &str = "strangler_cdc";
 pub const DEFAULT_BATCH_ROWS: usize = 5_000;
 /// Longest a received commit waits to be applied: bounds the lag added by batching.
 pub const DEFAULT_BATCH_MS: u64 = 20;
+/// Tables above this many rows are copied in key ranges.
+pub const DEFAULT_SPLIT_ROWS: i64 = 200_000;
 /// Heartbeat interval on an idle source.
 pub const DEFAULT_HEARTBEAT_MS: u64 = 10_000;
 /// Tables copied at once during the snapshot.
@@ -81,6 +83,9 @@ pub struct CdcConfig {
     pub batch_linger: Duration,
     /// Tables copied in parallel.
     pub snapshot_parallelism: usize,
+    /// Integer-keyed tables estimated above this many rows are copied as
+    /// `snapshot_parallelism` key ranges in parallel.
+    pub split_rows: i64,
     /// With no commit of ours for this long, a heartbeat is written on the source so
     /// the slot (and the checkpoint) move past unrelated WAL.
     pub heartbeat: Duration,
@@ -133,6 +138,7 @@ struct RawApply {
     batch_ms: Option<u64>,
     snapshot_parallelism: Option<usize>,
     heartbeat_ms: Option<u64>,
+    split_rows: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -249,6 +255,7 @@ impl CdcConfig {
                 .snapshot_parallelism
                 .unwrap_or(DEFAULT_SNAPSHOT_PARALLELISM)
                 .clamp(1, 64),
+            split_rows: raw.apply.split_rows.unwrap_or(DEFAULT_SPLIT_ROWS).max(1),
             heartbeat: Duration::from_millis(
                 raw.apply
                     .heartbeat_ms

@@ -385,6 +385,32 @@ fn alias_of(sql: &str) -> Option<String> {
 
 /// The mapping's SELECT over the real source table (the snapshot query).
 fn plan_select_on_source(plan: &TablePlan) -> String {
+    select_on_source(plan, None)
+}
+
+impl TablePlan {
+    /// The snapshot's COPY of the source rows whose (single, integer) key is in
+    /// `[lo, hi)`, or of all rows.
+    pub fn copy_out_range(&self, range: Option<(i64, i64)>) -> String {
+        format!("COPY ({}) TO STDOUT", select_on_source(self, range))
+    }
+
+    /// The source key column when it is one integer column (ranges can split it).
+    pub fn integer_key(&self) -> Option<&str> {
+        match self.source.key.as_slice() {
+            [k] => self
+                .source
+                .columns
+                .iter()
+                .find(|c| &c.name == k)
+                .filter(|c| matches!(c.type_sql.as_str(), "integer" | "bigint" | "smallint"))
+                .map(|c| c.name.as_str()),
+            _ => None,
+        }
+    }
+}
+
+fn select_on_source(plan: &TablePlan, range: Option<(i64, i64)>) -> String {
     let m = &plan.mapping;
     let cols = m
         .outputs
@@ -392,16 +418,20 @@ fn plan_select_on_source(plan: &TablePlan) -> String {
         .map(|o| format!("{} AS {}", o.sql, ident(&o.column)))
         .collect::<Vec<_>>()
         .join(", ");
-    let filter = m
-        .filter
-        .as_ref()
-        .map(|f| format!(" WHERE {}", f.sql))
-        .unwrap_or_default();
-    format!(
-        "SELECT {cols} FROM {} AS {}{filter}",
-        plan.source.quoted(),
-        ident(&qualifier(m))
-    )
+    let q = ident(&qualifier(m));
+    let mut conditions: Vec<String> = m.filter.iter().map(|f| format!("({})", f.sql)).collect();
+    if let (Some((lo, hi)), Some(key)) = (range, plan.integer_key()) {
+        conditions.push(format!(
+            "{q}.{k} >= {lo} AND {q}.{k} < {hi}",
+            k = ident(key)
+        ));
+    }
+    let filter = if conditions.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", conditions.join(" AND "))
+    };
+    format!("SELECT {cols} FROM {} AS {q}{filter}", plan.source.quoted())
 }
 
 fn build(mapping: Mapping, source: Table, target: Table, carried: Vec<Column>) -> TablePlan {

@@ -194,10 +194,17 @@ async fn drop_slot(source: &Client, slot: &str) -> Result<(), CdcError> {
     Ok(())
 }
 
-/// Copies one table inside the exported snapshot: the mapping runs on the source
-/// (`COPY (SELECT …) TO STDOUT`) and streams straight into `COPY … FROM STDIN` on
-/// the target, after truncating it, in one target transaction.
-async fn copy_table(config: &CdcConfig, plan: &TablePlan, snapshot: &str) -> Result<u64, CdcError> {
+/// Copies one table (or one key range of it) inside the exported snapshot: the
+/// mapping runs on the source (`COPY (SELECT …) TO STDOUT`) and streams straight
+/// into `COPY … FROM STDIN` on the target. Rows copied are added to `copied` as
+/// they pass (COPY text has one row per line).
+async fn copy_table(
+    config: &CdcConfig,
+    plan: &TablePlan,
+    snapshot: &str,
+    range: Option<(i64, i64)>,
+    copied: &std::sync::atomic::AtomicU64,
+) -> Result<u64, CdcError> {
     let fail = |message: String| CdcError::Snapshot {
         table: plan.target.quoted(),
         message,
@@ -220,11 +227,8 @@ async fn copy_table(config: &CdcConfig, plan: &TablePlan, snapshot: &str) -> Res
     let _ = tx
         .batch_execute("SET LOCAL session_replication_role = replica")
         .await;
-    tx.batch_execute(&format!("TRUNCATE {}", plan.target.quoted()))
-        .await
-        .map_err(|e| fail(e.to_string()))?;
     let out = source
-        .copy_out(&plan.copy_out_sql)
+        .copy_out(&plan.copy_out_range(range))
         .await
         .map_err(|e| fail(format!("source: {e}")))?;
     let sink = tx
@@ -238,6 +242,8 @@ async fn copy_table(config: &CdcConfig, plan: &TablePlan, snapshot: &str) -> Res
         .await
         .map_err(|e| fail(format!("source: {e}")))?
     {
+        let lines = chunk.iter().filter(|b| **b == b'\n').count() as u64;
+        copied.fetch_add(lines, std::sync::atomic::Ordering::Relaxed);
         sink.send(chunk)
             .await
             .map_err(|e| fail(format!("target: {}", db_message(&e))))?;
@@ -255,9 +261,11 @@ async fn copy_logged(
     config: &CdcConfig,
     plan: &TablePlan,
     snapshot: String,
+    range: Option<(i64, i64)>,
+    copied: Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<(String, u64), CdcError> {
     let t0 = Instant::now();
-    let rows = copy_table(config, plan, &snapshot).await?;
+    let rows = copy_table(config, plan, &snapshot, range, &copied).await?;
     tracing::info!(
         table = %plan.target.quoted(),
         rows,
@@ -265,6 +273,107 @@ async fn copy_logged(
         "snapshot copied"
     );
     Ok((plan.target.quoted(), rows))
+}
+
+/// The copies to run: one per table, or key ranges of large integer-keyed tables.
+async fn snapshot_pieces(
+    source: &Client,
+    plans: &[TablePlan],
+    parallelism: usize,
+    split_rows: i64,
+) -> Result<(Vec<(usize, Option<(i64, i64)>)>, u64), CdcError> {
+    let mut pieces = Vec::new();
+    let mut estimate = 0u64;
+    for (i, p) in plans.iter().enumerate() {
+        let rows: i64 = source
+            .query_one(
+                "SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = $1::text::regclass",
+                &[&p.source.quoted()],
+            )
+            .await
+            .map_err(CdcError::Source)?
+            .get(0);
+        estimate += u64::try_from(rows).unwrap_or(0);
+        let split = match p.integer_key() {
+            Some(key) if rows > split_rows && parallelism > 1 => {
+                let row = source
+                    .query_one(
+                        &format!(
+                            "SELECT min({k})::int8, max({k})::int8 FROM {}",
+                            p.source.quoted(),
+                            k = ident(key)
+                        ),
+                        &[],
+                    )
+                    .await
+                    .map_err(CdcError::Source)?;
+                match (row.get::<_, Option<i64>>(0), row.get::<_, Option<i64>>(1)) {
+                    (Some(lo), Some(hi)) if hi > lo => Some((lo, hi)),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        match split {
+            Some((lo, hi)) => {
+                // Bounds come from outside the snapshot, so the first and last ranges
+                // are open-ended: rows inserted since still fall in one of them.
+                let n = parallelism as i64;
+                let step = ((hi - lo) / n).max(1);
+                let mut at = i64::MIN;
+                for k in 1..=n {
+                    let end = if k == n { i64::MAX } else { lo + step * k };
+                    pieces.push((i, Some((at, end))));
+                    at = end;
+                }
+            }
+            None => pieces.push((i, None)),
+        }
+    }
+    Ok((pieces, estimate))
+}
+
+/// Shows snapshot progress: a bar on a terminal, a log line every 5 s otherwise.
+fn report_progress(
+    copied: Arc<std::sync::atomic::AtomicU64>,
+    estimate: u64,
+) -> tokio::task::JoinHandle<()> {
+    use std::io::IsTerminal;
+    tokio::spawn(async move {
+        let started = Instant::now();
+        if std::io::stderr().is_terminal() {
+            let bar = indicatif::ProgressBar::new(estimate.max(1));
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "snapshot [{bar:40}] {human_pos}/{human_len} rows  {per_sec}  ETA {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            loop {
+                let n = copied.load(std::sync::atomic::Ordering::Relaxed);
+                if n > bar.length().unwrap_or(0) {
+                    bar.set_length(n);
+                }
+                bar.set_position(n);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        } else {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let n = copied.load(std::sync::atomic::Ordering::Relaxed);
+                let rate = n as f64 / started.elapsed().as_secs_f64().max(1e-6);
+                let eta = estimate.saturating_sub(n) as f64 / rate.max(1.0);
+                tracing::info!(
+                    rows = n,
+                    estimate,
+                    rows_per_s = rate as u64,
+                    eta_s = eta as u64,
+                    "snapshot progress"
+                );
+            }
+        }
+    })
 }
 
 fn db_message(e: &tokio_postgres::Error) -> String {
@@ -484,14 +593,42 @@ async fn run_once(
                 .await?
                 .unwrap_or_default();
             let started = Instant::now();
-            let copies: Vec<_> = plans
+            // Empty the targets first, together (foreign keys between them), so key
+            // ranges of one table can load in parallel.
+            let tables: Vec<String> = plans.iter().map(|p| p.target.quoted()).collect();
+            target
+                .batch_execute(&format!("TRUNCATE {}", tables.join(", ")))
+                .await
+                .map_err(|e| CdcError::Snapshot {
+                    table: tables.join(", "),
+                    message: db_message(&e),
+                })?;
+            let (pieces, estimate) = snapshot_pieces(
+                &source,
+                &plans,
+                config.snapshot_parallelism,
+                config.split_rows,
+            )
+            .await?;
+            let copied = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let reporter = report_progress(Arc::clone(&copied), estimate);
+            let copies: Vec<_> = pieces
                 .iter()
-                .map(|p| copy_logged(config, p, snapshot.clone()))
+                .map(|(i, range)| {
+                    copy_logged(
+                        config,
+                        &plans[*i],
+                        snapshot.clone(),
+                        *range,
+                        Arc::clone(&copied),
+                    )
+                })
                 .collect();
             let results: Vec<Result<(String, u64), CdcError>> = futures::stream::iter(copies)
                 .buffer_unordered(config.snapshot_parallelism)
                 .collect()
                 .await;
+            reporter.abort();
             let mut total = 0;
             for r in results {
                 total += r?.1;
