@@ -525,7 +525,7 @@ async fn run_once(
     progress: Arc<Progress>,
 ) -> Result<(), CdcError> {
     let source = connect(&config.source, "source").await?;
-    let mut target = connect(&config.target, "target").await?;
+    let target = connect(&config.target, "target").await?;
     let mut plans = Vec::new();
     for m in &config.mappings {
         plans.push(crate::plan::check(m, &source, &target).await?);
@@ -662,13 +662,90 @@ async fn run_once(
         &source,
         &plans,
         &mut stream,
-        &mut target,
+        target,
         from,
         options.stop.clone(),
         progress,
         options.observe.clone(),
     )
     .await
+}
+
+/// The task applying batches to the target, fed through a short queue.
+struct Applier {
+    queue: Option<tokio::sync::mpsc::Sender<Batch>>,
+    task: tokio::task::JoinHandle<Result<(), CdcError>>,
+    tables: usize,
+}
+
+impl Applier {
+    fn spawn(
+        mut target: Client,
+        plans: Arc<Vec<TablePlan>>,
+        config: CdcConfig,
+        progress: Arc<Progress>,
+        observe: Option<Arc<crate::observe::Observe>>,
+        feedback: Arc<pg_walstream::SharedLsnFeedback>,
+    ) -> Self {
+        let tables = plans.len();
+        // Two batches in flight at most: enough to overlap decoding and applying,
+        // little enough that memory stays bounded.
+        let (queue, mut batches) = tokio::sync::mpsc::channel::<Batch>(2);
+        let task = tokio::spawn(async move {
+            while let Some(mut batch) = batches.recv().await {
+                let applied = apply_batch(
+                    &mut batch,
+                    &mut target,
+                    &plans,
+                    &config,
+                    &progress,
+                    observe.as_deref(),
+                )
+                .await?;
+                feedback.update_applied_lsn(applied.0);
+            }
+            Ok(())
+        });
+        Self {
+            queue: Some(queue),
+            task,
+            tables,
+        }
+    }
+
+    /// Queues the batch (waiting while two are in flight) and leaves an empty one.
+    async fn hand_over(&mut self, batch: &mut Batch) -> Result<(), CdcError> {
+        let full = std::mem::replace(batch, Batch::new(self.tables));
+        let sent = match &self.queue {
+            Some(q) => q.send(full).await.is_ok(),
+            None => false,
+        };
+        if sent {
+            Ok(())
+        } else {
+            // The applier stopped: its error is the one to report.
+            self.queue = None;
+            match (&mut self.task).await {
+                Ok(Err(e)) => Err(e),
+                Ok(Ok(())) | Err(_) => Err(CdcError::Snapshot {
+                    table: String::new(),
+                    message: "the applier stopped".into(),
+                }),
+            }
+        }
+    }
+
+    /// Waits for everything queued to be applied.
+    async fn finish(mut self) -> Result<(), CdcError> {
+        self.queue = None;
+        match self.task.await {
+            Ok(result) => result,
+            Err(e) => Err(CdcError::Snapshot {
+                table: String::new(),
+                message: format!("the applier panicked: {e}"),
+            }),
+        }
+    }
 }
 
 /// Replaces the token the stream waits with every `tick`, so the loop regains
@@ -715,7 +792,7 @@ async fn stream_changes(
     source: &Client,
     plans: &[TablePlan],
     stream: &mut LogicalReplicationStream,
-    target: &mut Client,
+    target: Client,
     from: Lsn,
     stop: Option<CancellationToken>,
     progress: Arc<Progress>,
@@ -727,6 +804,16 @@ async fn stream_changes(
         .map(|(i, p)| ((p.source.schema.clone(), p.source.name.clone()), i))
         .collect();
     let feedback = Arc::clone(&stream.shared_lsn_feedback);
+    // Applying runs beside reading: while the target commits one batch, the next
+    // is decoded. The slot is told only what the applier has committed.
+    let mut applier = Applier::spawn(
+        target,
+        Arc::new(plans.to_vec()),
+        config.clone(),
+        Arc::clone(&progress),
+        observe.clone(),
+        Arc::clone(&feedback),
+    );
     let ticker = Ticker::start(config.batch_linger.max(Duration::from_millis(5)));
     let mut batch = Batch::new(plans.len());
     let mut in_transaction = false;
@@ -735,35 +822,21 @@ async fn stream_changes(
     loop {
         if stop.as_ref().is_some_and(CancellationToken::is_cancelled) && !in_transaction {
             if !batch.is_empty() {
-                apply_batch(
-                    &mut batch,
-                    target,
-                    plans,
-                    config,
-                    &progress,
-                    observe.as_deref(),
-                )
-                .await?;
+                applier.hand_over(&mut batch).await?;
             }
-            return Ok(());
+            return applier.finish().await;
         }
         let token = ticker.token();
         let event = match stream.next_event(&token).await {
             Ok(event) => event,
             Err(ReplicationError::Cancelled(_)) => {
                 // A tick: apply what lingered, or advance the slot on an idle stream.
+                if applier.task.is_finished() {
+                    return applier.finish().await;
+                }
                 if !in_transaction {
                     if !batch.is_empty() {
-                        let applied = apply_batch(
-                            &mut batch,
-                            target,
-                            plans,
-                            config,
-                            &progress,
-                            observe.as_deref(),
-                        )
-                        .await?;
-                        feedback.update_applied_lsn(applied.0);
+                        applier.hand_over(&mut batch).await?;
                     } else if last_commit.elapsed() >= config.heartbeat {
                         // Nothing of ours committed for a while, but the server may be
                         // writing WAL elsewhere that the slot holds on to. A heartbeat
@@ -878,16 +951,7 @@ async fn stream_changes(
                     .first_commit
                     .is_some_and(|t| t.elapsed() >= config.batch_linger);
                 if full || lingered {
-                    let applied = apply_batch(
-                        &mut batch,
-                        target,
-                        plans,
-                        config,
-                        &progress,
-                        observe.as_deref(),
-                    )
-                    .await?;
-                    feedback.update_applied_lsn(applied.0);
+                    applier.hand_over(&mut batch).await?;
                 }
             }
             _ => {}
