@@ -132,6 +132,10 @@ fn start_cdc(config: &CdcConfig) -> (CancellationToken, tokio::task::JoinHandle<
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let rows = env("STRANGLER_BENCH_ROWS", 300_000) as i64;
     let backlog = env("STRANGLER_BENCH_BACKLOG", 200_000) as i64;
     let rate = env("STRANGLER_BENCH_RATE", 5_000);
@@ -280,7 +284,10 @@ async fn main() {
     let from = rows + backlog + 1;
     let (stop, task) = start_cdc(&config);
     wait_count(&via_cdc, "bench_orders", want_cdc, Duration::from_secs(60)).await;
-    let written = steady(&source, from, rate, seconds).await;
+    // Two seconds of warm-up (a restarted walsender first re-reads WAL up to where
+    // it stopped), then the measured phase.
+    let warm = steady(&source, from, rate, 2).await;
+    let written = warm + steady(&source, from + warm, rate, seconds).await;
     wait_count(
         &via_cdc,
         "bench_orders",
@@ -288,7 +295,7 @@ async fn main() {
         Duration::from_secs(120),
     )
     .await;
-    let (cdc_p50, cdc_p99) = lag_percentiles(&via_cdc, from).await;
+    let (cdc_p50, cdc_p99) = lag_percentiles(&via_cdc, from + warm).await;
     stop.cancel();
     let _ = task.await;
     // The subscription catches up on the rows just written (not measured), then
@@ -300,7 +307,8 @@ async fn main() {
     let sub_base = backlog + written;
     wait_count(&via_sub, "bench_orders", sub_base, Duration::from_secs(300)).await;
     let from2 = from + written;
-    let written2 = steady(&source, from2, rate, seconds).await;
+    let warm2 = steady(&source, from2, rate, 2).await;
+    let written2 = warm2 + steady(&source, from2 + warm2, rate, seconds).await;
     wait_count(
         &via_sub,
         "bench_orders",
@@ -308,7 +316,7 @@ async fn main() {
         Duration::from_secs(120),
     )
     .await;
-    let (sub_p50, sub_p99) = lag_percentiles(&via_sub, from2).await;
+    let (sub_p50, sub_p99) = lag_percentiles(&via_sub, from2 + warm2).await;
     println!(
         "(c) lag at {rate} rows/s  strangler p50 {cdc_p50:.1} ms p99 {cdc_p99:.1} ms | subscription p50 {sub_p50:.1} ms p99 {sub_p99:.1} ms (goal p99 <= 100 ms)"
     );

@@ -980,6 +980,12 @@ async fn apply_batch(
         .map(|(p, n)| (p.target.quoted(), *n))
         .collect();
     let rows = batch.apply(target, plans, &config.slot).await?;
+    tracing::debug!(
+        transactions = txs,
+        rows,
+        ms = t0.elapsed().as_secs_f64() * 1000.0,
+        "batch applied"
+    );
     if let Some(o) = observe {
         o.batch(started, t0.elapsed(), end.0, txs, &by_table, oldest);
     }
