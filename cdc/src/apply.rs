@@ -445,7 +445,9 @@ pub async fn ensure_checkpoint_table(target: &Client) -> Result<(), ApplyError> 
     target
         .batch_execute(&format!(
             "CREATE SCHEMA IF NOT EXISTS strangler; \
-             CREATE TABLE IF NOT EXISTS {CHECKPOINT_TABLE} (slot text PRIMARY KEY, lsn pg_lsn NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())"
+             CREATE TABLE IF NOT EXISTS {CHECKPOINT_TABLE} (slot text PRIMARY KEY, lsn pg_lsn NOT NULL, updated_at timestamptz NOT NULL DEFAULT now()); \
+             {}",
+            crate::resnapshot::REQUESTS_DDL
         ))
         .await
         .map_err(ApplyError::Checkpoint)

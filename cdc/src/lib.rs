@@ -11,6 +11,7 @@ pub mod lsn;
 pub mod mapping;
 pub mod observe;
 pub mod plan;
+pub mod resnapshot;
 pub mod run;
 pub mod verify;
 

@@ -204,6 +204,7 @@ async fn copy_table(
     snapshot: &str,
     range: Option<(i64, i64)>,
     copied: &std::sync::atomic::AtomicU64,
+    truncate_first: bool,
 ) -> Result<u64, CdcError> {
     let fail = |message: String| CdcError::Snapshot {
         table: plan.target.quoted(),
@@ -227,6 +228,11 @@ async fn copy_table(
     let _ = tx
         .batch_execute("SET LOCAL session_replication_role = replica")
         .await;
+    if truncate_first {
+        tx.batch_execute(&format!("TRUNCATE {}", plan.target.quoted()))
+            .await
+            .map_err(|e| fail(db_message(&e)))?;
+    }
     let out = source
         .copy_out(&plan.copy_out_range(range))
         .await
@@ -257,6 +263,27 @@ async fn copy_table(
     Ok(rows)
 }
 
+/// Copies one table in a snapshot exported by another slot, emptying the target
+/// table in the same transaction (re-snapshot while streaming).
+pub(crate) async fn copy_whole_table(
+    config: &CdcConfig,
+    plan: &TablePlan,
+    snapshot: &str,
+) -> Result<u64, CdcError> {
+    let copied = std::sync::atomic::AtomicU64::new(0);
+    copy_table(config, plan, snapshot, None, &copied, true).await
+}
+
+/// The slot position as the source reports it.
+pub(crate) async fn slot_lsn(source: &Client, slot: &str) -> Result<Option<Lsn>, CdcError> {
+    slot_position(source, slot).await
+}
+
+/// A replication connection string for `url`.
+pub(crate) fn replication_conninfo(url: &str) -> String {
+    replication_url(url)
+}
+
 async fn copy_logged(
     config: &CdcConfig,
     plan: &TablePlan,
@@ -265,7 +292,7 @@ async fn copy_logged(
     copied: Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<(String, u64), CdcError> {
     let t0 = Instant::now();
-    let rows = copy_table(config, plan, &snapshot, range, &copied).await?;
+    let rows = copy_table(config, plan, &snapshot, range, &copied, false).await?;
     tracing::info!(
         table = %plan.target.quoted(),
         rows,
@@ -676,6 +703,8 @@ struct Applier {
     queue: Option<tokio::sync::mpsc::Sender<Batch>>,
     task: tokio::task::JoinHandle<Result<(), CdcError>>,
     tables: usize,
+    handed: u64,
+    applied: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Applier {
@@ -691,6 +720,8 @@ impl Applier {
         // Two batches in flight at most: enough to overlap decoding and applying,
         // little enough that memory stays bounded.
         let (queue, mut batches) = tokio::sync::mpsc::channel::<Batch>(2);
+        let applied_count = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = Arc::clone(&applied_count);
         let task = tokio::spawn(async move {
             while let Some(mut batch) = batches.recv().await {
                 let applied = apply_batch(
@@ -703,6 +734,7 @@ impl Applier {
                 )
                 .await?;
                 feedback.update_applied_lsn(applied.0);
+                counter.fetch_add(1, std::sync::atomic::Ordering::Release);
             }
             Ok(())
         });
@@ -710,7 +742,27 @@ impl Applier {
             queue: Some(queue),
             task,
             tables,
+            handed: 0,
+            applied: applied_count,
         }
+    }
+
+    /// Waits until every batch handed over is committed.
+    async fn drain(&mut self) -> Result<(), CdcError> {
+        while self.applied.load(std::sync::atomic::Ordering::Acquire) < self.handed {
+            if self.task.is_finished() {
+                self.queue = None;
+                return match (&mut self.task).await {
+                    Ok(Err(e)) => Err(e),
+                    _ => Err(CdcError::Snapshot {
+                        table: String::new(),
+                        message: "the applier stopped".into(),
+                    }),
+                };
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        Ok(())
     }
 
     /// Queues the batch (waiting while two are in flight) and leaves an empty one.
@@ -721,6 +773,7 @@ impl Applier {
             None => false,
         };
         if sent {
+            self.handed += 1;
             Ok(())
         } else {
             // The applier stopped: its error is the one to report.
@@ -818,6 +871,12 @@ async fn stream_changes(
     let mut batch = Batch::new(plans.len());
     let mut in_transaction = false;
     let mut skipping = false;
+    // Per table: changes committed at or before this position are already in a
+    // re-snapshot taken while streaming, and are skipped.
+    let mut copied_until: Vec<u64> = vec![0; plans.len()];
+    let mut tx_commit: u64 = 0;
+    let control = connect(&config.target, "target").await?;
+    let mut last_poll = Instant::now();
     let mut last_commit = Instant::now();
     loop {
         if stop.as_ref().is_some_and(CancellationToken::is_cancelled) && !in_transaction {
@@ -833,6 +892,36 @@ async fn stream_changes(
                 // A tick: apply what lingered, or advance the slot on an idle stream.
                 if applier.task.is_finished() {
                     return applier.finish().await;
+                }
+                if !in_transaction && last_poll.elapsed() >= Duration::from_millis(500) {
+                    last_poll = Instant::now();
+                    if let Some((id, t, name)) =
+                        crate::resnapshot::next_request(&control, &config.slot, plans).await
+                    {
+                        if !batch.is_empty() {
+                            applier.hand_over(&mut batch).await?;
+                        }
+                        applier.drain().await?;
+                        let outcome = match t {
+                            Some(t) => crate::resnapshot::copy_while_streaming(config, &plans[t])
+                                .await
+                                .map(|(rows, at)| {
+                                    copied_until[t] = at.0;
+                                    rows
+                                }),
+                            None => Err(CdcError::Snapshot {
+                                table: name.clone(),
+                                message: "no mapping writes this table".into(),
+                            }),
+                        };
+                        crate::resnapshot::finish_request(&control, id, &outcome).await;
+                        match outcome {
+                            Ok(rows) => {
+                                tracing::info!(table = %name, rows, "re-snapshot done; streaming continues")
+                            }
+                            Err(e) => tracing::error!(table = %name, "re-snapshot failed: {e}"),
+                        }
+                    }
                 }
                 if !in_transaction {
                     if !batch.is_empty() {
@@ -864,6 +953,7 @@ async fn stream_changes(
         match &event.event_type {
             EventType::Begin { final_lsn, .. } => {
                 in_transaction = true;
+                tx_commit = final_lsn.value();
                 // Committed before the checkpoint we resumed from: already applied
                 // (the server resends from the slot's position, which may be older).
                 skipping = final_lsn.value() < from.0;
@@ -874,7 +964,9 @@ async fn stream_changes(
                 data,
                 ..
             } if !skipping => {
-                if let Some(&t) = by_name.get(&(schema.to_string(), table.to_string())) {
+                if let Some(&t) = by_name.get(&(schema.to_string(), table.to_string()))
+                    && tx_commit > copied_until[t]
+                {
                     batch.insert(t, &plans[t], data)?;
                 }
             }
@@ -885,7 +977,9 @@ async fn stream_changes(
                 new_data,
                 ..
             } if !skipping => {
-                if let Some(&t) = by_name.get(&(schema.to_string(), table.to_string())) {
+                if let Some(&t) = by_name.get(&(schema.to_string(), table.to_string()))
+                    && tx_commit > copied_until[t]
+                {
                     batch.update(t, &plans[t], old_data.as_ref(), new_data)?;
                 }
             }
@@ -895,14 +989,18 @@ async fn stream_changes(
                 old_data,
                 ..
             } if !skipping => {
-                if let Some(&t) = by_name.get(&(schema.to_string(), table.to_string())) {
+                if let Some(&t) = by_name.get(&(schema.to_string(), table.to_string()))
+                    && tx_commit > copied_until[t]
+                {
                     batch.delete(t, &plans[t], old_data)?;
                 }
             }
             EventType::Truncate { tables, .. } if !skipping => {
                 for name in tables {
                     let (s, n) = crate::plan::split_name(name);
-                    if let Some(&t) = by_name.get(&(s, n)) {
+                    if let Some(&t) = by_name.get(&(s, n))
+                        && tx_commit > copied_until[t]
+                    {
                         batch.truncate(t);
                     }
                 }

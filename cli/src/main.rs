@@ -262,6 +262,19 @@ enum CdcCommand {
         #[arg(long, default_value = "30")]
         wait_secs: u64,
     },
+    /// Copy one target table again while `strangler cdc run` keeps streaming the
+    /// others (asks the running process through the target database and waits).
+    Resnapshot {
+        /// The CDC config.
+        #[arg(long, short, env = "STRANGLER_CDC_CONFIG", default_value = "cdc.toml")]
+        config: PathBuf,
+        /// The target table (`table` or `schema.table`).
+        #[arg(long)]
+        table: String,
+        /// How long to wait for the running CDC to do it.
+        #[arg(long, default_value = "600")]
+        wait_secs: u64,
+    },
     /// Slot, applied position and lag.
     Status {
         /// The CDC config.
@@ -656,6 +669,20 @@ fn cdc_command(command: CdcCommand) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::from(1)
             })
+        }
+        CdcCommand::Resnapshot {
+            config,
+            table,
+            wait_secs,
+        } => {
+            let config = strangler_cdc::CdcConfig::load(&config)?;
+            let rows = runtime.block_on(strangler_cdc::resnapshot::request(
+                &config,
+                &table,
+                std::time::Duration::from_secs(wait_secs),
+            ))?;
+            println!("re-copied {table}: {rows} rows; streaming continues");
+            Ok(ExitCode::SUCCESS)
         }
         CdcCommand::Status { config, output } => {
             let config = strangler_cdc::CdcConfig::load(&config)?;

@@ -431,3 +431,72 @@ async fn a_source_restart_is_ridden_out_and_a_column_added_at_the_source_is_tole
     );
     stop(cdc);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_table_is_copied_again_while_streaming_continues() {
+    let p = pair().await;
+    p.source
+        .execute(
+            "INSERT INTO events (account, amount) SELECT g % 5, g FROM generate_series(1, 2000) g",
+            &[],
+        )
+        .await
+        .expect("seed");
+    let cdc = p.cdc(&["run"], "cdc.log");
+    wait_until(Duration::from_secs(30), "snapshot", || p.caught_up()).await;
+    // The target drifts (someone wrote to it by hand).
+    p.target
+        .batch_execute("DELETE FROM ledger WHERE id % 10 = 0; UPDATE ledger SET note = 'drift' WHERE id % 7 = 0;")
+        .await
+        .expect("drift");
+    let writer = {
+        let db = p.src.connect("legacy").await.expect("writer");
+        tokio::spawn(async move {
+            for round in 0..60i64 {
+                db.batch_execute(&format!(
+                    "INSERT INTO events (account, amount) SELECT 9, g FROM generate_series(1, 10) g;
+                     UPDATE events SET note = 'round {round}' WHERE id % 50 = {m};
+                     DELETE FROM events WHERE id % 97 = {m} AND id < 2000;",
+                    m = round % 50
+                ))
+                .await
+                .expect("writes");
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let out = Command::new(strangler_bin())
+        .args([
+            "cdc",
+            "resnapshot",
+            "--table",
+            "ledger",
+            "--wait-secs",
+            "60",
+            "--config",
+        ])
+        .arg(p.dir.path().join("cdc.toml"))
+        .output()
+        .expect("resnapshot");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        p.log("cdc.log")
+    );
+    assert!(said.contains("re-copied ledger"), "{said}");
+    writer.await.expect("writer");
+    wait_until(Duration::from_secs(60), "catch-up", || p.caught_up()).await;
+    let verify = Command::new(strangler_bin())
+        .args(["cdc", "verify", "--config"])
+        .arg(p.dir.path().join("cdc.toml"))
+        .output()
+        .expect("verify");
+    let report = String::from_utf8_lossy(&verify.stdout);
+    assert!(verify.status.success(), "{report}\n{}", p.log("cdc.log"));
+    let mut cdc = cdc;
+    assert!(matches!(cdc.try_wait(), Ok(None)), "cdc kept running");
+    stop(cdc);
+}
