@@ -453,6 +453,48 @@ pub async fn ensure_checkpoint_table(target: &Client) -> Result<(), ApplyError> 
         .map_err(ApplyError::Checkpoint)
 }
 
+/// Sets the checkpoint outside a batch (a stream that starts without a snapshot).
+pub async fn write_checkpoint(target: &Client, slot: &str, lsn: Lsn) -> Result<(), ApplyError> {
+    target
+        .execute(
+            &format!(
+                "INSERT INTO {CHECKPOINT_TABLE} (slot, lsn, updated_at) VALUES ($1, $2::text::pg_lsn, now()) \
+                 ON CONFLICT (slot) DO UPDATE SET lsn = EXCLUDED.lsn, updated_at = now()"
+            ),
+            &[&slot, &lsn.to_string()],
+        )
+        .await
+        .map(drop)
+        .map_err(ApplyError::Checkpoint)
+}
+
+/// Tags this session's transactions with replication origin `name` (created when
+/// missing), so the opposite direction's stream can tell them apart and skip them.
+pub async fn tag_origin(target: &Client, name: &str) -> Result<(), ApplyError> {
+    target
+        .execute(
+            "SELECT pg_replication_origin_create($1) WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1)",
+            &[&name],
+        )
+        .await
+        .map_err(ApplyError::Checkpoint)?;
+    // A previous session of ours may still hold it for a moment after a restart.
+    let mut attempts = 0;
+    loop {
+        match target
+            .execute("SELECT pg_replication_origin_session_setup($1)", &[&name])
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e) if attempts < 50 && e.to_string().contains("already active") => {
+                attempts += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(ApplyError::Checkpoint(e)),
+        }
+    }
+}
+
 /// The position applied for `slot`, if any.
 pub async fn read_checkpoint(target: &Client, slot: &str) -> Result<Option<Lsn>, ApplyError> {
     let row = target

@@ -91,6 +91,14 @@ pub struct CdcConfig {
     pub heartbeat: Duration,
     /// The mappings, one per target table.
     pub mappings: Vec<Mapping>,
+    /// Copy the mapped tables before streaming (off for a reverse direction whose
+    /// target already holds the data).
+    pub snapshot: bool,
+    /// Replication origin the applying session tags its transactions with.
+    pub origin: String,
+    /// Transactions whose origin starts with this are not applied (they were
+    /// written by strangler's other direction); empty applies everything.
+    pub ignore_origin_prefix: String,
     /// Where `/metrics` is served (off when unset).
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// OTLP/gRPC endpoint for one span per applied batch (off when unset).
@@ -123,12 +131,14 @@ struct RawSource {
     url: String,
     slot: Option<String>,
     publication: Option<String>,
+    ignore_origin_prefix: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTarget {
     url: String,
+    origin: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -139,6 +149,7 @@ struct RawApply {
     snapshot_parallelism: Option<usize>,
     heartbeat_ms: Option<u64>,
     split_rows: Option<i64>,
+    snapshot: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -242,6 +253,11 @@ impl CdcConfig {
             }
             mappings.push(mapping);
         }
+        let origin = raw
+            .target
+            .origin
+            .clone()
+            .unwrap_or_else(|| format!("strangler_{slot}"));
         Ok(Self {
             path: path.to_path_buf(),
             source: raw.source.url,
@@ -263,6 +279,12 @@ impl CdcConfig {
                     .max(100),
             ),
             mappings,
+            snapshot: raw.apply.snapshot.unwrap_or(true),
+            origin,
+            ignore_origin_prefix: raw
+                .source
+                .ignore_origin_prefix
+                .unwrap_or_else(|| "strangler_".into()),
             metrics_listen,
             otlp_endpoint: raw.observe.otlp_endpoint,
         })

@@ -557,6 +557,7 @@ async fn run_once(
     for m in &config.mappings {
         plans.push(crate::plan::check(m, &source, &target).await?);
     }
+    crate::apply::tag_origin(&target, &config.origin).await?;
     ensure_publication(&source, config, &plans).await?;
     ensure_checkpoint_table(&target).await?;
     if options.resnapshot {
@@ -619,48 +620,56 @@ async fn run_once(
             let consistent = slot_position(&source, &config.slot)
                 .await?
                 .unwrap_or_default();
-            let started = Instant::now();
-            // Empty the targets first, together (foreign keys between them), so key
-            // ranges of one table can load in parallel.
-            let tables: Vec<String> = plans.iter().map(|p| p.target.quoted()).collect();
-            target
-                .batch_execute(&format!("TRUNCATE {}", tables.join(", ")))
-                .await
-                .map_err(|e| CdcError::Snapshot {
-                    table: tables.join(", "),
-                    message: db_message(&e),
-                })?;
-            let (pieces, estimate) = snapshot_pieces(
-                &source,
-                &plans,
-                config.snapshot_parallelism,
-                config.split_rows,
-            )
-            .await?;
-            let copied = Arc::new(std::sync::atomic::AtomicU64::new(0));
-            let reporter = report_progress(Arc::clone(&copied), estimate);
-            let copies: Vec<_> = pieces
-                .iter()
-                .map(|(i, range)| {
-                    copy_logged(
-                        config,
-                        &plans[*i],
-                        snapshot.clone(),
-                        *range,
-                        Arc::clone(&copied),
-                    )
-                })
-                .collect();
-            let results: Vec<Result<(String, u64), CdcError>> = futures::stream::iter(copies)
-                .buffer_unordered(config.snapshot_parallelism)
-                .collect()
-                .await;
-            reporter.abort();
-            let mut total = 0;
-            for r in results {
-                total += r?.1;
-            }
-            target
+            if !config.snapshot {
+                // Stream only (e.g. the reverse direction, whose target already
+                // holds the data): changes from the slot's creation on.
+                crate::apply::write_checkpoint(&target, &config.slot, consistent).await?;
+                tracing::info!(lsn = %consistent, "no snapshot (apply.snapshot = false); streaming");
+                stream.start(None).await?;
+                (stream, consistent)
+            } else {
+                let started = Instant::now();
+                // Empty the targets first, together (foreign keys between them), so key
+                // ranges of one table can load in parallel.
+                let tables: Vec<String> = plans.iter().map(|p| p.target.quoted()).collect();
+                target
+                    .batch_execute(&format!("TRUNCATE {}", tables.join(", ")))
+                    .await
+                    .map_err(|e| CdcError::Snapshot {
+                        table: tables.join(", "),
+                        message: db_message(&e),
+                    })?;
+                let (pieces, estimate) = snapshot_pieces(
+                    &source,
+                    &plans,
+                    config.snapshot_parallelism,
+                    config.split_rows,
+                )
+                .await?;
+                let copied = Arc::new(std::sync::atomic::AtomicU64::new(0));
+                let reporter = report_progress(Arc::clone(&copied), estimate);
+                let copies: Vec<_> = pieces
+                    .iter()
+                    .map(|(i, range)| {
+                        copy_logged(
+                            config,
+                            &plans[*i],
+                            snapshot.clone(),
+                            *range,
+                            Arc::clone(&copied),
+                        )
+                    })
+                    .collect();
+                let results: Vec<Result<(String, u64), CdcError>> = futures::stream::iter(copies)
+                    .buffer_unordered(config.snapshot_parallelism)
+                    .collect()
+                    .await;
+                reporter.abort();
+                let mut total = 0;
+                for r in results {
+                    total += r?.1;
+                }
+                target
                 .execute(
                     &format!(
                         "INSERT INTO {} (slot, lsn) VALUES ($1, $2::text::pg_lsn) ON CONFLICT (slot) DO UPDATE SET lsn = EXCLUDED.lsn, updated_at = now()",
@@ -670,14 +679,15 @@ async fn run_once(
                 )
                 .await
                 .map_err(ApplyError::Checkpoint)?;
-            tracing::info!(
-                rows = total,
-                seconds = started.elapsed().as_secs_f64(),
-                lsn = %consistent,
-                "snapshot complete; streaming"
-            );
-            stream.start(None).await?;
-            (stream, consistent)
+                tracing::info!(
+                    rows = total,
+                    seconds = started.elapsed().as_secs_f64(),
+                    lsn = %consistent,
+                    "snapshot complete; streaming"
+                );
+                stream.start(None).await?;
+                (stream, consistent)
+            }
         }
     };
     let (mut stream, from) = start;
@@ -875,6 +885,7 @@ async fn stream_changes(
     // re-snapshot taken while streaming, and are skipped.
     let mut copied_until: Vec<u64> = vec![0; plans.len()];
     let mut tx_commit: u64 = 0;
+    let mut foreign_origin = false;
     let control = connect(&config.target, "target").await?;
     let mut last_poll = Instant::now();
     let mut last_commit = Instant::now();
@@ -957,7 +968,18 @@ async fn stream_changes(
                 // Committed before the checkpoint we resumed from: already applied
                 // (the server resends from the slot's position, which may be older).
                 skipping = final_lsn.value() < from.0;
+                foreign_origin = false;
             }
+            EventType::Origin { origin_name, .. } => {
+                // Written by strangler applying the other direction: applying it
+                // back would bounce every change between the databases for ever.
+                if !config.ignore_origin_prefix.is_empty()
+                    && origin_name.starts_with(config.ignore_origin_prefix.as_str())
+                {
+                    foreign_origin = true;
+                }
+            }
+            _ if foreign_origin && !matches!(&event.event_type, EventType::Commit { .. }) => {}
             EventType::Insert {
                 schema,
                 table,

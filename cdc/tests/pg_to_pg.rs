@@ -449,3 +449,167 @@ async fn unchanged_toasted_values_are_kept_not_overwritten_with_nulls() {
         assert_eq!(r.get::<_, i32>(4), 2);
     }
 }
+
+async fn item_rows(db: &Client) -> Vec<String> {
+    db.query(
+        "SELECT (id, v, written_on)::text FROM items ORDER BY id",
+        &[],
+    )
+    .await
+    .expect("rows")
+    .iter()
+    .map(|r| r.get::<_, String>(0))
+    .collect()
+}
+
+async fn applied_log(db: &Client) -> Vec<(i32, i64)> {
+    db.query(
+        "SELECT id, count(*) FROM apply_log GROUP BY id ORDER BY id",
+        &[],
+    )
+    .await
+    .expect("log")
+    .iter()
+    .map(|r| (r.get::<_, i32>(0), r.get::<_, i64>(1)))
+    .collect()
+}
+
+const BOTH_SIDES: &str = "
+CREATE TABLE items (id int PRIMARY KEY, v text NOT NULL, written_on text NOT NULL);
+CREATE TABLE apply_log (id int NOT NULL);
+-- Counts only writes made by strangler's apply sessions (they carry an origin).
+CREATE FUNCTION log_apply() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN IF pg_replication_origin_session_is_setup() THEN INSERT INTO apply_log VALUES (NEW.id); END IF; RETURN NEW; END $$;
+CREATE TRIGGER counted AFTER INSERT OR UPDATE ON items FOR EACH ROW EXECUTE FUNCTION log_apply();
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn both_directions_at_once_converge_and_no_change_bounces_back() {
+    let (a, b) = tokio::join!(Postgres::start(), Postgres::start());
+    let (a, b) = (a.expect("legacy pg"), b.expect("new pg"));
+    let legacy = a.connect("postgres").await.expect("legacy");
+    let new = b.connect("postgres").await.expect("new");
+    legacy
+        .batch_execute(BOTH_SIDES)
+        .await
+        .expect("legacy schema");
+    new.batch_execute(BOTH_SIDES).await.expect("new schema");
+    let direction = |from: &Postgres, to: &Postgres, slot: &str, snapshot: bool| {
+        let text = format!(
+            "[source]\nurl = \"{}\"\nslot = \"{slot}\"\npublication = \"{slot}\"\n[target]\nurl = \"{}\"\n\
+             [apply]\nbatch_ms = 5\nheartbeat_ms = 300\nsnapshot = {snapshot}\n\
+             [[map]]\ntarget = \"items\"\nsql = \"SELECT * FROM items\"\n",
+            from.url("postgres"),
+            to.url("postgres")
+        );
+        CdcConfig::parse(&text, Path::new("cdc.toml")).expect("config")
+    };
+    let forward = direction(&a, &b, "fwd", true);
+    let reverse = direction(&b, &a, "rev", false);
+    let stop = strangler_cdc::CancellationToken::new();
+    let spawn = |config: CdcConfig| {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            run(
+                &config,
+                RunOptions {
+                    stop: Some(stop),
+                    ..RunOptions::default()
+                },
+            )
+            .await
+        })
+    };
+    let fwd = spawn(forward.clone());
+    // The reverse stream starts once the forward snapshot is done (its checkpoint exists).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while new
+        .query_opt(
+            "SELECT 1 FROM strangler.cdc_checkpoint WHERE slot = 'fwd'",
+            &[],
+        )
+        .await
+        .ok()
+        .flatten()
+        .is_none()
+    {
+        assert!(Instant::now() < deadline, "forward never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rev = spawn(reverse.clone());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while legacy
+        .query_opt(
+            "SELECT 1 FROM strangler.cdc_checkpoint WHERE slot = 'rev'",
+            &[],
+        )
+        .await
+        .ok()
+        .flatten()
+        .is_none()
+    {
+        assert!(Instant::now() < deadline, "reverse never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Users write on both sides at once, each side its own rows.
+    let (wa, wb) = (
+        a.connect("postgres").await.expect("a"),
+        b.connect("postgres").await.expect("b"),
+    );
+    let on_legacy = tokio::spawn(async move {
+        for i in 0..50 {
+            wa.batch_execute(&format!(
+                "INSERT INTO items VALUES ({i}, 'a{i}', 'legacy'); UPDATE items SET v = v || '+' WHERE id = {i};"
+            ))
+            .await
+            .expect("legacy writes");
+        }
+    });
+    let on_new = tokio::spawn(async move {
+        for i in 1000..1050 {
+            wb.batch_execute(&format!(
+                "INSERT INTO items VALUES ({i}, 'b{i}', 'new'); UPDATE items SET v = v || '+' WHERE id = {i};"
+            ))
+            .await
+            .expect("new writes");
+        }
+    });
+    on_legacy.await.expect("legacy writer");
+    on_new.await.expect("new writer");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (l, n) = (item_rows(&legacy).await, item_rows(&new).await);
+        if l.len() == 100 && l == n {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no convergence: legacy {} rows, new {}",
+            l.len(),
+            n.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Let any bounce happen before counting.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stop.cancel();
+    fwd.await.expect("fwd task").expect("forward ran");
+    rev.await.expect("rev task").expect("reverse ran");
+
+    let on_new_side = applied_log(&new).await;
+    let on_legacy_side = applied_log(&legacy).await;
+    // Each row was written on one side by an insert and an update (one transaction):
+    // the other side applies it once (one upsert of its last state) and its own
+    // side never sees it come back.
+    assert_eq!(on_new_side.len(), 50, "{on_new_side:?}");
+    assert!(
+        on_new_side.iter().all(|(id, n)| *id < 1000 && *n == 1),
+        "{on_new_side:?}"
+    );
+    assert_eq!(on_legacy_side.len(), 50, "{on_legacy_side:?}");
+    assert!(
+        on_legacy_side.iter().all(|(id, n)| *id >= 1000 && *n == 1),
+        "{on_legacy_side:?}"
+    );
+}
