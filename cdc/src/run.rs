@@ -970,14 +970,13 @@ async fn stream_changes(
                 skipping = final_lsn.value() < from.0;
                 foreign_origin = false;
             }
-            EventType::Origin { origin_name, .. } => {
-                // Written by strangler applying the other direction: applying it
-                // back would bounce every change between the databases for ever.
+            // Written by strangler applying the other direction: applying it back
+            // would bounce every change between the databases for ever.
+            EventType::Origin { origin_name, .. }
                 if !config.ignore_origin_prefix.is_empty()
-                    && origin_name.starts_with(config.ignore_origin_prefix.as_str())
-                {
-                    foreign_origin = true;
-                }
+                    && origin_name.starts_with(config.ignore_origin_prefix.as_str()) =>
+            {
+                foreign_origin = true;
             }
             _ if foreign_origin && !matches!(&event.event_type, EventType::Commit { .. }) => {}
             EventType::Insert {
