@@ -13,6 +13,7 @@ pub mod observe;
 pub mod plan;
 pub mod resnapshot;
 pub mod run;
+pub mod schema;
 pub mod verify;
 
 pub use config::CdcConfig;

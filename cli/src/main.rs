@@ -275,6 +275,22 @@ enum CdcCommand {
         #[arg(long, default_value = "600")]
         wait_secs: u64,
     },
+    /// Print PostgreSQL DDL for a MySQL/MariaDB database's tables (from SHOW CREATE
+    /// TABLE); what does not translate is listed as NOTE comments.
+    Schema {
+        /// The MySQL/MariaDB database (`mysql://user:pass@host:3306/db`).
+        #[arg(long)]
+        from: String,
+        /// The target dialect (only `postgres`).
+        #[arg(long, default_value = "postgres")]
+        to: String,
+        /// Only these tables (comma-separated); default all base tables.
+        #[arg(long, value_delimiter = ',')]
+        tables: Vec<String>,
+        /// Also run the DDL on this PostgreSQL database, in one transaction.
+        #[arg(long)]
+        apply: Option<String>,
+    },
     /// Slot, applied position and lag.
     Status {
         /// The CDC config.
@@ -682,6 +698,37 @@ fn cdc_command(command: CdcCommand) -> anyhow::Result<ExitCode> {
                 std::time::Duration::from_secs(wait_secs),
             ))?;
             println!("re-copied {table}: {rows} rows; streaming continues");
+            Ok(ExitCode::SUCCESS)
+        }
+        CdcCommand::Schema {
+            from,
+            to,
+            tables,
+            apply,
+        } => {
+            if to != "postgres" {
+                anyhow::bail!("--to {to:?}: only postgres is supported");
+            }
+            let t = runtime.block_on(strangler_cdc::schema::from_mysql(&from, &tables))?;
+            print!("{}", t.script());
+            if let Some(url) = apply {
+                runtime.block_on(async {
+                    let (client, connection) =
+                        tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+                    tokio::spawn(connection);
+                    client
+                        .batch_execute(&format!("BEGIN;\n{}COMMIT;", t.script()))
+                        .await
+                        .map_err(|e| {
+                            anyhow::anyhow!(
+                                "applying to {url}: {}",
+                                e.as_db_error()
+                                    .map_or_else(|| e.to_string(), |d| d.message().to_string())
+                            )
+                        })
+                })?;
+                eprintln!("applied {} statements", t.statements.len());
+            }
             Ok(ExitCode::SUCCESS)
         }
         CdcCommand::Status { config, output } => {

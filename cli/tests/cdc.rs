@@ -500,3 +500,89 @@ async fn one_table_is_copied_again_while_streaming_continues() {
     assert!(matches!(cdc.try_wait(), Ok(None)), "cdc kept running");
     stop(cdc);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_realistic_mysql_schema_translates_to_ddl_that_postgres_accepts() {
+    let (maria, pg) = tokio::join!(strangler_testkit::MariaDb::start(), Postgres::start());
+    let (maria, pg) = (maria.expect("mariadb"), pg.expect("postgres"));
+    let mut conn = maria.connect("mysql").await.expect("connect");
+    {
+        use mysql_async::prelude::Queryable;
+        conn.query_drop("CREATE DATABASE legacy_shop")
+            .await
+            .expect("db");
+        conn.query_drop("USE legacy_shop").await.expect("use");
+        let ddl = include_str!("fixtures/legacy_shop_mysql.sql");
+        for statement in ddl.split(";\n").filter(|s| !s.trim().is_empty()) {
+            conn.query_drop(statement).await.expect(statement);
+        }
+    }
+    pg.create_database("new_shop").await.expect("pg db");
+    let out = Command::new(strangler_bin())
+        .args(["cdc", "schema", "--to", "postgres", "--from"])
+        .arg(maria.url("legacy_shop"))
+        .arg("--apply")
+        .arg(pg.url("new_shop"))
+        .output()
+        .expect("schema");
+    let script = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{script}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for note in ["FULLTEXT", "SET(", "spatial type POINT", "BIGINT UNSIGNED"] {
+        assert!(
+            script.contains(note),
+            "note about {note} missing:\n{script}"
+        );
+    }
+    let db = pg.connect("new_shop").await.expect("pg");
+    let tables: i64 = db
+        .query_one(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'",
+            &[],
+        )
+        .await
+        .expect("tables")
+        .get(0);
+    assert_eq!(tables, 12, "{script}");
+    let fks: i64 = db
+        .query_one("SELECT count(*) FROM information_schema.table_constraints WHERE constraint_type = 'FOREIGN KEY'", &[])
+        .await
+        .expect("fks")
+        .get(0);
+    assert_eq!(fks, 4);
+    // The translated tables work: identity, enum check, ON UPDATE trigger.
+    db.batch_execute(
+        "INSERT INTO customers (email) VALUES ('a@example.com');
+         INSERT INTO orders (customer_id, status) VALUES (1, 'placed');",
+    )
+    .await
+    .expect("inserts");
+    let bad = db
+        .execute(
+            "INSERT INTO orders (customer_id, status) VALUES (1, 'lost')",
+            &[],
+        )
+        .await;
+    assert!(bad.is_err(), "enum values are checked");
+    let before: String = db
+        .query_one("SELECT updated_at::text FROM customers WHERE id = 1", &[])
+        .await
+        .expect("ts")
+        .get(0);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    db.execute("UPDATE customers SET name = 'A' WHERE id = 1", &[])
+        .await
+        .expect("update");
+    let after: String = db
+        .query_one("SELECT updated_at::text FROM customers WHERE id = 1", &[])
+        .await
+        .expect("ts")
+        .get(0);
+    assert_ne!(
+        before, after,
+        "ON UPDATE CURRENT_TIMESTAMP became a trigger"
+    );
+}
