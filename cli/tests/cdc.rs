@@ -81,6 +81,17 @@ impl Pair {
             .expect("spawn strangler cdc")
     }
 
+    /// Runs `strangler cdc ARGS --config <the pair's config>` to completion.
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(strangler_bin())
+            .arg("cdc")
+            .args(args)
+            .arg("--config")
+            .arg(self.dir.path().join("cdc.toml"))
+            .output()
+            .expect("strangler cdc")
+    }
+
     fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
     }
@@ -169,11 +180,7 @@ async fn sigkill_under_writes_then_restart_loses_nothing_and_applies_nothing_twi
         p.caught_up()
     })
     .await;
-    let verify = Command::new(strangler_bin())
-        .args(["cdc", "verify", "--config"])
-        .arg(p.dir.path().join("cdc.toml"))
-        .output()
-        .expect("verify");
+    let verify = p.cli(&["verify"]);
     let report = String::from_utf8_lossy(&verify.stdout);
     assert!(
         verify.status.success(),
@@ -278,11 +285,7 @@ async fn an_idle_source_still_advances_the_slot() {
     )
     .await;
     eprintln!("idle slot advanced past {after} after {took:?}");
-    let status = Command::new(strangler_bin())
-        .args(["cdc", "status", "--output", "json", "--config"])
-        .arg(p.dir.path().join("cdc.toml"))
-        .output()
-        .expect("status");
+    let status = p.cli(&["status", "--output", "json"]);
     let doc: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
     assert_eq!(doc["slot_active"], true, "{doc}");
     assert!(doc["applied_lsn"].is_string(), "{doc}");
@@ -369,11 +372,7 @@ async fn a_row_the_target_rejects_stops_the_stream_with_its_key_and_a_lost_slot_
         .execute("SELECT pg_drop_replication_slot('strangler_cdc')", &[])
         .await
         .expect("drop slot");
-    let out = Command::new(strangler_bin())
-        .args(["cdc", "run", "--config"])
-        .arg(p.dir.path().join("cdc.toml"))
-        .output()
-        .expect("run");
+    let out = p.cli(&["run"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("no longer exists"), "{stderr}");
@@ -466,19 +465,7 @@ async fn one_table_is_copied_again_while_streaming_continues() {
         })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let out = Command::new(strangler_bin())
-        .args([
-            "cdc",
-            "resnapshot",
-            "--table",
-            "ledger",
-            "--wait-secs",
-            "60",
-            "--config",
-        ])
-        .arg(p.dir.path().join("cdc.toml"))
-        .output()
-        .expect("resnapshot");
+    let out = p.cli(&["resnapshot", "--table", "ledger", "--wait-secs", "60"]);
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -489,11 +476,7 @@ async fn one_table_is_copied_again_while_streaming_continues() {
     assert!(said.contains("re-copied ledger"), "{said}");
     writer.await.expect("writer");
     wait_until(Duration::from_secs(60), "catch-up", || p.caught_up()).await;
-    let verify = Command::new(strangler_bin())
-        .args(["cdc", "verify", "--config"])
-        .arg(p.dir.path().join("cdc.toml"))
-        .output()
-        .expect("verify");
+    let verify = p.cli(&["verify"]);
     let report = String::from_utf8_lossy(&verify.stdout);
     assert!(verify.status.success(), "{report}\n{}", p.log("cdc.log"));
     let mut cdc = cdc;
