@@ -1,0 +1,191 @@
+//! The example against real PostgreSQL: the legacy shop, CDC with the example's
+//! mappings, and the orders service reading what CDC copied.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use strangler_testkit::{Postgres, free_port};
+
+async fn spawn(app: axum::Router) -> String {
+    let port = free_port().expect("port");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", port.port()).parse().expect("addr");
+    drop(port);
+    tokio::spawn(strangler_example::serve(addr, app));
+    let url = format!("http://{addr}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while reqwest::get(format!("{url}/health")).await.is_err() {
+        assert!(Instant::now() < deadline, "{url} never answered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    url
+}
+
+fn example_cdc_config(legacy: &str, orders: &str) -> strangler_cdc::CdcConfig {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/cdc.toml"))
+        .expect("cdc.toml");
+    let text = text
+        .replace("postgres://postgres@127.0.0.1:5433/legacy", legacy)
+        .replace("postgres://postgres@127.0.0.1:5434/orders", orders);
+    strangler_cdc::CdcConfig::parse(&text, std::path::Path::new("cdc.toml"))
+        .expect("example cdc.toml")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_orders_service_answers_like_the_shop_except_for_the_deliberate_difference() {
+    let (a, b) = tokio::join!(Postgres::start(), Postgres::start());
+    let (a, b) = (a.expect("legacy pg"), b.expect("orders pg"));
+    a.create_database("legacy").await.expect("db");
+    b.create_database("orders").await.expect("db");
+    let legacy_db = strangler_example::connect(&a.url("legacy"))
+        .await
+        .expect("legacy");
+    let orders_db = strangler_example::connect(&b.url("orders"))
+        .await
+        .expect("orders");
+    strangler_example::legacy::migrate(&legacy_db, true)
+        .await
+        .expect("seed");
+    strangler_example::orders::migrate(&orders_db)
+        .await
+        .expect("schema");
+    let shop = spawn(strangler_example::legacy::app(legacy_db.clone())).await;
+
+    let config = example_cdc_config(&a.url("legacy"), &b.url("orders"));
+    let stop = strangler_cdc::CancellationToken::new();
+    let cdc = {
+        let (config, stop) = (config.clone(), stop.clone());
+        tokio::spawn(async move {
+            strangler_cdc::run(
+                &config,
+                strangler_cdc::run::RunOptions {
+                    stop: Some(stop),
+                    ..Default::default()
+                },
+            )
+            .await
+        })
+    };
+    let new_v1 = spawn(strangler_example::orders::app(orders_db.clone(), false)).await;
+    let new_fixed = spawn(strangler_example::orders::app(orders_db.clone(), true)).await;
+    let client = reqwest::Client::new();
+
+    // An order placed in the shop reaches the new database through CDC.
+    let placed: Value = client
+        .post(format!("{shop}/api/orders"))
+        .json(&json!({"customer_id": 7, "items": [{"product_id": 3, "qty": 2}, {"product_id": 5, "qty": 1}]}))
+        .send()
+        .await
+        .expect("post")
+        .json()
+        .await
+        .expect("json");
+    let id = placed["id"].as_i64().expect("id");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let from_new = loop {
+        let r = client
+            .get(format!("{new_fixed}/api/orders/{id}"))
+            .send()
+            .await
+            .expect("get");
+        if r.status() == 200 {
+            break r.json::<Value>().await.expect("json");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "order {id} never reached the orders service"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let from_shop: Value = client
+        .get(format!("{shop}/api/orders/{id}"))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        from_shop, from_new,
+        "the fixed service answers exactly like the shop"
+    );
+    assert_eq!(from_shop["email"], "customer7@example.com");
+
+    let v1: Value = client
+        .get(format!("{new_v1}/api/orders/{id}"))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        from_shop["total"],
+        Value::String(from_shop["total"].as_str().expect("text").to_string())
+    );
+    assert!(v1["total"].is_number(), "the deliberate difference: {v1}");
+    let mut same = v1.clone();
+    same["total"] = from_shop["total"].clone();
+    assert_eq!(same, from_shop, "and nothing else differs");
+
+    // Orders placed in the new service get ids from their own range, prices from
+    // the catalog and the e-mail from buyers, both copied by CDC.
+    let created = client
+        .post(format!("{new_fixed}/api/orders"))
+        .json(&json!({"customer_id": 9, "items": [{"product_id": 3, "qty": 2}]}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(created.status(), 201);
+    let created: Value = created.json().await.expect("json");
+    assert!(created["id"].as_i64().expect("id") >= 1_000_000);
+    assert_eq!(created["email"], "customer9@example.com");
+    let price: Value = client
+        .get(format!("{shop}/api/products"))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    let p3 = price
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["id"] == 3))
+        .expect("product 3");
+    let unit: f64 = p3["price"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("price");
+    let total: f64 = created["total"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("total");
+    assert!((total - 2.0 * unit).abs() < 0.001, "{created}");
+
+    // Unknown customers and empty orders are refused, not stored.
+    let bad = client
+        .post(format!("{new_fixed}/api/orders"))
+        .json(&json!({"customer_id": 999, "items": [{"product_id": 1, "qty": 1}]}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(bad.status(), 422);
+    let bad = client
+        .post(format!("{shop}/api/orders"))
+        .json(&json!({"customer_id": 1, "items": []}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(bad.status(), 422);
+    let page = client
+        .get(format!("{shop}/customers/7"))
+        .send()
+        .await
+        .expect("page")
+        .text()
+        .await
+        .expect("html");
+    assert!(page.contains(&format!("#{id}")), "{page}");
+
+    stop.cancel();
+    cdc.await.expect("task").expect("cdc");
+}
