@@ -21,8 +21,12 @@ async fn spawn(app: axum::Router) -> String {
 }
 
 fn example_cdc_config(legacy: &str, orders: &str) -> strangler_cdc::CdcConfig {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/cdc.toml"))
-        .expect("cdc.toml");
+    example_config("cdc.toml", legacy, orders)
+}
+
+fn example_config(file: &str, legacy: &str, orders: &str) -> strangler_cdc::CdcConfig {
+    let text =
+        std::fs::read_to_string(format!("{}/{file}", env!("CARGO_MANIFEST_DIR"))).expect(file);
     let text = text
         .replace("postgres://postgres@127.0.0.1:5433/legacy", legacy)
         .replace("postgres://postgres@127.0.0.1:5434/orders", orders);
@@ -54,6 +58,32 @@ async fn the_orders_service_answers_like_the_shop_except_for_the_deliberate_diff
     let stop = strangler_cdc::CancellationToken::new();
     let cdc = {
         let (config, stop) = (config.clone(), stop.clone());
+        tokio::spawn(async move {
+            strangler_cdc::run(
+                &config,
+                strangler_cdc::run::RunOptions {
+                    stop: Some(stop),
+                    ..Default::default()
+                },
+            )
+            .await
+        })
+    };
+    // The reverse direction starts once the forward snapshot is in.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while orders_db
+        .query_opt("SELECT 1 FROM strangler.cdc_checkpoint", &[])
+        .await
+        .ok()
+        .flatten()
+        .is_none()
+    {
+        assert!(Instant::now() < deadline, "forward snapshot never finished");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let reverse = example_config("cdc-reverse.toml", &a.url("legacy"), &b.url("orders"));
+    let rev = {
+        let (config, stop) = (reverse.clone(), stop.clone());
         tokio::spawn(async move {
             strangler_cdc::run(
                 &config,
@@ -161,6 +191,49 @@ async fn the_orders_service_answers_like_the_shop_except_for_the_deliberate_diff
         .expect("total");
     assert!((total - 2.0 * unit).abs() < 0.001, "{created}");
 
+    // ... and reaches the legacy database through the reverse direction, exactly once.
+    let new_id = created["id"].as_i64().expect("id");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let in_legacy: Value = loop {
+        let r = client
+            .get(format!("{shop}/api/orders/{new_id}"))
+            .send()
+            .await
+            .expect("get");
+        if r.status() == 200 {
+            break r.json().await.expect("json");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "order {new_id} never reached the legacy database"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        in_legacy, created,
+        "the legacy shop shows the new service's order identically"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let legacy_new: i64 = legacy_db
+        .query_one("SELECT count(*) FROM orders WHERE id >= 1000000", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(legacy_new, 1);
+    let (n_new, n_legacy): (i64, i64) = (
+        orders_db
+            .query_one("SELECT count(*) FROM orders_v2", &[])
+            .await
+            .expect("count")
+            .get(0),
+        legacy_db
+            .query_one("SELECT count(*) FROM orders", &[])
+            .await
+            .expect("count")
+            .get(0),
+    );
+    assert_eq!(n_new, n_legacy, "no order bounced or went missing");
+
     // Unknown customers and empty orders are refused, not stored.
     let bad = client
         .post(format!("{new_fixed}/api/orders"))
@@ -188,4 +261,5 @@ async fn the_orders_service_answers_like_the_shop_except_for_the_deliberate_diff
 
     stop.cancel();
     cdc.await.expect("task").expect("cdc");
+    rev.await.expect("task").expect("reverse cdc");
 }
