@@ -5,6 +5,7 @@
 //! and CDC libraries into long-running processes.
 
 mod control;
+mod demo;
 mod output;
 
 use std::io::IsTerminal;
@@ -80,7 +81,14 @@ enum Command {
         shell: clap_complete::Shell,
     },
     /// Run the example end to end: a monolith, a new service, traffic, a flip and a rollback.
-    Demo,
+    Demo {
+        /// Only start the stack (no shadow/canary/promote/rollback walk-through).
+        #[arg(long)]
+        no_walkthrough: bool,
+        /// Stop everything after the walk-through instead of waiting for Ctrl-C.
+        #[arg(long)]
+        exit: bool,
+    },
 }
 
 /// How results are printed.
@@ -567,11 +575,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo => {
-            eprintln!(
-                "strangler demo: the end-to-end demo is not built yet; it arrives with the \
-                 example monolith (see examples/legacy-monolith/README.md)."
-            );
+        Command::Demo {
+            no_walkthrough,
+            exit,
+        } => {
+            init_logging(false);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(demo::run(!no_walkthrough, exit))?;
             Ok(ExitCode::SUCCESS)
         }
     }

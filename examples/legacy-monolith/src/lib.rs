@@ -55,6 +55,15 @@ fn escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
+/// Adds `X-Served-By: <name>` to every answer, as many real apps do; the demo
+/// uses it to show which side served a customer.
+async fn tag(name: &'static str, mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert("x-served-by", axum::http::HeaderValue::from_static(name));
+    response
+}
+
 /// An error answered as JSON with its status.
 struct ApiError(StatusCode, String);
 
@@ -121,6 +130,9 @@ pub mod legacy {
             .route("/api/orders", get(orders).post(place_order))
             .route("/api/orders/{id}", get(order))
             .with_state(db)
+            .layer(axum::middleware::map_response(|r: Response| {
+                tag("legacy-shop", r)
+            }))
     }
 
     async fn home(State(db): State<Arc<Client>>) -> Result<Html<String>, ApiError> {
@@ -376,6 +388,9 @@ pub mod orders {
             .route("/api/orders", get(orders).post(place_order))
             .route("/api/orders/{id}", get(order))
             .with_state(Ctx { db, compat })
+            .layer(axum::middleware::map_response(|r: Response| {
+                tag("orders-service", r)
+            }))
     }
 
     fn total(text: &str, compat: bool) -> Value {

@@ -1,0 +1,69 @@
+//! `strangler demo` end to end, non-interactively: real databases, the example
+//! shop and orders service, CDC both ways, the router, traffic, and the walk-through.
+
+mod support;
+
+use std::process::Command;
+
+use support::strangler_bin;
+
+fn number_after<'a>(text: &'a str, marker: &str) -> Option<&'a str> {
+    text.find(marker)
+        .map(|i| &text[i + marker.len()..])
+        .and_then(|rest| rest.split_whitespace().next())
+}
+
+#[test]
+fn the_demo_finds_the_mismatch_splits_customers_and_rolls_back_without_losing_orders() {
+    let out = Command::new(strangler_bin())
+        .args(["demo", "--exit"])
+        .env("STRANGLER_LOG", "warn")
+        .output()
+        .expect("strangler demo");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // 1. shadow finds the deliberate difference
+    let shadow =
+        &text[text.find("1. Shadow").expect("step 1")..text.find("2. Deploy").expect("step 2")];
+    assert!(shadow.contains("/total"), "{shadow}");
+    assert!(shadow.contains("mismatch 100.0 %"), "{shadow}");
+    // 3. canary: about a quarter of the customers (sticky by customer id)
+    let canary =
+        &text[text.find("3. Canary").expect("step 3")..text.find("4. Promote").expect("step 4")];
+    let share: usize = number_after(canary, "customers served by the new service: ")
+        .and_then(|s| s.split('/').next())
+        .and_then(|n| n.parse().ok())
+        .expect("share");
+    assert!(
+        (5..=22).contains(&share),
+        "{share}/50 on the new service at 25 %:\n{canary}"
+    );
+    let promote =
+        &text[text.find("4. Promote").expect("step 4")..text.find("5. Rollback").expect("step 5")];
+    assert!(
+        promote.contains("served by the new service: 50/50"),
+        "{promote}"
+    );
+    // 5. rollback: everyone back on legacy, and every order the new service took is in legacy
+    let rollback = &text[text.find("5. Rollback").expect("step 5")..];
+    assert!(
+        rollback.contains("served by the new service: 0/50"),
+        "{rollback}"
+    );
+    let created: i64 = number_after(rollback, "created by the new service: ")
+        .and_then(|s| s.trim_end_matches(';').parse().ok())
+        .expect("created");
+    let in_legacy: i64 = number_after(rollback, "of those in the legacy database: ")
+        .and_then(|s| s.parse().ok())
+        .expect("in legacy");
+    assert!(created > 0, "{rollback}");
+    assert_eq!(created, in_legacy, "{rollback}");
+    // 6. verify is clean
+    let verify = &text[text.find("6. Are both").expect("step 6")..];
+    assert!(!verify.contains("DIFFERENT"), "{verify}");
+    assert!(verify.matches("clean").count() >= 4, "{verify}");
+}
