@@ -294,7 +294,9 @@ pub async fn run(walkthrough: bool, exit: bool) -> anyhow::Result<()> {
     let shop_via_router = format!("http://{listen}");
     println!("shop through the router {shop_via_router}   (admin http://{admin}, token {TOKEN})");
     if let Some(d) = &dashboard {
-        println!("dashboard              {d}");
+        println!(
+            "collector              {d}   (/api/compare?route=orders; the dashboard page comes with the dashboards issue)"
+        );
     }
 
     step("Customers browse and order (3 of them at a time, through the router)");

@@ -34,6 +34,21 @@ fn example_config(file: &str, legacy: &str, orders: &str) -> strangler_cdc::CdcC
         .expect("example cdc.toml")
 }
 
+/// Runs one CDC direction until `stop`.
+fn start_cdc(
+    config: strangler_cdc::CdcConfig,
+    stop: &strangler_cdc::CancellationToken,
+) -> tokio::task::JoinHandle<Result<(), strangler_cdc::CdcError>> {
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        let options = strangler_cdc::run::RunOptions {
+            stop: Some(stop),
+            ..Default::default()
+        };
+        strangler_cdc::run(&config, options).await
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_orders_service_answers_like_the_shop_except_for_the_deliberate_difference() {
     let (a, b) = tokio::join!(Postgres::start(), Postgres::start());
@@ -56,19 +71,7 @@ async fn the_orders_service_answers_like_the_shop_except_for_the_deliberate_diff
 
     let config = example_cdc_config(&a.url("legacy"), &b.url("orders"));
     let stop = strangler_cdc::CancellationToken::new();
-    let cdc = {
-        let (config, stop) = (config.clone(), stop.clone());
-        tokio::spawn(async move {
-            strangler_cdc::run(
-                &config,
-                strangler_cdc::run::RunOptions {
-                    stop: Some(stop),
-                    ..Default::default()
-                },
-            )
-            .await
-        })
-    };
+    let cdc = start_cdc(config, &stop);
     // The reverse direction starts once the forward snapshot is in.
     let deadline = Instant::now() + Duration::from_secs(30);
     while orders_db
@@ -82,19 +85,7 @@ async fn the_orders_service_answers_like_the_shop_except_for_the_deliberate_diff
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let reverse = example_config("cdc-reverse.toml", &a.url("legacy"), &b.url("orders"));
-    let rev = {
-        let (config, stop) = (reverse.clone(), stop.clone());
-        tokio::spawn(async move {
-            strangler_cdc::run(
-                &config,
-                strangler_cdc::run::RunOptions {
-                    stop: Some(stop),
-                    ..Default::default()
-                },
-            )
-            .await
-        })
-    };
+    let rev = start_cdc(reverse, &stop);
     let new_v1 = spawn(strangler_example::orders::app(orders_db.clone(), false)).await;
     let new_fixed = spawn(strangler_example::orders::app(orders_db.clone(), true)).await;
     let client = reqwest::Client::new();
