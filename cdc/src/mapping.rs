@@ -528,3 +528,149 @@ mod tests {
         assert!(m.reads().contains("note"));
     }
 }
+
+/// How a forward mapping's target row maps back to its source row, when it can.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reverse {
+    /// The reverse mapping, as SQL over the target table.
+    Derived(String),
+    /// Why it must be written by hand.
+    Explicit(String),
+}
+
+/// The source column an output writes back to, and the expression over the
+/// target column that recovers it; `Err` says why it cannot be inverted.
+fn invert(expr: &Expr, target_column: &str) -> Result<(String, String), String> {
+    use sqlparser::ast::{BinaryOperator as B, Value as V};
+    let t = format!("\"{}\"", target_column.replace('"', "\"\""));
+    let literal = |e: &Expr| match e {
+        Expr::Value(v) => match &v.value {
+            V::Number(n, _) if n.parse::<f64>().is_ok_and(|x| x != 0.0) => Some(n.clone()),
+            _ => None,
+        },
+        _ => None,
+    };
+    let column = |e: &Expr| match e {
+        Expr::Identifier(i) => Some(fold(i)),
+        Expr::CompoundIdentifier(parts) => parts.last().map(fold),
+        _ => None,
+    };
+    let mut e = expr;
+    while let Expr::Nested(inner) = e {
+        e = inner;
+    }
+    if let Some(c) = column(e) {
+        return Ok((c, t));
+    }
+    match e {
+        // A cast is undone by the assignment cast into the source column.
+        Expr::Cast { expr, .. } => invert(expr, target_column),
+        Expr::BinaryOp { left, op, right } => {
+            let (col, k, col_on_left) = match (
+                column(left),
+                literal(right),
+                column(right),
+                literal(left),
+            ) {
+                (Some(c), Some(k), _, _) => (c, k, true),
+                (_, _, Some(c), Some(k)) => (c, k, false),
+                _ => {
+                    return Err(format!(
+                        "`{e}` combines more than one column or a non-constant; only `col op constant` inverts"
+                    ));
+                }
+            };
+            let back = match (op, col_on_left) {
+                (B::Multiply, _) => format!("{t} / {k}"),
+                (B::Divide, true) => format!("{t} * {k}"),
+                (B::Plus, _) => format!("{t} - {k}"),
+                (B::Minus, true) => format!("{t} + {k}"),
+                (B::Minus, false) => format!("{k} - {t}"),
+                _ => return Err(format!("`{e}` is not invertible")),
+            };
+            Ok((col, format!("({back})")))
+        }
+        Expr::Function(f) => Err(format!("{}() is not invertible", f.name)),
+        other => Err(format!("`{other}` is not invertible")),
+    }
+}
+
+impl Mapping {
+    /// Derives the reverse mapping (target table back to the source table) when
+    /// every output is invertible (a column, a cast, or `col op constant` with
+    /// `+`, `-`, `*` or `/`) and every source key column is recovered; otherwise
+    /// says which output prevents it, so `strangler cdc check` can ask for an
+    /// explicit one.
+    pub fn reverse(&self, source_key: &[String]) -> Reverse {
+        if self.wildcard {
+            return Reverse::Derived(format!("SELECT * FROM {}", self.target));
+        }
+        let dialect = PostgreSqlDialect {};
+        let mut items = Vec::new();
+        let mut recovered = BTreeSet::new();
+        for o in &self.outputs {
+            let expr = match Parser::new(&dialect)
+                .try_with_sql(&o.sql)
+                .and_then(|mut p| p.parse_expr())
+            {
+                Ok(e) => e,
+                Err(e) => return Reverse::Explicit(format!("{}: {e}", o.sql)),
+            };
+            match invert(&expr, &o.column) {
+                Ok((source_col, back)) => {
+                    if !recovered.insert(source_col.clone()) {
+                        return Reverse::Explicit(format!(
+                            "source column {source_col} is produced twice"
+                        ));
+                    }
+                    items.push(format!("{back} AS \"{}\"", source_col.replace('"', "\"\"")));
+                }
+                Err(why) => {
+                    return Reverse::Explicit(format!("{} AS {}: {why}", o.sql, o.column));
+                }
+            }
+        }
+        if let Some(k) = source_key.iter().find(|k| !recovered.contains(*k)) {
+            return Reverse::Explicit(format!("source key column {k} is not recovered"));
+        }
+        Reverse::Derived(format!("SELECT {} FROM {}", items.join(", "), self.target))
+    }
+}
+
+#[cfg(test)]
+mod reverse_tests {
+    use super::*;
+
+    fn reverse(sql: &str) -> Reverse {
+        Mapping::parse("orders_v2", sql)
+            .expect("mapping")
+            .reverse(&["id".to_string()])
+    }
+
+    #[test]
+    fn renames_casts_and_constant_arithmetic_are_inverted() {
+        assert_eq!(
+            reverse("SELECT id, customer_id AS buyer_id, total_cents / 100.0 AS total, created::date AS day, qty + 1 AS q FROM orders"),
+            Reverse::Derived(
+                "SELECT \"id\" AS \"id\", \"buyer_id\" AS \"customer_id\", (\"total\" * 100.0) AS \"total_cents\", \"day\" AS \"created\", (\"q\" - 1) AS \"qty\" FROM orders_v2"
+                    .into()
+            )
+        );
+    }
+
+    #[test]
+    fn what_cannot_be_inverted_is_named() {
+        let Reverse::Explicit(why) = reverse("SELECT id, lower(email) AS email FROM orders") else {
+            panic!("lower() is not invertible");
+        };
+        assert!(why.contains("lower() is not invertible"), "{why}");
+        let Reverse::Explicit(why) = reverse("SELECT id, a + b AS c FROM orders") else {
+            panic!("two columns");
+        };
+        assert!(why.contains("more than one column"), "{why}");
+        let Reverse::Explicit(why) = reverse("SELECT customer_id AS id FROM orders") else {
+            panic!("key");
+        };
+        assert!(why.contains("source key column id"), "{why}");
+    }
+}

@@ -647,6 +647,14 @@ fn cdc_command(command: CdcCommand) -> anyhow::Result<ExitCode> {
                     p.mapping.outputs.len(),
                     p.target.key.join(", ")
                 );
+                match p.mapping.reverse(&p.source.key) {
+                    strangler_cdc::mapping::Reverse::Derived(sql) => {
+                        println!("    reverse (derived): {sql}")
+                    }
+                    strangler_cdc::mapping::Reverse::Explicit(why) => {
+                        println!("    reverse: write it explicitly ({why})")
+                    }
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

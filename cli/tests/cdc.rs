@@ -247,6 +247,13 @@ async fn sigkill_under_writes_then_restart_loses_nothing_and_applies_nothing_twi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_source_still_advances_the_slot() {
     let p = pair().await;
+    let check = p.cli(&["check"]);
+    let said = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success(), "{said}");
+    assert!(
+        said.contains("reverse (derived): SELECT \"id\" AS \"id\", \"account\" AS \"account\", \"amount_cents\" AS \"amount\", \"note\" AS \"note\" FROM ledger"),
+        "{said}"
+    );
     p.src.create_database("other").await.expect("other db");
     p.source
         .execute("INSERT INTO events (account, amount) VALUES (1, 1)", &[])
