@@ -207,8 +207,9 @@ pub async fn run(walkthrough: bool, exit: bool) -> anyhow::Result<()> {
     step("Starting the legacy shop and the new orders service (v1)");
     let (shop_at, orders_at) = (addr()?, addr()?);
     let _shop = serve(strangler_example::legacy::app(legacy_db.clone()), shop_at).await?;
-    let orders_task = serve(
-        strangler_example::orders::app(orders_db.clone(), false),
+    let fixed = Arc::new(AtomicBool::new(false));
+    let _orders_task = serve(
+        strangler_example::orders::switchable(orders_db.clone(), Arc::clone(&fixed)),
         orders_at,
     )
     .await?;
@@ -259,7 +260,7 @@ pub async fn run(walkthrough: bool, exit: bool) -> anyhow::Result<()> {
         dir.path().join("strangler.toml"),
         format!(
             "[server]\nlisten = \"{listen}\"\n[legacy]\nupstream = \"{shop_at}\"\n[flags]\nfile = \"flags.json\"\n[admin]\nlisten = \"{admin}\"\n{telemetry}\n\
-             [[route]]\nname = \"orders\"\nmatch = {{ prefix = \"/api/orders\" }}\nnew = \"{orders_at}\"\nsticky = \"header:x-user-id\"\nhealth_path = \"/health\"\n"
+             [[route]]\nname = \"orders\"\nmatch = {{ prefix = \"/api/orders\" }}\nnew = \"{orders_at}\"\nsticky = \"header:x-user-id\"\nhealth_path = \"/health\"\n\n[route.shadow]\nignore_headers = [\"x-served-by\"]\n"
         ),
     )?;
     let log = std::fs::File::create(dir.path().join("router.log"))?;
@@ -324,13 +325,10 @@ pub async fn run(walkthrough: bool, exit: bool) -> anyhow::Result<()> {
         );
 
         step("2. Deploy the fixed orders service (--compat) and compare again");
-        orders_task.abort();
-        let _ = orders_task.await;
-        let _fixed = serve(
-            strangler_example::orders::app(orders_db.clone(), true),
-            orders_at,
-        )
-        .await?;
+        // The fixed version takes over (in place here, so the router's pooled
+        // keep-alive connections do not keep reaching the old one).
+        fixed.store(true, Ordering::Relaxed);
+        println!("orders service now runs the fixed version (--compat)");
         wait(6).await;
         show(&dir, &[&["compare", "orders"][..], &cfg].concat())?;
         println!(

@@ -31,6 +31,13 @@ fn the_demo_finds_the_mismatch_splits_customers_and_rolls_back_without_losing_or
         &text[text.find("1. Shadow").expect("step 1")..text.find("2. Deploy").expect("step 2")];
     assert!(shadow.contains("/total"), "{shadow}");
     assert!(shadow.contains("mismatch 100.0 %"), "{shadow}");
+    // 2. after the fix the new pairs match: the match rate is above zero
+    let fixed =
+        &text[text.find("2. Deploy").expect("step 2")..text.find("3. Canary").expect("step 3")];
+    let rate: f64 = number_after(fixed, "match ")
+        .and_then(|s| s.trim_end_matches(',').parse().ok())
+        .expect("match rate");
+    assert!(rate > 10.0, "match {rate} % after the fix:\n{fixed}");
     // 3. canary: about a quarter of the customers (sticky by customer id)
     let canary =
         &text[text.find("3. Canary").expect("step 3")..text.find("4. Promote").expect("step 4")];

@@ -377,11 +377,18 @@ pub mod orders {
     #[derive(Clone)]
     struct Ctx {
         db: Arc<Client>,
-        compat: bool,
+        compat: Arc<std::sync::atomic::AtomicBool>,
     }
 
     /// The service's routes; `compat` answers money exactly as the legacy shop does.
     pub fn app(db: Arc<Client>, compat: bool) -> axum::Router {
+        switchable(db, Arc::new(std::sync::atomic::AtomicBool::new(compat)))
+    }
+
+    /// Like [`app`], with the fix switched on and off while it runs (the demo's
+    /// "deploy"; a restart would leave the router's pooled connections on the old
+    /// process for a while).
+    pub fn switchable(db: Arc<Client>, compat: Arc<std::sync::atomic::AtomicBool>) -> axum::Router {
         use axum::routing::get;
         axum::Router::new()
             .route("/health", get(|| async { "ok\n" }))
@@ -428,7 +435,10 @@ pub mod orders {
             "id": o.get::<_, i64>(0),
             "customer_id": o.get::<_, i32>(1),
             "status": o.get::<_, String>(2),
-            "total": total(&o.get::<_, String>(3), ctx.compat),
+            "total": total(
+                &o.get::<_, String>(3),
+                ctx.compat.load(std::sync::atomic::Ordering::Relaxed),
+            ),
             "email": o.get::<_, String>(4),
             "created_at": o.get::<_, String>(5),
             "items": items.iter().map(|i| json!({
