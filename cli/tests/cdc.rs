@@ -66,19 +66,21 @@ async fn pair() -> Pair {
 }
 
 impl Pair {
-    fn cdc(&self, args: &[&str], log: &str) -> Child {
+    fn cdc(&self, args: &[&str], log: &str) -> Proc {
         let log = std::fs::File::create(self.dir.path().join(log)).expect("log");
-        Command::new(strangler_bin())
-            .arg("cdc")
-            .args(args)
-            .arg("--config")
-            .arg(self.dir.path().join("cdc.toml"))
-            .env("STRANGLER_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn strangler cdc")
+        Proc(
+            Command::new(strangler_bin())
+                .arg("cdc")
+                .args(args)
+                .arg("--config")
+                .arg(self.dir.path().join("cdc.toml"))
+                .env("STRANGLER_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log)
+                .spawn()
+                .expect("spawn strangler cdc"),
+        )
     }
 
     /// Runs `strangler cdc ARGS --config <the pair's config>` to completion.
@@ -122,7 +124,30 @@ impl Pair {
     }
 }
 
-fn stop(mut child: Child) -> std::process::ExitStatus {
+/// A `strangler cdc run` process, killed if a test ends (or panics) without stopping it.
+struct Proc(Child);
+
+impl std::ops::Deref for Proc {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn stop(mut child: Proc) -> std::process::ExitStatus {
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid")),
         nix::sys::signal::Signal::SIGTERM,
