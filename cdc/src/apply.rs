@@ -241,19 +241,11 @@ impl Batch {
                         .map_err(|e| rejected(&table, "", &e))?;
                 }
             }
-            for (key, values) in partial {
-                written += apply_partial(&tx, plan, &key, &values).await?;
+            for (_, values) in partial {
+                written += apply_partial(&tx, plan, &values).await?;
             }
         }
-        tx.execute(
-            &format!(
-                "INSERT INTO {CHECKPOINT_TABLE} (slot, lsn, updated_at) VALUES ($1, $2::text::pg_lsn, now()) \
-                 ON CONFLICT (slot) DO UPDATE SET lsn = EXCLUDED.lsn, updated_at = now()"
-            ),
-            &[&slot, &self.end_lsn.to_string()],
-        )
-        .await
-        .map_err(ApplyError::Checkpoint)?;
+        write_checkpoint(&tx, slot, self.end_lsn).await?;
         tx.commit()
             .await
             .map_err(|e| rejected("the target", "", &e))?;
@@ -343,7 +335,6 @@ async fn blame(target: &mut Client, plan: &TablePlan, rows: &[(Key, Values)]) ->
 async fn apply_partial(
     tx: &tokio_postgres::Transaction<'_>,
     plan: &TablePlan,
-    key: &[Option<String>],
     values: &[Option<Option<String>>],
 ) -> Result<u64, ApplyError> {
     let table = plan.target.quoted();
@@ -434,7 +425,6 @@ async fn apply_partial(
         .iter()
         .map(|i| vec![values[*i].clone().flatten()])
         .collect();
-    let _ = key;
     execute(tx, &sql, &columns)
         .await
         .map_err(|e| rejected(&table, "", &e))
@@ -453,8 +443,13 @@ pub async fn ensure_checkpoint_table(target: &Client) -> Result<(), ApplyError> 
         .map_err(ApplyError::Checkpoint)
 }
 
-/// Sets the checkpoint outside a batch (a stream that starts without a snapshot).
-pub async fn write_checkpoint(target: &Client, slot: &str, lsn: Lsn) -> Result<(), ApplyError> {
+/// Records `lsn` as applied for `slot`: inside a batch's transaction, or on its own
+/// (the snapshot's consistent point, a stream that starts without a snapshot).
+pub async fn write_checkpoint(
+    target: &impl tokio_postgres::GenericClient,
+    slot: &str,
+    lsn: Lsn,
+) -> Result<(), ApplyError> {
     target
         .execute(
             &format!(

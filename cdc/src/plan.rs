@@ -182,8 +182,6 @@ pub struct TablePlan {
     pub filtered_out_sql: Option<String>,
     /// Removal by source key (one text[] parameter per source key column).
     pub delete_sql: String,
-    /// The snapshot query run on the source.
-    pub copy_out_sql: String,
     /// The snapshot load run on the target.
     pub copy_in_sql: String,
 }
@@ -192,12 +190,6 @@ impl TablePlan {
     /// The source key columns.
     pub fn source_key(&self) -> &[String] {
         &self.source.key
-    }
-
-    /// Index in `carried` of each output's reads, used to tell whether an output
-    /// can be computed when some columns were not sent (unchanged TOAST).
-    pub fn output_reads(&self) -> impl Iterator<Item = &Output> {
-        self.mapping.outputs.iter()
     }
 }
 
@@ -347,7 +339,7 @@ pub async fn check(
     source_db
         .prepare(&format!(
             "SELECT * FROM ({}) AS m LIMIT 0",
-            plan_select_on_source(&plan)
+            select_on_source(&plan, None)
         ))
         .await
         .map_err(|e| {
@@ -384,10 +376,6 @@ fn alias_of(sql: &str) -> Option<String> {
 }
 
 /// The mapping's SELECT over the real source table (the snapshot query).
-fn plan_select_on_source(plan: &TablePlan) -> String {
-    select_on_source(plan, None)
-}
-
 impl TablePlan {
     /// The snapshot's COPY of the source rows whose (single, integer) key is in
     /// `[lo, hi)`, or of all rows.
@@ -528,7 +516,8 @@ fn build(mapping: Mapping, source: Table, target: Table, carried: Vec<Column>) -
         key_exprs("k_"),
         unnest(&key_columns)
     );
-    let mut plan = TablePlan {
+    let copy_in_sql = format!("COPY {} ({out_cols}) FROM STDIN", target.quoted());
+    TablePlan {
         mapping,
         source,
         target,
@@ -536,10 +525,6 @@ fn build(mapping: Mapping, source: Table, target: Table, carried: Vec<Column>) -
         upsert_sql,
         filtered_out_sql,
         delete_sql,
-        copy_out_sql: String::new(),
-        copy_in_sql: String::new(),
-    };
-    plan.copy_out_sql = format!("COPY ({}) TO STDOUT", plan_select_on_source(&plan));
-    plan.copy_in_sql = format!("COPY {} ({out_cols}) FROM STDIN", plan.target.quoted());
-    plan
+        copy_in_sql,
+    }
 }

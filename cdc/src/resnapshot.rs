@@ -77,11 +77,9 @@ pub(crate) async fn copy_while_streaming(
             ..ReplicationSlotOptions::default()
         });
     // Temporary: it disappears with this connection, whatever happens below.
-    let mut stream = LogicalReplicationStream::new(
-        &crate::run::replication_conninfo(&config.source),
-        stream_config,
-    )
-    .await?;
+    let mut stream =
+        LogicalReplicationStream::new(&crate::run::replication_url(&config.source), stream_config)
+            .await?;
     stream.ensure_replication_slot().await?;
     let snapshot = stream
         .exported_snapshot_name()
@@ -90,7 +88,7 @@ pub(crate) async fn copy_while_streaming(
             table: plan.target.quoted(),
             message: "the source exported no snapshot".into(),
         })?;
-    let at = crate::run::slot_lsn(&source, &slot)
+    let at = crate::run::slot_position(&source, &slot)
         .await?
         .ok_or_else(|| CdcError::Snapshot {
             table: plan.target.quoted(),

@@ -108,7 +108,8 @@ pub struct Progress {
     pub transactions: std::sync::atomic::AtomicU64,
 }
 
-fn replication_url(url: &str) -> String {
+/// A replication connection string for `url`.
+pub(crate) fn replication_url(url: &str) -> String {
     let sep = if url.contains('?') { '&' } else { '?' };
     format!("{url}{sep}replication=database")
 }
@@ -161,7 +162,8 @@ async fn ensure_publication(
     Ok(())
 }
 
-async fn slot_position(source: &Client, slot: &str) -> Result<Option<Lsn>, CdcError> {
+/// The slot's position as the source reports it.
+pub(crate) async fn slot_position(source: &Client, slot: &str) -> Result<Option<Lsn>, CdcError> {
     let row = source
         .query_opt(
             "SELECT coalesce(confirmed_flush_lsn, restart_lsn)::text FROM pg_replication_slots WHERE slot_name = $1",
@@ -272,16 +274,6 @@ pub(crate) async fn copy_whole_table(
 ) -> Result<u64, CdcError> {
     let copied = std::sync::atomic::AtomicU64::new(0);
     copy_table(config, plan, snapshot, None, &copied, true).await
-}
-
-/// The slot position as the source reports it.
-pub(crate) async fn slot_lsn(source: &Client, slot: &str) -> Result<Option<Lsn>, CdcError> {
-    slot_position(source, slot).await
-}
-
-/// A replication connection string for `url`.
-pub(crate) fn replication_conninfo(url: &str) -> String {
-    replication_url(url)
 }
 
 async fn copy_logged(
@@ -669,16 +661,7 @@ async fn run_once(
                 for r in results {
                     total += r?.1;
                 }
-                target
-                .execute(
-                    &format!(
-                        "INSERT INTO {} (slot, lsn) VALUES ($1, $2::text::pg_lsn) ON CONFLICT (slot) DO UPDATE SET lsn = EXCLUDED.lsn, updated_at = now()",
-                        crate::apply::CHECKPOINT_TABLE
-                    ),
-                    &[&config.slot, &consistent.to_string()],
-                )
-                .await
-                .map_err(ApplyError::Checkpoint)?;
+                crate::apply::write_checkpoint(&target, &config.slot, consistent).await?;
                 tracing::info!(
                     rows = total,
                     seconds = started.elapsed().as_secs_f64(),
