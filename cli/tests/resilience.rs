@@ -11,50 +11,6 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-/// Steady GET load from `workers` keep-alive clients until `stop`; returns (sent, answered).
-fn load(
-    url: String,
-    workers: usize,
-    stop: Arc<AtomicBool>,
-) -> Vec<tokio::task::JoinHandle<(u64, u64, Vec<String>)>> {
-    (0..workers)
-        .map(|worker| {
-            let (stop, url) = (Arc::clone(&stop), url.clone());
-            tokio::spawn(async move {
-                let client = reqwest::Client::new();
-                let (mut sent, mut ok, mut errors) = (0u64, 0u64, Vec::new());
-                while !stop.load(Ordering::Relaxed) {
-                    sent += 1;
-                    match client
-                        .get(&url)
-                        .header("x-user-id", format!("w{worker}-{sent}"))
-                        .send()
-                        .await
-                    {
-                        Ok(r) if r.status().is_success() => ok += 1,
-                        Ok(r) => errors.push(format!("status {}", r.status())),
-                        Err(e) => errors.push(format!("{e:?}")),
-                    }
-                }
-                (sent, ok, errors)
-            })
-        })
-        .collect()
-}
-
-async fn totals(
-    loaders: Vec<tokio::task::JoinHandle<(u64, u64, Vec<String>)>>,
-) -> (u64, u64, Vec<String>) {
-    let (mut sent, mut ok, mut errors) = (0, 0, Vec::new());
-    for l in loaders {
-        let (s, o, e) = l.await.expect("loader");
-        sent += s;
-        ok += o;
-        errors.extend(e);
-    }
-    (sent, ok, errors)
-}
-
 #[tokio::test]
 async fn clients_trickling_headers_get_408_while_others_are_served() {
     let legacy = Upstream::start("legacy").await;

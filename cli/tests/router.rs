@@ -802,24 +802,7 @@ async fn reloads_under_load_lose_no_request() {
     )
     .await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut loaders = Vec::new();
-    for worker in 0..4 {
-        let (stop, url) = (std::sync::Arc::clone(&stop), router.url("/api/orders/1"));
-        loaders.push(tokio::spawn(async move {
-            let client = reqwest::Client::new();
-            let (mut sent, mut ok) = (0u64, 0u64);
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                sent += 1;
-                let r = client
-                    .get(&url)
-                    .header("x-user-id", format!("w{worker}-{sent}"))
-                    .send()
-                    .await;
-                ok += u64::from(r.is_ok_and(|r| r.status().is_success()));
-            }
-            (sent, ok)
-        }));
-    }
+    let loaders = load(router.url("/api/orders/1"), 4, std::sync::Arc::clone(&stop));
     // Ten reloads (file rewrites and SIGHUPs) while the load runs.
     let config = std::fs::read_to_string(&router.config_path).expect("config");
     for i in 0..10 {
@@ -832,12 +815,7 @@ async fn reloads_under_load_lose_no_request() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (mut sent, mut ok) = (0, 0);
-    for l in loaders {
-        let (s, o) = l.await.expect("loader");
-        sent += s;
-        ok += o;
-    }
+    let (sent, ok, _) = totals(loaders).await;
     eprintln!(
         "reload under load: sent {sent}, answered {ok}, failed {}",
         sent - ok

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -426,4 +426,48 @@ pub fn route_config(legacy: SocketAddr, new: SocketAddr, flags: &str) -> String 
     format!(
         "{flags}\n[legacy]\nupstream = \"{legacy}\"\n\n[[route]]\nname = \"orders\"\nmatch = {{ prefix = \"/api/orders\" }}\nnew = \"{new}\"\nsticky = \"header:x-user-id\"\n"
     )
+}
+
+/// Steady GET load from `workers` keep-alive clients until `stop`; returns (sent, answered, errors).
+pub fn load(
+    url: String,
+    workers: usize,
+    stop: Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<(u64, u64, Vec<String>)>> {
+    (0..workers)
+        .map(|worker| {
+            let (stop, url) = (Arc::clone(&stop), url.clone());
+            tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                let (mut sent, mut ok, mut errors) = (0u64, 0u64, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    sent += 1;
+                    match client
+                        .get(&url)
+                        .header("x-user-id", format!("w{worker}-{sent}"))
+                        .send()
+                        .await
+                    {
+                        Ok(r) if r.status().is_success() => ok += 1,
+                        Ok(r) => errors.push(format!("status {}", r.status())),
+                        Err(e) => errors.push(format!("{e:?}")),
+                    }
+                }
+                (sent, ok, errors)
+            })
+        })
+        .collect()
+}
+
+pub async fn totals(
+    loaders: Vec<tokio::task::JoinHandle<(u64, u64, Vec<String>)>>,
+) -> (u64, u64, Vec<String>) {
+    let (mut sent, mut ok, mut errors) = (0, 0, Vec::new());
+    for l in loaders {
+        let (s, o, e) = l.await.expect("loader");
+        sent += s;
+        ok += o;
+        errors.extend(e);
+    }
+    (sent, ok, errors)
 }
