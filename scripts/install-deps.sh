@@ -5,6 +5,7 @@ set -euo pipefail
 
 CACHE_DIR="${STRANGLER_CACHE:-$HOME/.cache/strangler}"
 UNLEASH_VERSION="7.5.1"
+PLAYWRIGHT_VERSION="1.64.1"
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }
 
@@ -46,12 +47,19 @@ if [ "${#need_apt[@]}" -gt 0 ]; then
   if [ "${remove_policy:-0}" = 1 ]; then $SUDO rm -f /usr/sbin/policy-rc.d; fi
 fi
 
-# Unleash server from npm, into a cache directory outside the clone.
+# npm packages into version-named directories of a cache outside the clone.
+npm_into() { # dir package version
+  if [ ! -f "$1/node_modules/$2/package.json" ]; then
+    log "installing $2@$3 into $1"
+    mkdir -p "$1"
+    [ -f "$1/package.json" ] || echo '{"name":"strangler-npm-deps","private":true}' > "$1/package.json"
+    (cd "$1" && npm install --no-audit --no-fund --loglevel=error "$2@$3" >/dev/null)
+  fi
+}
 UNLEASH_DIR="$CACHE_DIR/unleash-$UNLEASH_VERSION"
-if [ ! -f "$UNLEASH_DIR/node_modules/unleash-server/package.json" ]; then
-  log "installing unleash-server@$UNLEASH_VERSION into $UNLEASH_DIR"
-  mkdir -p "$UNLEASH_DIR"
-  (cd "$UNLEASH_DIR" && [ -f package.json ] || echo '{"name":"strangler-unleash","private":true}' > "$UNLEASH_DIR/package.json")
-  (cd "$UNLEASH_DIR" && npm install --no-audit --no-fund --loglevel=error "unleash-server@$UNLEASH_VERSION" >/dev/null)
-fi
-log "ok (unleash in $UNLEASH_DIR)"
+npm_into "$UNLEASH_DIR" unleash-server "$UNLEASH_VERSION"
+# playwright-core drives Debian's chromium in the dashboard's browser test (no browser
+# download: the test points it at /usr/bin/chromium).
+PLAYWRIGHT_DIR="$CACHE_DIR/playwright-core-$PLAYWRIGHT_VERSION"
+npm_into "$PLAYWRIGHT_DIR" playwright-core "$PLAYWRIGHT_VERSION"
+log "ok (unleash in $UNLEASH_DIR, playwright-core in $PLAYWRIGHT_DIR)"

@@ -296,7 +296,7 @@ pub async fn run(walkthrough: bool, exit: bool) -> anyhow::Result<()> {
     println!("shop through the router {shop_via_router}   (admin http://{admin}, token {TOKEN})");
     if let Some(d) = &dashboard {
         println!(
-            "collector              {d}   (/api/compare?route=orders; the dashboard page comes with the dashboards issue)"
+            "dashboard              {d}/   (legacy vs new per route; Grafana: dashboards/grafana/strangler.json)"
         );
     }
 
@@ -319,7 +319,7 @@ pub async fn run(walkthrough: bool, exit: bool) -> anyhow::Result<()> {
             &[&["route", "shadow", "orders"][..], &cfg, &["--yes"]].concat(),
         )?;
         wait(6).await;
-        show(&dir, &[&["compare", "orders"][..], &cfg].concat())?;
+        show(&dir, &[&["route", "compare", "orders"][..], &cfg].concat())?;
         println!(
             "→ the new service prints \"total\" as a number (12.3) where the shop prints \"12.30\"."
         );
@@ -330,7 +330,7 @@ pub async fn run(walkthrough: bool, exit: bool) -> anyhow::Result<()> {
         fixed.store(true, Ordering::Relaxed);
         println!("orders service now runs the fixed version (--compat)");
         wait(6).await;
-        show(&dir, &[&["compare", "orders"][..], &cfg].concat())?;
+        show(&dir, &[&["route", "compare", "orders"][..], &cfg].concat())?;
         println!(
             "→ pairs since the fix match; the rate climbs as they accumulate (the mismatches above are from before it)."
         );
@@ -394,6 +394,26 @@ pub async fn run(walkthrough: bool, exit: bool) -> anyhow::Result<()> {
             }
             Err(e) => println!("verify: {e}"),
         }
+
+        if let Some(d) = &dashboard {
+            step(
+                "7. The whole story from the stored traces (strangler compare, as on the dashboard)",
+            );
+            show(
+                &dir,
+                &[
+                    "compare",
+                    "orders",
+                    "--since",
+                    "15m",
+                    "--collector",
+                    d.as_str(),
+                    "--top",
+                    "3",
+                ],
+            )?;
+            println!("→ the same numbers, charts and the flips as markers: {d}/#/route/orders");
+        }
     }
 
     if exit {
@@ -412,6 +432,9 @@ pub async fn run(walkthrough: bool, exit: bool) -> anyhow::Result<()> {
         "route control: cd {} && strangler route list --config strangler.toml",
         dir.display()
     );
+    if let Some(d) = &dashboard {
+        println!("dashboard: {d}/");
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         r = tokio::signal::ctrl_c() => r?,

@@ -46,21 +46,25 @@ enum Command {
     },
     /// Move routes between legacy and new: shadow, canary, promote, rollback.
     Route(RouteArgs),
-    /// Old vs new for a route (same as `strangler route compare`).
+    /// Old vs new for a route over a time window, from the traces the collector stored:
+    /// the dashboard route page's numbers. (`strangler route compare` shows the routers'
+    /// live counters instead.)
     Compare {
         /// The route.
         route: String,
+        /// The window: 15m, 1h, 7d, …
+        #[arg(long, default_value = "1h")]
+        since: String,
+        /// The collector's web address.
+        #[arg(
+            long,
+            env = "STRANGLER_COLLECTOR_URL",
+            default_value = "http://127.0.0.1:8686"
+        )]
+        collector: String,
         /// How many differing paths and samples to show.
         #[arg(long, default_value_t = 10)]
         top: usize,
-        /// The router config.
-        #[arg(
-            long,
-            short,
-            env = "STRANGLER_CONFIG",
-            default_value = "strangler.toml"
-        )]
-        config: PathBuf,
         /// Output format.
         #[arg(long, short, value_enum, default_value = "table")]
         output: Output,
@@ -319,6 +323,40 @@ enum ConfigCommand {
     },
 }
 
+/// Asks the collector's route API; the token, if the collector needs one, comes from
+/// `STRANGLER_COLLECTOR_TOKEN`.
+async fn stored_compare(
+    collector: &str,
+    route: &str,
+    since: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let base = collector.trim_end_matches('/');
+    let mut request = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()?
+        .get(format!("{base}/api/route"))
+        .query(&[("route", route), ("since", since)]);
+    if let Ok(token) = std::env::var(strangler_collector::config::DEFAULT_WEB_TOKEN_ENV) {
+        request = request.bearer_auth(token.trim());
+    }
+    let response = request
+        .send()
+        .await
+        .with_context(|| format!("asking the collector at {base} (is it running? --collector)"))?;
+    let status = response.status();
+    let doc: serde_json::Value = response
+        .json()
+        .await
+        .with_context(|| format!("the collector at {base} answered {status} with no JSON"))?;
+    if !status.is_success() {
+        anyhow::bail!(
+            "the collector at {base} answered {status}: {}",
+            doc["error"].as_str().unwrap_or("no reason given")
+        );
+    }
+    Ok(doc)
+}
+
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STRANGLER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -532,18 +570,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Route(args) => route(args),
         Command::Compare {
-            route: name,
+            route,
+            since,
+            collector,
             top,
-            config,
             output,
-        } => route(RouteArgs {
-            config,
-            output,
-            actor: None,
-            reason: None,
-            yes: false,
-            command: RouteCommand::Compare { route: name, top },
-        }),
+        } => {
+            strangler_collector::web::parse_window(&since).map_err(anyhow::Error::msg)?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let doc = runtime.block_on(stored_compare(&collector, &route, &since))?;
+            output::stored_compare(&doc, top, output == Output::Json)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Collector {
             command: CollectorCommand::Run { config },
         } => {

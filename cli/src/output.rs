@@ -411,3 +411,151 @@ pub fn calibration(route: &str, replies: &[RouterReply], json: bool) -> std::io:
     }
     Ok(())
 }
+
+/// At most 200 characters of a body, for a terminal (`--output json` has them whole).
+fn clip(body: &str) -> String {
+    match body.char_indices().nth(200) {
+        Some((at, _)) => format!("{}…", &body[..at]),
+        None => body.to_string(),
+    }
+}
+
+/// The collector's numbers for a route over a window (`strangler compare ROUTE --since`):
+/// the same named queries as the dashboard's route page.
+pub fn stored_compare(doc: &serde_json::Value, top: usize, json: bool) -> std::io::Result<()> {
+    if json {
+        return print_json(doc);
+    }
+    let num = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
+    let ms = |v: &serde_json::Value| match v.as_f64() {
+        Some(x) => format!("{x:.1}"),
+        None => "-".into(),
+    };
+    let time = |v: &serde_json::Value| {
+        let secs = v.as_u64().or_else(|| {
+            v.as_str().and_then(|s| {
+                // The queries return times as DateTime('UTC').
+                humantime::parse_rfc3339(&format!("{}Z", s.replace(' ', "T")))
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(|d| d.as_secs())
+            })
+        });
+        secs.map_or_else(
+            || v.as_str().unwrap_or("?").to_string(),
+            |s| {
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(s),
+                )
+                .to_string()
+            },
+        )
+    };
+    let rows = |key: &str| doc[key].as_array().cloned().unwrap_or_default();
+    let mut out = String::new();
+    let window = doc["to"].as_u64().unwrap_or(0) - doc["from"].as_u64().unwrap_or(0);
+    out.push_str(&format!(
+        "{}: legacy vs new over the last {} (stored traces)\n\n",
+        doc["route"].as_str().unwrap_or("?"),
+        humantime::format_duration(std::time::Duration::from_secs(window))
+    ));
+    let sides = rows("route_sides");
+    if sides.is_empty() {
+        out.push_str("no traffic on this route in the window\n");
+    } else {
+        let mut t = vec![vec![
+            "SIDE".to_string(),
+            "TRAFFIC".into(),
+            "REQUESTS".into(),
+            "ERRORS".into(),
+            "ERROR %".into(),
+            "P50 MS".into(),
+            "P95 MS".into(),
+            "P99 MS".into(),
+        ]];
+        for s in &sides {
+            let (n, e) = (num(&s["requests"]), num(&s["errors"]));
+            t.push(vec![
+                s["backend"].as_str().unwrap_or("?").to_string(),
+                if num(&s["shadow"]) > 0.0 {
+                    "shadow copies".into()
+                } else {
+                    "served".into()
+                },
+                format!("{n:.0}"),
+                format!("{e:.0}"),
+                if n > 0.0 {
+                    format!("{:.2}", 100.0 * e / n)
+                } else {
+                    "-".into()
+                },
+                ms(&s["p50_ms"]),
+                ms(&s["p95_ms"]),
+                ms(&s["p99_ms"]),
+            ]);
+        }
+        out.push_str(&table(t));
+        let (m, x) = sides.iter().fold((0.0, 0.0), |(m, x), s| {
+            (m + num(&s["diff_match"]), x + num(&s["diff_mismatch"]))
+        });
+        if m + x > 0.0 {
+            out.push_str(&format!(
+                "\nshadow pairs: {:.0} compared, {:.0} match ({:.1} %), {:.0} differ\n",
+                m + x,
+                m,
+                100.0 * m / (m + x),
+                x
+            ));
+        } else {
+            out.push_str("\nshadow pairs: none in the window\n");
+        }
+    }
+    let paths = rows("route_diff_paths");
+    if !paths.is_empty() {
+        out.push_str("\ndiffering paths:\n");
+        let mut t = vec![vec!["PATH".to_string(), "MISMATCHES".into()]];
+        for p in paths.iter().take(top) {
+            t.push(vec![
+                p["path"].as_str().unwrap_or("").to_string(),
+                format!("{:.0}", num(&p["mismatches"])),
+            ]);
+        }
+        out.push_str(&table(t));
+    }
+    let samples = rows("route_mismatches");
+    if !samples.is_empty() {
+        out.push_str("\nsample mismatches:\n");
+        for s in samples.iter().take(top) {
+            out.push_str(&format!(
+                "  {}  {}  trace {}  differs at {}\n    {} {:.0}: {}\n    other {:.0}: {}\n",
+                time(&s["time"]),
+                s["request"].as_str().unwrap_or(""),
+                s["trace_id"].as_str().unwrap_or(""),
+                s["diff_paths"].as_str().unwrap_or(""),
+                s["primary_backend"].as_str().unwrap_or("primary"),
+                num(&s["primary_status"]),
+                clip(s["primary_body"].as_str().unwrap_or("")),
+                num(&s["shadow_status"]),
+                clip(s["shadow_body"].as_str().unwrap_or("")),
+            ));
+        }
+    }
+    let changes = rows("route_changes");
+    if !changes.is_empty() {
+        out.push_str("\nchanges in the window:\n");
+        for c in &changes {
+            out.push_str(&format!(
+                "  {}  {} by {}{}\n",
+                time(&c["time"]),
+                c["text"].as_str().unwrap_or(""),
+                c["actor"].as_str().unwrap_or("?"),
+                c["reason"]
+                    .as_str()
+                    .filter(|r| !r.is_empty())
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    std::io::stdout().write_all(out.as_bytes())
+}

@@ -3,7 +3,6 @@
 mod support;
 
 use std::collections::HashSet;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -15,159 +14,8 @@ use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks};
 use prost::Message;
 use serde_json::Value;
-use strangler_testkit::{ClickHouse, PortLease, free_port};
-use support::{strangler_bin, wait_until};
-
-struct Collector {
-    child: Option<Child>,
-    grpc: PortLease,
-    http: PortLease,
-    web: PortLease,
-    config: std::path::PathBuf,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Collector {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-impl Collector {
-    async fn start(clickhouse: &str, extra: &str) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (grpc, http, web) = (
-            free_port().expect("port"),
-            free_port().expect("port"),
-            free_port().expect("port"),
-        );
-        let config = dir.path().join("collector.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "grpc_listen = \"127.0.0.1:{}\"\nhttp_listen = \"127.0.0.1:{}\"\nweb_listen = \"127.0.0.1:{}\"\nclickhouse_url = \"{clickhouse}\"\nbatch_timeout_ms = 200\n{extra}",
-                grpc.port(),
-                http.port(),
-                web.port()
-            ),
-        )
-        .expect("write config");
-        let mut c = Self {
-            child: None,
-            grpc,
-            http,
-            web,
-            config,
-            dir,
-        };
-        c.spawn().await;
-        c
-    }
-
-    async fn spawn(&mut self) {
-        let log = std::fs::File::options()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("collector.log"))
-            .expect("log");
-        self.child = Some(
-            Command::new(strangler_bin())
-                .args(["collector", "run", "--config"])
-                .arg(&self.config)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("log"))
-                .stderr(log)
-                .spawn()
-                .expect("spawn collector"),
-        );
-        let client = reqwest::Client::new();
-        let url = self.web_url("/health");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if client
-                .get(&url)
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success())
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "collector never healthy:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("collector.log")).unwrap_or_default()
-    }
-
-    fn web_url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.web.port())
-    }
-
-    fn grpc_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.grpc.port())
-    }
-
-    fn http_url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.http.port())
-    }
-
-    async fn metric(&self, name: &str) -> u64 {
-        let text = reqwest::get(self.web_url("/metrics"))
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<f64>().ok())
-            .map_or(0, |v| v as u64)
-    }
-}
-
-fn ch_client(ch: &ClickHouse) -> clickhouse::Client {
-    clickhouse::Client::default()
-        .with_url(ch.http_url())
-        .with_validation(false)
-}
-
-async fn wait_for_schema(ch: &ClickHouse) {
-    let client = ch_client(ch);
-    wait_until(
-        Duration::from_secs(20),
-        "the collector's migrations",
-        || {
-            let client = client.clone();
-            async move {
-                client
-                    .query("SELECT count() FROM strangler.route_minute_mv")
-                    .fetch_one::<u64>()
-                    .await
-                    .is_ok()
-                    || client
-                        .query("SELECT 1 FROM strangler.route_minute LIMIT 1")
-                        .fetch_all::<u8>()
-                        .await
-                        .is_ok()
-            }
-        },
-    )
-    .await;
-}
+use strangler_testkit::ClickHouse;
+use support::{Collector, ch_client, wait_for_schema};
 
 /// A span as the SDK hands it to exporters.
 fn span(
@@ -336,14 +184,14 @@ async fn compare_reports_the_percentiles_of_a_known_distribution() {
     for chunk in batch.chunks(500) {
         exporter.export(chunk.to_vec()).await.expect("export");
     }
-    let doc: Value = reqwest::get(collector.web_url("/api/compare?route=orders&since=1h"))
+    let doc: Value = reqwest::get(collector.web_url("/api/route?route=orders&since=1h"))
         .await
-        .expect("compare")
+        .expect("route")
         .json()
         .await
         .expect("json");
     let side = |name: &str| {
-        doc["sides"]
+        doc["route_sides"]
             .as_array()
             .and_then(|s| s.iter().find(|s| s["backend"] == name))
             .cloned()
@@ -353,7 +201,7 @@ async fn compare_reports_the_percentiles_of_a_known_distribution() {
     assert_eq!(legacy["requests"], 1000);
     assert_eq!(legacy["errors"], 100);
     assert_eq!(new["errors"], 0);
-    let ms = |v: &Value, i: usize| v["latency_ns"][i].as_f64().unwrap_or(0.0) / 1e6;
+    let ms = |v: &Value, i: usize| v[["p50_ms", "p95_ms", "p99_ms"][i]].as_f64().unwrap_or(0.0);
     for (i, want) in [(0, 500.0), (1, 950.0), (2, 990.0)] {
         let got = ms(&legacy, i);
         assert!(
@@ -368,7 +216,9 @@ async fn compare_reports_the_percentiles_of_a_known_distribution() {
         );
     }
     assert!(
-        doc["share"].as_array().is_some_and(|s| !s.is_empty()),
+        doc["route_traffic"]
+            .as_array()
+            .is_some_and(|s| !s.is_empty()),
         "{doc}"
     );
 

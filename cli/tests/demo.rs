@@ -70,7 +70,20 @@ fn the_demo_finds_the_mismatch_splits_customers_and_rolls_back_without_losing_or
     assert!(created > 0, "{rollback}");
     assert_eq!(created, in_legacy, "{rollback}");
     // 6. verify is clean
-    let verify = &text[text.find("6. Are both").expect("step 6")..];
+    let verify = &text
+        [text.find("6. Are both").expect("step 6")..text.find("7. The whole").expect("step 7")];
     assert!(!verify.contains("DIFFERENT"), "{verify}");
     assert!(verify.matches("clean").count() >= 4, "{verify}");
+    // 7. the collector's stored traces tell the same story, flips included
+    let story = &text[text.find("7. The whole").expect("step 7")..];
+    assert!(story.contains("shadow pairs: "), "{story}");
+    assert!(story.contains("/total"), "{story}");
+    for change in [
+        "legacy → shadow",
+        "→ canary 25%",
+        "→ new (promote)",
+        "new → legacy (rollback)",
+    ] {
+        assert!(story.contains(change), "{change} missing:\n{story}");
+    }
 }

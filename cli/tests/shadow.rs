@@ -160,7 +160,7 @@ async fn identical_upstreams_match_and_a_renamed_field_shows_exactly_that_path()
 
     // The CLI reads the same numbers.
     let out = std::process::Command::new(strangler_bin())
-        .args(["compare", "orders", "--config"])
+        .args(["route", "compare", "orders", "--config"])
         .arg(&router.config_path)
         .env("STRANGLER_ADMIN_TOKEN", &router.token)
         .output()

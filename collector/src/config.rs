@@ -14,6 +14,9 @@ pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:4317";
 pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:4318";
 /// Health, metrics, query API and dashboard.
 pub const DEFAULT_WEB_LISTEN: &str = "127.0.0.1:8686";
+/// Env var holding the web port's bearer token, unless `web_token_env` names another
+/// (the same scheme as the router's admin API).
+pub const DEFAULT_WEB_TOKEN_ENV: &str = "STRANGLER_COLLECTOR_TOKEN";
 /// ClickHouse's HTTP interface.
 pub const DEFAULT_CLICKHOUSE_URL: &str = "http://127.0.0.1:8123";
 /// ClickHouse wants few, large inserts (each insert makes a part); 10k spans is a few MB.
@@ -76,6 +79,8 @@ struct Raw {
     spool_dir: Option<PathBuf>,
     spool_max_bytes: Option<u64>,
     max_body_bytes: Option<usize>,
+    web_token_env: Option<String>,
+    web_token_file: Option<PathBuf>,
 }
 
 /// A validated collector configuration.
@@ -105,6 +110,8 @@ pub struct CollectorConfig {
     pub spool_max_bytes: u64,
     /// Request body limit.
     pub max_body_bytes: usize,
+    /// Bearer token for the web port's API and metrics; required unless it is on loopback.
+    pub web_token: Option<String>,
 }
 
 impl CollectorConfig {
@@ -189,7 +196,41 @@ impl CollectorConfig {
                 )));
             }
         };
+        let web_listen = raw
+            .web_listen
+            .map_or_else(|| parse(DEFAULT_WEB_LISTEN), Ok)?;
+        let web_token = match (&raw.web_token_file, &raw.web_token_env) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "set web_token_file or web_token_env, not both".into(),
+                ));
+            }
+            (Some(file), None) => {
+                let file = base.join(file);
+                let text = std::fs::read_to_string(&file)
+                    .map_err(|e| invalid(format!("web_token_file {}: {e}", file.display())))?;
+                let token = text.trim().to_string();
+                if token.is_empty() {
+                    return Err(invalid(format!(
+                        "web_token_file {} is empty",
+                        file.display()
+                    )));
+                }
+                Some(token)
+            }
+            (None, env) => {
+                let env = env.as_deref().unwrap_or(DEFAULT_WEB_TOKEN_ENV);
+                std::env::var(env).ok().filter(|t| !t.trim().is_empty())
+            }
+        };
+        if web_token.is_none() && !web_listen.ip().is_loopback() {
+            return Err(invalid(format!(
+                "web_listen = {web_listen} is not a loopback address and no token is set \
+                 (set {DEFAULT_WEB_TOKEN_ENV} or web_token_file); refusing to expose the trace data unauthenticated"
+            )));
+        }
         Ok(Self {
+            web_token,
             compress,
             grpc_listen: raw
                 .grpc_listen
@@ -197,9 +238,7 @@ impl CollectorConfig {
             http_listen: raw
                 .http_listen
                 .map_or_else(|| parse(DEFAULT_HTTP_LISTEN), Ok)?,
-            web_listen: raw
-                .web_listen
-                .map_or_else(|| parse(DEFAULT_WEB_LISTEN), Ok)?,
+            web_listen,
             clickhouse_url: raw
                 .clickhouse_url
                 .unwrap_or_else(|| DEFAULT_CLICKHOUSE_URL.into()),
@@ -214,5 +253,36 @@ impl CollectorConfig {
             spool_max_bytes: raw.spool_max_bytes.unwrap_or(DEFAULT_SPOOL_MAX_BYTES),
             max_body_bytes: raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<CollectorConfig, ConfigError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("collector.toml");
+        std::fs::write(&path, text).expect("write");
+        std::fs::write(dir.path().join("token"), "s3cret\n").expect("write");
+        CollectorConfig::load(Some(&path))
+    }
+
+    #[test]
+    fn a_web_port_off_loopback_needs_a_token() {
+        let e =
+            load("web_listen = \"0.0.0.0:8686\"\nweb_token_env = \"STRANGLER_TEST_UNSET_TOKEN\"\n")
+                .expect_err("refused");
+        assert!(e.to_string().contains("no token is set"), "{e}");
+        let c = load("web_listen = \"0.0.0.0:8686\"\nweb_token_file = \"token\"\n").expect("loads");
+        assert_eq!(c.web_token.as_deref(), Some("s3cret"));
+        let c = load("").expect("loads");
+        assert!(c.web_listen.ip().is_loopback());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_line() {
+        let e = load("batch_size = 10\nwebb_listen = \"x\"\n").expect_err("refused");
+        assert!(e.to_string().contains("line 2"), "{e}");
     }
 }

@@ -1,192 +1,111 @@
-//! Old-vs-new comparison queries, answered from ClickHouse.
+//! Runs the dashboards' named queries against ClickHouse: the web page, the JSON API
+//! and `strangler compare` all read through here, so they show the same numbers.
 
-use serde::{Deserialize, Serialize};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use serde_json::Value;
+use strangler_dashboards::query::{self, NamedQuery, Params};
 
 use crate::store::StoreError;
 use crate::store::clickhouse::ClickHouseStore;
 
-/// One side's numbers over a window.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clickhouse::Row)]
-pub struct SideStats {
-    /// `legacy` or `new`.
-    pub backend: String,
-    /// 1 for shadow copies.
-    pub shadow: u8,
-    /// Requests.
-    pub requests: u64,
-    /// Requests that failed (5xx or error status).
-    pub errors: u64,
-    /// p50, p95, p99 latency in nanoseconds.
-    pub latency_ns: Vec<f64>,
-    /// Shadow pairs whose responses matched.
-    pub diff_match: u64,
-    /// Shadow pairs whose responses differed.
-    pub diff_mismatch: u64,
+/// About this many points per series, whatever the window.
+pub const POINTS: u32 = 120;
+
+/// One query's answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct Answer {
+    /// The named query.
+    pub name: &'static str,
+    /// Rows as JSON objects, columns by name.
+    pub rows: Vec<Value>,
 }
 
-/// A JSON pointer that differed and how often.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clickhouse::Row)]
-pub struct DiffPath {
-    /// The path.
-    pub path: String,
-    /// Mismatches that named it.
-    pub count: u64,
+/// Why a named query could not be answered.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// No query has that name.
+    #[error("no dashboard query is called {0:?}")]
+    Unknown(String),
+    /// Its variables are missing or wrong.
+    #[error(transparent)]
+    Params(#[from] query::ExpandError),
+    /// ClickHouse failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
-/// Requests per minute and side.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clickhouse::Row)]
-pub struct SharePoint {
-    /// Minute start, seconds since the epoch.
-    pub minute: u32,
-    /// Side.
-    pub backend: String,
-    /// Requests.
-    pub requests: u64,
+/// Seconds since the epoch.
+pub fn now_secs() -> u32 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
 }
 
-/// A sample mismatching pair.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clickhouse::Row)]
-pub struct Mismatch {
-    /// Links primary and shadow.
-    pub pair_id: String,
-    /// The trace.
-    pub trace_id: String,
-    /// When, seconds since the epoch.
-    pub start_time: u32,
-    /// What differed.
-    pub diff_paths: String,
+/// The window of the last `since` seconds in `store`'s database.
+pub fn window(store: &ClickHouseStore, since: u64) -> Params {
+    Params::window(
+        store.database(),
+        now_secs(),
+        u32::try_from(since).unwrap_or(u32::MAX),
+        POINTS,
+    )
 }
 
-/// The comparison of a route's two sides.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Comparison {
-    /// The route.
-    pub route: String,
-    /// Window in seconds.
-    pub since_seconds: u64,
-    /// Per side (and shadow).
-    pub sides: Vec<SideStats>,
-    /// Most frequent differing paths.
-    pub top_diff_paths: Vec<DiffPath>,
-    /// Traffic per minute and side.
-    pub share: Vec<SharePoint>,
-    /// Recent mismatching pairs.
-    pub mismatches: Vec<Mismatch>,
-}
-
-/// A stored span, as the trace view needs it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clickhouse::Row)]
-pub struct TraceSpan {
-    /// Span id.
-    pub span_id: String,
-    /// Parent span id.
-    pub parent_span_id: String,
-    /// Name.
-    pub name: String,
-    /// Service.
-    pub service: String,
-    /// Start, ns.
-    pub start_time_ns: u64,
-    /// Duration, ns.
-    pub duration_ns: u64,
-    /// Status.
-    pub status_code: String,
-    /// Route.
-    pub route: String,
-    /// Side.
-    pub backend: String,
-    /// Attribute keys.
-    pub attr_keys: Vec<String>,
-    /// Attribute values.
-    pub attr_values: Vec<String>,
-}
-
-fn err(e: clickhouse::error::Error) -> StoreError {
-    StoreError::Unavailable(e.to_string())
-}
-
-/// Compares legacy and new for `route` over the last `since_seconds`.
-pub async fn compare(
+/// Runs the query called `name` with `params`.
+pub async fn run(
     store: &ClickHouseStore,
-    route: &str,
-    since_seconds: u64,
-) -> Result<Comparison, StoreError> {
-    let db = store.database();
-    let client = store.client();
-    let sides = client
-        .query(&format!(
-            "SELECT backend, shadow, toUInt64(countMerge(requests)), toUInt64(sumMerge(errors)),
-                    arrayMap(x -> toFloat64(x), quantilesMerge(0.5, 0.95, 0.99)(latency)),
-                    toUInt64(sumMerge(diff_match)), toUInt64(sumMerge(diff_mismatch))
-             FROM {db}.route_minute
-             WHERE route = ? AND minute >= toStartOfMinute(now() - ?)
-             GROUP BY backend, shadow ORDER BY backend, shadow"
-        ))
-        .bind(route)
-        .bind(since_seconds)
-        .fetch_all::<SideStats>()
+    name: &str,
+    params: &Params,
+) -> Result<Answer, QueryError> {
+    let named: &NamedQuery =
+        query::get(name).ok_or_else(|| QueryError::Unknown(name.to_string()))?;
+    let expanded = query::expand(named.sql, params)?;
+    let mut q = store
+        .client()
+        .query(&expanded.sql)
+        // Numbers as JSON numbers (the page and the CLI do arithmetic on them).
+        .with_setting("output_format_json_quote_64bit_integers", "0");
+    for value in &expanded.binds {
+        q = q.bind(value.as_str());
+    }
+    let bytes = q
+        .fetch_bytes("JSONEachRow")
+        .map_err(store_error)?
+        .collect()
         .await
-        .map_err(err)?;
-    let top_diff_paths = client
-        .query(&format!(
-            "SELECT path, toUInt64(count()) AS c FROM {db}.spans
-             ARRAY JOIN splitByChar(',', diff_paths) AS path
-             WHERE route = ? AND diff = 'mismatch' AND path != '' AND start_time >= now() - ?
-             GROUP BY path ORDER BY c DESC, path LIMIT 20"
-        ))
-        .bind(route)
-        .bind(since_seconds)
-        .fetch_all::<DiffPath>()
-        .await
-        .map_err(err)?;
-    let share = client
-        .query(&format!(
-            "SELECT toUInt32(minute), backend, toUInt64(countMerge(requests)) FROM {db}.route_minute
-             WHERE route = ? AND shadow = 0 AND minute >= toStartOfMinute(now() - ?)
-             GROUP BY minute, backend ORDER BY minute, backend"
-        ))
-        .bind(route)
-        .bind(since_seconds)
-        .fetch_all::<SharePoint>()
-        .await
-        .map_err(err)?;
-    let mismatches = client
-        .query(&format!(
-            "SELECT pair_id, trace_id, toUInt32(start_time), diff_paths FROM {db}.spans
-             WHERE route = ? AND diff = 'mismatch' AND start_time >= now() - ?
-             ORDER BY start_time DESC LIMIT 20"
-        ))
-        .bind(route)
-        .bind(since_seconds)
-        .fetch_all::<Mismatch>()
-        .await
-        .map_err(err)?;
-    Ok(Comparison {
-        route: route.to_string(),
-        since_seconds,
-        sides,
-        top_diff_paths,
-        share,
-        mismatches,
+        .map_err(store_error)?;
+    let rows = bytes
+        .split(|b| *b == b'\n')
+        .filter(|line| !line.is_empty())
+        .map(serde_json::from_slice::<Value>)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StoreError::Rejected(format!("{name}: unreadable row: {e}")))?;
+    Ok(Answer {
+        name: named.name,
+        rows,
     })
 }
 
-/// All spans of a trace (deduplicated), oldest first. Uses the trace index to touch
-/// only the days the trace has spans in.
-pub async fn trace(store: &ClickHouseStore, trace_id: &str) -> Result<Vec<TraceSpan>, StoreError> {
-    let db = store.database();
-    store
-        .client()
-        .query(&format!(
-            "SELECT span_id, any(parent_span_id), any(name), any(service), min(start_time_ns), any(duration_ns),
-                    any(status_code), any(route), any(backend), any(attr_keys), any(attr_values)
-             FROM {db}.spans
-             WHERE trace_id = ? AND toDate(start_time) IN (SELECT day FROM {db}.trace_index WHERE trace_id = ?)
-             GROUP BY span_id ORDER BY min(start_time_ns)"
-        ))
-        .bind(trace_id)
-        .bind(trace_id)
-        .fetch_all::<TraceSpan>()
-        .await
-        .map_err(err)
+/// Runs several queries with the same parameters, one after another (a handful of
+/// small queries: in turn keeps a dashboard's load on ClickHouse bounded).
+pub async fn run_all(
+    store: &ClickHouseStore,
+    names: &[&str],
+    params: &Params,
+) -> Result<serde_json::Map<String, Value>, QueryError> {
+    let mut out = serde_json::Map::new();
+    for name in names {
+        let answer = run(store, name, params).await?;
+        out.insert(answer.name.to_string(), Value::Array(answer.rows));
+    }
+    Ok(out)
+}
+
+fn store_error(e: clickhouse::error::Error) -> StoreError {
+    match e {
+        clickhouse::error::Error::BadResponse(m) => StoreError::Rejected(m),
+        other => StoreError::Unavailable(other.to_string()),
+    }
 }

@@ -111,8 +111,15 @@ pub async fn run(config: CollectorConfig) -> Result<(), RunError> {
         max_body_bytes: config.max_body_bytes,
     });
     let http_server = axum::serve(http, http_app).with_graceful_shutdown(shutdown());
-    let web_server = axum::serve(web, web_router(WebState { store, metrics }))
-        .with_graceful_shutdown(shutdown());
+    let web_server = axum::serve(
+        web,
+        web_router(WebState {
+            store,
+            metrics,
+            token: config.web_token.as_deref().map(Arc::from),
+        }),
+    )
+    .with_graceful_shutdown(shutdown());
     tracing::info!(
         grpc = %config.grpc_listen,
         http = %config.http_listen,

@@ -1,5 +1,5 @@
 //! The collector's own HTTP endpoints (default 127.0.0.1:8686): health, readiness,
-//! metrics and the JSON query API.
+//! metrics, the dashboard page and the JSON query API behind it.
 
 use std::sync::Arc;
 
@@ -8,9 +8,11 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
+use serde_json::Value;
+use strangler_dashboards::Params;
 
 use crate::metrics::Metrics;
-use crate::query;
+use crate::query::{self, QueryError};
 use crate::store::SpanStore;
 use crate::store::clickhouse::ClickHouseStore;
 
@@ -21,12 +23,15 @@ pub struct WebState {
     pub store: Arc<ClickHouseStore>,
     /// Counters.
     pub metrics: Metrics,
+    /// Bearer token the API and metrics need; `None` only on loopback.
+    pub token: Option<Arc<str>>,
 }
 
 #[derive(Debug, Deserialize)]
-struct CompareParams {
-    route: String,
+struct WindowParams {
+    route: Option<String>,
     since: Option<String>,
+    trace_id: Option<String>,
 }
 
 /// Parses `15m`, `1h`, `7d`, `90s` or plain seconds.
@@ -55,15 +60,85 @@ fn error(status: StatusCode, message: String) -> Response {
     (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
 }
 
-/// The router for the web port.
+/// The router for the web port: health, readiness, the dashboard page and its
+/// assets (open), metrics and the JSON API (bearer token when one is set).
 pub fn router(state: WebState) -> axum::Router {
+    let protected = axum::Router::new()
+        .route("/metrics", get(metrics))
+        .route("/api/overview", get(overview))
+        .route("/api/route", get(route))
+        .route("/api/query/{name}", get(named))
+        .route("/api/trace/{trace_id}", get(trace))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ));
     axum::Router::new()
         .route("/health", get(|| async { "ok\n" }))
         .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
-        .route("/api/compare", get(compare))
-        .route("/api/trace/{trace_id}", get(trace))
+        .route("/", get(index))
+        .route("/assets/{file}", get(asset))
+        .merge(protected)
         .with_state(state)
+}
+
+/// Compares tokens in time independent of where they differ.
+fn token_matches(given: &[u8], expected: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    given.len() == expected.len() && bool::from(given.ct_eq(expected))
+}
+
+async fn require_token(
+    State(state): State<WebState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(expected) = &state.token {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !token_matches(given.as_bytes(), expected.as_bytes()) {
+            let mut r = error(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token".into(),
+            );
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            return r;
+        }
+    }
+    next.run(request).await
+}
+
+async fn index() -> Response {
+    let page = strangler_dashboards::web::INDEX;
+    (
+        [
+            (header::CONTENT_TYPE, page.content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        page.body,
+    )
+        .into_response()
+}
+
+async fn asset(Path(file): Path<String>) -> Response {
+    match strangler_dashboards::web::asset(&format!("/assets/{file}")) {
+        Some(a) => (
+            [
+                (header::CONTENT_TYPE, a.content_type),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            a.body,
+        )
+            .into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no asset {file:?}")),
+    }
 }
 
 async fn ready(State(state): State<WebState>) -> Response {
@@ -86,33 +161,119 @@ async fn metrics(State(state): State<WebState>) -> Response {
         .into_response()
 }
 
-async fn compare(State(state): State<WebState>, Query(params): Query<CompareParams>) -> Response {
-    let since = match parse_window(params.since.as_deref().unwrap_or("1h")) {
-        Ok(s) => s,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
-    };
-    match query::compare(&state.store, &params.route, since).await {
-        Ok(c) => axum::Json(c).into_response(),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+/// The overview page's queries.
+pub const OVERVIEW: &[&str] = &[
+    "overview_routes",
+    "route_states",
+    "overview_sparklines",
+    "overview_burndown",
+];
+/// The route page's queries (and `strangler compare`'s).
+pub const ROUTE: &[&str] = &[
+    "route_sides",
+    "route_traffic",
+    "route_errors",
+    "route_latency",
+    "route_diff_paths",
+    "route_mismatches",
+    "route_changes",
+];
+
+/// The query's parameters, or why the request is bad (a 400).
+fn params(state: &WebState, p: &WindowParams) -> Result<Params, String> {
+    let since = parse_window(p.since.as_deref().unwrap_or("1h"))?;
+    if since > 31 * 86_400 {
+        return Err(format!("window of {since} s is longer than 31 days"));
+    }
+    let mut params = query::window(&state.store, since);
+    params.route = p.route.clone();
+    if let Some(id) = &p.trace_id {
+        params.trace_id = Some(trace_id(id)?);
+    }
+    Ok(params)
+}
+
+fn trace_id(given: &str) -> Result<String, String> {
+    let id = given.to_ascii_lowercase();
+    if id.len() != 32 || !id.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(format!("trace id {given:?} must be 32 hex characters"));
+    }
+    Ok(id)
+}
+
+fn answer(params: &Params, result: Result<serde_json::Map<String, Value>, QueryError>) -> Response {
+    match result {
+        Ok(mut doc) => {
+            doc.insert("from".into(), params.from.into());
+            doc.insert("to".into(), params.to.into());
+            doc.insert("interval_s".into(), params.interval_s.into());
+            if let Some(r) = &params.route {
+                doc.insert("route".into(), r.clone().into());
+            }
+            axum::Json(Value::Object(doc)).into_response()
+        }
+        Err(e) => query_error(e),
     }
 }
 
-async fn trace(State(state): State<WebState>, Path(trace_id): Path<String>) -> Response {
-    let id = trace_id.to_ascii_lowercase();
-    if id.len() != 32 || !id.chars().all(|c| c.is_ascii_hexdigit()) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("trace id {trace_id:?} must be 32 hex characters"),
-        );
+fn query_error(e: QueryError) -> Response {
+    match e {
+        QueryError::Unknown(_) => error(StatusCode::NOT_FOUND, e.to_string()),
+        QueryError::Params(_) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        QueryError::Store(_) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
-    match query::trace(&state.store, &id).await {
-        Ok(spans) if spans.is_empty() => {
+}
+
+async fn overview(State(state): State<WebState>, Query(p): Query<WindowParams>) -> Response {
+    let params = match params(&state, &p) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    answer(
+        &params,
+        query::run_all(&state.store, OVERVIEW, &params).await,
+    )
+}
+
+async fn route(State(state): State<WebState>, Query(p): Query<WindowParams>) -> Response {
+    if p.route.as_deref().is_none_or(str::is_empty) {
+        return error(StatusCode::BAD_REQUEST, "route= is required".into());
+    }
+    let params = match params(&state, &p) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    answer(&params, query::run_all(&state.store, ROUTE, &params).await)
+}
+
+async fn named(
+    State(state): State<WebState>,
+    Path(name): Path<String>,
+    Query(p): Query<WindowParams>,
+) -> Response {
+    let params = match params(&state, &p) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    match query::run(&state.store, &name, &params).await {
+        Ok(a) => axum::Json(a).into_response(),
+        Err(e) => query_error(e),
+    }
+}
+
+async fn trace(State(state): State<WebState>, Path(given): Path<String>) -> Response {
+    let id = match trace_id(&given) {
+        Ok(id) => id,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let mut params = query::window(&state.store, 3_600);
+    params.trace_id = Some(id.clone());
+    match query::run(&state.store, "trace_spans", &params).await {
+        Ok(a) if a.rows.is_empty() => {
             error(StatusCode::NOT_FOUND, format!("no spans for trace {id}"))
         }
-        Ok(spans) => {
-            axum::Json(serde_json::json!({ "trace_id": id, "spans": spans })).into_response()
-        }
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Ok(a) => axum::Json(serde_json::json!({ "trace_id": id, "spans": a.rows })).into_response(),
+        Err(e) => query_error(e),
     }
 }
 

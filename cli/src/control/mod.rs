@@ -1,6 +1,7 @@
 //! Route control: moving routes along their lifecycle through the flag store and the
 //! routers' admin APIs, and recording every move.
 
+pub mod announce;
 pub mod flagstore;
 pub mod history;
 pub mod lifecycle;
@@ -346,8 +347,10 @@ impl Controller {
         };
         let routers = router_outcomes(replies);
         let took_effect = flags.is_ok() || routers.iter().any(|r| r.ok);
+        // The change took effect here; recording and announcing it is not part of its time.
+        let took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         if took_effect {
-            self.history.append(&Entry {
+            let entry = Entry {
                 number: 0,
                 at: now_rfc3339(),
                 actor: self.actor.clone(),
@@ -356,7 +359,21 @@ impl Controller {
                 to,
                 action: action.to_string(),
                 reason,
-            })?;
+            };
+            self.history.append(&entry)?;
+            if let Some(endpoint) = &self.config.telemetry.otlp_endpoint
+                && let Err(e) = announce::send(
+                    endpoint,
+                    &entry,
+                    &self.config.telemetry.service_name,
+                    self.config.control.timeout,
+                )
+                .await
+            {
+                eprintln!(
+                    "warning: the change is in the history, but the collector at {endpoint} did not take it ({e}); dashboards will not mark it"
+                );
+            }
         } else if let Err(e) = flags {
             return Err(e);
         }
@@ -366,7 +383,7 @@ impl Controller {
             to,
             flags: Some(flags.map_err(|e| e.to_string())),
             routers,
-            took_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            took_ms,
         })
     }
 

@@ -471,3 +471,159 @@ pub async fn totals(
     }
     (sent, ok, errors)
 }
+
+/// A `strangler collector run` process on free ports, killed on drop.
+pub struct Collector {
+    pub child: Option<Child>,
+    pub grpc: PortLease,
+    pub http: PortLease,
+    pub web: PortLease,
+    pub config: std::path::PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl Collector {
+    pub async fn start(clickhouse: &str, extra: &str) -> Self {
+        Self::start_in(tempfile::tempdir().expect("tempdir"), clickhouse, extra).await
+    }
+
+    /// Like [`Collector::start`] in a directory that may already hold files the config names.
+    pub async fn start_in(dir: tempfile::TempDir, clickhouse: &str, extra: &str) -> Self {
+        let (grpc, http, web) = (
+            free_port().expect("port"),
+            free_port().expect("port"),
+            free_port().expect("port"),
+        );
+        let config = dir.path().join("collector.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "grpc_listen = \"127.0.0.1:{}\"\nhttp_listen = \"127.0.0.1:{}\"\nweb_listen = \"127.0.0.1:{}\"\nclickhouse_url = \"{clickhouse}\"\nbatch_timeout_ms = 200\n{extra}",
+                grpc.port(),
+                http.port(),
+                web.port()
+            ),
+        )
+        .expect("write config");
+        let mut c = Self {
+            child: None,
+            grpc,
+            http,
+            web,
+            config,
+            dir,
+        };
+        c.spawn().await;
+        c
+    }
+
+    pub async fn spawn(&mut self) {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("collector.log"))
+            .expect("log");
+        self.child = Some(
+            Command::new(strangler_bin())
+                .args(["collector", "run", "--config"])
+                .arg(&self.config)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log)
+                .spawn()
+                .expect("spawn collector"),
+        );
+        let client = reqwest::Client::new();
+        let url = self.web_url("/health");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if client
+                .get(&url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "collector never healthy:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("collector.log")).unwrap_or_default()
+    }
+
+    pub fn web_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.web.port())
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc.port())
+    }
+
+    pub fn http_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.http.port())
+    }
+
+    pub async fn metric(&self, name: &str) -> u64 {
+        let text = reqwest::get(self.web_url("/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    }
+}
+
+/// A ClickHouse client for test queries (18.16 sends no column types to validate).
+pub fn ch_client(ch: &strangler_testkit::ClickHouse) -> clickhouse::Client {
+    clickhouse::Client::default()
+        .with_url(ch.http_url())
+        .with_validation(false)
+}
+
+/// Waits until a collector has applied every migration.
+pub async fn wait_for_schema(ch: &strangler_testkit::ClickHouse) {
+    let client = ch_client(ch);
+    let last = strangler_collector::store::clickhouse::MIGRATIONS
+        .last()
+        .map_or(0, |m| m.0);
+    wait_until(
+        Duration::from_secs(20),
+        "the collector's migrations",
+        || {
+            let client = client.clone();
+            async move {
+                client
+                    .query("SELECT max(version) FROM strangler.schema_migrations")
+                    .fetch_one::<u32>()
+                    .await
+                    .is_ok_and(|v| v >= last)
+            }
+        },
+    )
+    .await;
+}

@@ -98,7 +98,67 @@ FROM {db}.spans
 WHERE route != ''
 GROUP BY minute, route, backend, shadow",
     ),
+    (
+        6,
+        "route lifecycle changes",
+        "CREATE TABLE IF NOT EXISTS {db}.route_events (
+    at DateTime,
+    at_ns UInt64,
+    route String,
+    from_state String,
+    to_state String,
+    action String,
+    actor String,
+    reason String
+) ENGINE = ReplacingMergeTree
+PARTITION BY toYYYYMM(at)
+ORDER BY (route, at, at_ns, to_state, action)",
+    ),
+    (
+        7,
+        "route lifecycle changes feed",
+        // The CLI reports each change as a span named strangler.route.change with no
+        // strangler.route attribute, so it never counts as a request.
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.route_events_mv TO {db}.route_events
+AS SELECT
+    start_time AS at,
+    start_time_ns AS at_ns,
+    attr_values[indexOf(attr_keys, 'strangler.change.route')] AS route,
+    attr_values[indexOf(attr_keys, 'strangler.change.from')] AS from_state,
+    attr_values[indexOf(attr_keys, 'strangler.change.to')] AS to_state,
+    attr_values[indexOf(attr_keys, 'strangler.change.action')] AS action,
+    attr_values[indexOf(attr_keys, 'strangler.change.actor')] AS actor,
+    attr_values[indexOf(attr_keys, 'strangler.change.reason')] AS reason
+FROM {db}.spans
+WHERE name = 'strangler.route.change'",
+    ),
+    (
+        8,
+        "all router traffic per minute",
+        "CREATE TABLE IF NOT EXISTS {db}.traffic_minute (
+    minute DateTime,
+    backend String,
+    requests AggregateFunction(count)
+) ENGINE = AggregatingMergeTree
+PARTITION BY toDate(minute)
+ORDER BY (backend, minute)",
+    ),
+    (
+        9,
+        "all router traffic per minute feed",
+        // Every request the router answered, routed or not: the burndown's denominator.
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.traffic_minute_mv TO {db}.traffic_minute
+AS SELECT
+    toStartOfMinute(start_time) AS minute,
+    backend,
+    countState() AS requests
+FROM {db}.spans
+WHERE kind = 'server' AND shadow = 0 AND backend != ''
+GROUP BY minute, backend",
+    ),
 ];
+/// The name of the span the CLI sends for each route lifecycle change.
+pub const ROUTE_CHANGE_SPAN: &str = "strangler.route.change";
 
 /// The DDL of every migration for `database`, as `strangler collector schema` prints it.
 pub fn schema_sql(database: &str) -> String {
