@@ -7,6 +7,7 @@
 mod control;
 mod demo;
 mod output;
+mod rollout;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -68,6 +69,11 @@ enum Command {
         /// Output format.
         #[arg(long, short, value_enum, default_value = "table")]
         output: Output,
+    },
+    /// Run the rollout plans of every route that has one, side by side.
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCommand,
     },
     /// Run the OTLP collector that stores traces in ClickHouse, or print its schema.
     Collector {
@@ -191,6 +197,17 @@ enum RouteCommand {
         #[arg(long, default_value_t = 10)]
         top: usize,
     },
+    /// Run the route's `[route.rollout]` plan: step by step, each step gated on the
+    /// collector's evidence (error rate, p99, answers matching, custom SQL); a failing
+    /// gate rolls back to legacy, missing evidence holds. Exit 0 completed, 1 rolled
+    /// back, 2 held.
+    Rollout {
+        /// The route.
+        route: String,
+        /// Evaluate the current step once and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// The recorded changes of a route.
     History {
         /// The route.
@@ -224,6 +241,28 @@ enum RouterCommand {
         /// stops accepting and finishes its in-flight requests.
         #[arg(long)]
         upgrade: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RolloutCommand {
+    /// Watch every route with a `[route.rollout]` plan until each completes, rolls
+    /// back or holds. Exit 0 if all completed, 1 if any rolled back, else 2.
+    Run {
+        /// The router config.
+        #[arg(
+            long,
+            short,
+            env = "STRANGLER_CONFIG",
+            default_value = "strangler.toml"
+        )]
+        config: PathBuf,
+        /// Evaluate each route's current step once and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Who is acting (recorded in the history).
+        #[arg(long, env = "STRANGLER_ACTOR")]
+        actor: Option<String>,
     },
 }
 
@@ -393,6 +432,53 @@ fn confirm(from: State, to: State, route: &str, yes: bool) -> anyhow::Result<()>
     }
 }
 
+fn rollout_exit(ends: &[rollout::End]) -> ExitCode {
+    if ends.contains(&rollout::End::RolledBack) {
+        ExitCode::from(1)
+    } else if ends.iter().all(|e| *e == rollout::End::Completed) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    }
+}
+
+async fn rollout_all(
+    config: RouterConfig,
+    actor: Option<String>,
+    dry_run: bool,
+) -> anyhow::Result<ExitCode> {
+    let controller = Controller::new(config, actor)?;
+    let source = rollout::Collector::new(&controller.config().control.collector_url)
+        .map_err(anyhow::Error::msg)?;
+    let plans: Vec<(String, strangler_router::plan::RolloutPlan)> = controller
+        .config()
+        .routes
+        .iter()
+        .filter_map(|r| r.rollout.clone().map(|p| (r.name.to_string(), p)))
+        .collect();
+    if plans.is_empty() {
+        anyhow::bail!("no route has a [route.rollout] plan");
+    }
+    let runs = plans
+        .iter()
+        .map(|(route, plan)| rollout::run(&controller, &source, route, plan, dry_run));
+    let mut ends = Vec::new();
+    for (result, (route, _)) in futures::future::join_all(runs)
+        .await
+        .into_iter()
+        .zip(&plans)
+    {
+        match result {
+            Ok(end) => ends.push(end),
+            Err(e) => {
+                eprintln!("{route}: rollout stopped: {e:#}");
+                ends.push(rollout::End::Held);
+            }
+        }
+    }
+    Ok(rollout_exit(&ends))
+}
+
 fn route(args: RouteArgs) -> anyhow::Result<ExitCode> {
     let config = RouterConfig::load(&args.config)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -464,6 +550,18 @@ async fn route_async(args: RouteArgs, config: RouterConfig) -> anyhow::Result<Ex
             };
             output::calibration(route, &replies, json)?;
             return Ok(ExitCode::SUCCESS);
+        }
+        RouteCommand::Rollout { route, dry_run } => {
+            let plan = controller.route(route)?.rollout.clone().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "route {route} has no [route.rollout] plan in {}",
+                    args.config.display()
+                )
+            })?;
+            let source = rollout::Collector::new(&controller.config().control.collector_url)
+                .map_err(anyhow::Error::msg)?;
+            let end = rollout::run(&controller, &source, route, &plan, *dry_run).await?;
+            return Ok(rollout_exit(&[end]));
         }
         RouteCommand::History { route } => {
             controller.route(route)?;
@@ -569,6 +667,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Route(args) => route(args),
+        Command::Rollout {
+            command:
+                RolloutCommand::Run {
+                    config,
+                    dry_run,
+                    actor,
+                },
+        } => {
+            let config = RouterConfig::load(&config)?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(rollout_all(config, actor, dry_run))
+        }
         Command::Compare {
             route,
             since,

@@ -15,6 +15,7 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::span::{Event, SpanKind};
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use serde_json::Value;
+use strangler_collector::query::now_secs;
 use strangler_dashboards::query::{Params, expand};
 use strangler_testkit::ClickHouse;
 use support::{
@@ -422,6 +423,39 @@ async fn the_dashboards_show_known_traffic_in_the_api_grafana_cli_and_a_real_bro
         .expect("unknown query");
     assert_eq!(unknown.status().as_u16(), 404);
 
+    // Custom rollout gates run read-only: a write is refused and changes nothing.
+    let http = reqwest::Client::new();
+    let gate = |sql: &str| {
+        http.post(collector.web_url("/api/gate"))
+            .json(&serde_json::json!({"sql": sql, "route": "orders", "from": now_secs() - 3_600}))
+            .send()
+    };
+    let r = gate("SELECT count() AS value FROM ${database}.spans WHERE route = '${route}' AND $__timeFilter(start_time)")
+        .await
+        .expect("gate");
+    assert_eq!(r.status().as_u16(), 200);
+    let doc: Value = r.json().await.expect("json");
+    assert!(
+        doc["rows"][0]["value"].as_u64() >= Some(total - 200),
+        "{doc}"
+    );
+    for bad in [
+        "DROP TABLE ${database}.spans",
+        "INSERT INTO ${database}.route_events (route) VALUES ('x')",
+        "SELECT $__bogus",
+    ] {
+        let r = gate(bad).await.expect("gate");
+        assert_eq!(r.status().as_u16(), 400, "{bad}");
+    }
+    assert!(
+        client
+            .query("SELECT count() FROM strangler.spans")
+            .fetch_one::<u64>()
+            .await
+            .is_ok_and(|n| n >= total),
+        "the spans table is still there"
+    );
+
     // The Grafana dashboard as committed: parses, and every SQL in it (panels,
     // variables, annotations) runs on this ClickHouse after macro substitution.
     let text = std::fs::read_to_string(concat!(
@@ -432,7 +466,7 @@ async fn the_dashboards_show_known_traffic_in_the_api_grafana_cli_and_a_real_bro
     let dashboard: Value = serde_json::from_str(&text).expect("the Grafana JSON parses");
     let all = strangler_dashboards::grafana::all_sql(&dashboard);
     assert!(all.len() >= 13, "{} queries", all.len());
-    let now = strangler_collector::query::now_secs();
+    let now = now_secs();
     let mut params = Params::window("strangler", now, 3_600, 120);
     params.route = Some("orders".into());
     params.trace_id = Some(known.mismatch_trace.clone());

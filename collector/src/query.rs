@@ -61,12 +61,41 @@ pub async fn run(
 ) -> Result<Answer, QueryError> {
     let named: &NamedQuery =
         query::get(name).ok_or_else(|| QueryError::Unknown(name.to_string()))?;
-    let expanded = query::expand(named.sql, params)?;
+    Ok(Answer {
+        name: named.name,
+        rows: rows(store, named.sql, params, false).await?,
+    })
+}
+
+/// Runs SQL a user wrote (a rollout's custom gate) with the same macros, read-only
+/// and bounded in time.
+pub async fn run_user_sql(
+    store: &ClickHouseStore,
+    sql: &str,
+    params: &Params,
+) -> Result<Vec<Value>, QueryError> {
+    rows(store, sql, params, true).await
+}
+
+async fn rows(
+    store: &ClickHouseStore,
+    sql: &str,
+    params: &Params,
+    untrusted: bool,
+) -> Result<Vec<Value>, QueryError> {
+    let expanded = query::expand(sql, params)?;
     let mut q = store
         .client()
         .query(&expanded.sql)
         // Numbers as JSON numbers (the page and the CLI do arithmetic on them).
         .with_setting("output_format_json_quote_64bit_integers", "0");
+    if untrusted {
+        // readonly=2: no writes or DDL, settings still allowed (the one above).
+        q = q
+            .with_setting("readonly", "2")
+            .with_setting("max_execution_time", "10")
+            .with_setting("max_result_rows", "1000");
+    }
     for value in &expanded.binds {
         q = q.bind(value.as_str());
     }
@@ -76,16 +105,12 @@ pub async fn run(
         .collect()
         .await
         .map_err(store_error)?;
-    let rows = bytes
+    bytes
         .split(|b| *b == b'\n')
         .filter(|line| !line.is_empty())
         .map(serde_json::from_slice::<Value>)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| StoreError::Rejected(format!("{name}: unreadable row: {e}")))?;
-    Ok(Answer {
-        name: named.name,
-        rows,
-    })
+        .map_err(|e| QueryError::Store(StoreError::Rejected(format!("unreadable row: {e}"))))
 }
 
 /// Runs several queries with the same parameters, one after another (a handful of

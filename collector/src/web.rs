@@ -14,6 +14,7 @@ use strangler_dashboards::Params;
 use crate::metrics::Metrics;
 use crate::query::{self, QueryError};
 use crate::store::SpanStore;
+use crate::store::StoreError;
 use crate::store::clickhouse::ClickHouseStore;
 
 /// What the endpoints need.
@@ -27,11 +28,23 @@ pub struct WebState {
     pub token: Option<Arc<str>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 struct WindowParams {
     route: Option<String>,
     since: Option<String>,
     trace_id: Option<String>,
+    /// An exact window instead of `since`: seconds since the epoch (`to` defaults to now).
+    from: Option<u32>,
+    to: Option<u32>,
+}
+
+/// A custom rollout gate: SQL with the dashboards' macros over an exact window.
+#[derive(Debug, Deserialize)]
+struct GateRequest {
+    sql: String,
+    route: String,
+    from: u32,
+    to: Option<u32>,
 }
 
 /// Parses `15m`, `1h`, `7d`, `90s` or plain seconds.
@@ -69,6 +82,7 @@ pub fn router(state: WebState) -> axum::Router {
         .route("/api/route", get(route))
         .route("/api/query/{name}", get(named))
         .route("/api/trace/{trace_id}", get(trace))
+        .route("/api/gate", axum::routing::post(gate))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_token,
@@ -181,11 +195,24 @@ pub const ROUTE: &[&str] = &[
 
 /// The query's parameters, or why the request is bad (a 400).
 fn params(state: &WebState, p: &WindowParams) -> Result<Params, String> {
-    let since = parse_window(p.since.as_deref().unwrap_or("1h"))?;
+    let since = match p.from {
+        Some(from) => {
+            let to = p.to.unwrap_or_else(query::now_secs);
+            if from > to {
+                return Err(format!("from={from} is after to={to}"));
+            }
+            u64::from(to - from).max(1)
+        }
+        None => parse_window(p.since.as_deref().unwrap_or("1h"))?,
+    };
     if since > 31 * 86_400 {
         return Err(format!("window of {since} s is longer than 31 days"));
     }
     let mut params = query::window(&state.store, since);
+    if let Some(from) = p.from {
+        params.from = from;
+        params.to = p.to.unwrap_or(params.to);
+    }
     params.route = p.route.clone();
     if let Some(id) = &p.trace_id {
         params.trace_id = Some(trace_id(id)?);
@@ -257,6 +284,24 @@ async fn named(
     };
     match query::run(&state.store, &name, &params).await {
         Ok(a) => axum::Json(a).into_response(),
+        Err(e) => query_error(e),
+    }
+}
+
+async fn gate(State(state): State<WebState>, axum::Json(g): axum::Json<GateRequest>) -> Response {
+    let window = WindowParams {
+        route: Some(g.route),
+        from: Some(g.from),
+        to: g.to,
+        ..WindowParams::default()
+    };
+    let params = match params(&state, &window) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    match query::run_user_sql(&state.store, &g.sql, &params).await {
+        Ok(rows) => axum::Json(serde_json::json!({ "rows": rows })).into_response(),
+        Err(QueryError::Store(StoreError::Rejected(e))) => error(StatusCode::BAD_REQUEST, e),
         Err(e) => query_error(e),
     }
 }

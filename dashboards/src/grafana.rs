@@ -83,7 +83,8 @@ pub fn dashboard() -> Value {
         panel(7, "route_sides", (0, 26, 12, 7)),
         panel(8, "route_diff_paths", (12, 26, 12, 7)),
         panel(9, "route_mismatches", (0, 33, 24, 9)),
-        panel(10, "route_changes", (0, 42, 24, 6)),
+        panel(10, "route_changes", (0, 42, 12, 6)),
+        panel(12, "route_evidence", (12, 42, 12, 6)),
         row(
             102,
             "Trace $trace_id",

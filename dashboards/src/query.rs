@@ -114,6 +114,13 @@ pub const QUERIES: &[NamedQuery] = &[
         Route,
         "short"
     ),
+    named!(
+        "route_evidence",
+        "Rollout evidence (exact, from spans)",
+        Table,
+        Route,
+        "short"
+    ),
     named!("trace_spans", "Trace", Table, Trace, "short"),
     named!("route_states", "Route states", Table, Support, "short"),
     named!("route_names", "Routes", Table, Support, "short"),

@@ -410,7 +410,7 @@ function tracePage(doc) {
     const width = (num(s.duration_ns) / total) * 100;
     const cls = [s.backend === "new" ? "new" : "", s.status_code === "error" || num(s.http_status) >= 500 ? "error" : "", num(s.shadow) ? "shadow" : ""].join(" ");
     const info = `${s.name} · ${s.service} · ${s.backend || "–"}${num(s.shadow) ? " (shadow)" : ""} · ${ms(num(s.duration_ns) / 1e6)} · ${s.http_status || ""} ${s.diff ? "· diff " + s.diff : ""}`;
-    html += `<div class="row" data-span="${esc(s.span_id)}"><div class="label" style="padding-left:${depth}rem" title="${esc(info)}">${esc(s.name)} <span class="muted">${esc(ms(num(s.duration_ns) / 1e6))}</span></div>
+    html += `<div class="row" data-span="${esc(s.span_id)}"><div class="label" style="padding-left:${depth}rem" title="${esc(info)}">${esc(s.name)} <span class="muted">${esc([s.backend + (num(s.shadow) ? " shadow" : ""), s.http_status || "", ms(num(s.duration_ns) / 1e6)].filter(Boolean).join(" · "))}</span></div>
       <div class="track"><div class="span ${cls}" style="left:${left.toFixed(2)}%;width:${width.toFixed(2)}%" title="${esc(info)}"></div></div></div>`;
   }
   html += `</section>`;

@@ -332,6 +332,8 @@ pub struct RouteConfig {
     /// Methods replayed on legacy when the new service fails: GET, HEAD and OPTIONS,
     /// plus what the route declares (say PUT, DELETE).
     pub idempotent_methods: Vec<http::Method>,
+    /// The rollout plan `strangler route rollout` follows, if any.
+    pub rollout: Option<crate::plan::RolloutPlan>,
     /// Position in the file, the last tie-breaker.
     pub index: usize,
 }
@@ -455,6 +457,8 @@ pub struct RouterConfig {
     pub control: ControlConfig,
 }
 
+/// Where rollouts read evidence unless `control.collector_url` says otherwise.
+pub const DEFAULT_COLLECTOR_URL: &str = "http://127.0.0.1:8686";
 /// Env var holding the Unleash admin token the CLI uses, unless `control.unleash_admin_token_env` names another.
 pub const DEFAULT_UNLEASH_ADMIN_TOKEN_ENV: &str = "UNLEASH_ADMIN_TOKEN";
 /// A rollback waits this long for every router to confirm: long enough for a busy
@@ -478,6 +482,8 @@ pub struct ControlConfig {
     pub history_file: PathBuf,
     /// How long a command waits for each router and Unleash.
     pub timeout: Duration,
+    /// The collector's web address, where rollouts read their evidence.
+    pub collector_url: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -508,6 +514,7 @@ struct RawControl {
     environment: Option<String>,
     history_file: Option<PathBuf>,
     timeout_ms: Option<u64>,
+    collector_url: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -605,6 +612,7 @@ struct RawRoute {
     write_timeout_ms: Option<u64>,
     idle_timeout_ms: Option<u64>,
     total_timeout_ms: Option<u64>,
+    rollout: Option<crate::plan::RawRollout>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -880,6 +888,10 @@ fn validate(raw: RawConfig, path: &Path) -> Result<RouterConfig, String> {
                 ),
             }),
         };
+        let rollout = match r.rollout {
+            Some(raw) => Some(raw.build().map_err(ctx)?),
+            None => None,
+        };
         routes.push(RouteConfig {
             name,
             path,
@@ -891,6 +903,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<RouterConfig, String> {
             flag,
             sticky,
             shadow,
+            rollout,
             breaker_failures: r
                 .breaker_failures
                 .unwrap_or(crate::breaker::DEFAULT_FAILURES)
@@ -1045,6 +1058,12 @@ fn validate(raw: RawConfig, path: &Path) -> Result<RouterConfig, String> {
                     .unwrap_or_else(|| PathBuf::from("strangler.history.jsonl")),
             ),
             timeout: Duration::from_millis(c.timeout_ms.unwrap_or(DEFAULT_CONTROL_TIMEOUT_MS)),
+            collector_url: c
+                .collector_url
+                .clone()
+                .unwrap_or_else(|| DEFAULT_COLLECTOR_URL.into())
+                .trim_end_matches('/')
+                .to_string(),
         }
     };
 

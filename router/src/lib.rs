@@ -12,6 +12,7 @@ pub mod decide;
 pub mod flags;
 pub mod guard;
 pub mod metrics;
+pub mod plan;
 pub mod proxy;
 pub mod route;
 pub mod server;

@@ -107,6 +107,7 @@ mod tests {
             to: State::Legacy,
             action: "rollback".into(),
             reason: Some("5xx".into()),
+            evidence: None,
         };
         let r = request(
             &entry,

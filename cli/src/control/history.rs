@@ -31,6 +31,9 @@ pub struct Entry {
     /// Why, if given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The numbers an automated rollout decided on, if it made the change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<serde_json::Value>,
 }
 
 /// The history file.
@@ -125,6 +128,7 @@ mod tests {
             to,
             action: "test".into(),
             reason: None,
+            evidence: None,
         }
     }
 

@@ -237,6 +237,11 @@ impl Controller {
         })
     }
 
+    /// The configuration the controller works from.
+    pub fn config(&self) -> &RouterConfig {
+        &self.config
+    }
+
     /// The route named `name`.
     pub fn route(&self, name: &str) -> Result<&RouteConfig, ControlError> {
         self.config
@@ -324,6 +329,19 @@ impl Controller {
         action: &str,
         reason: Option<String>,
     ) -> Result<Outcome, ControlError> {
+        self.transition_with_evidence(route_name, to, action, reason, None)
+            .await
+    }
+
+    /// [`Controller::transition`], recording the numbers the change was decided on.
+    pub async fn transition_with_evidence(
+        &self,
+        route_name: &str,
+        to: State,
+        action: &str,
+        reason: Option<String>,
+        evidence: Option<serde_json::Value>,
+    ) -> Result<Outcome, ControlError> {
         let started = Instant::now();
         let route = self.route(route_name)?;
         // A rollback must not wait on reading state from a store that may be down.
@@ -359,6 +377,7 @@ impl Controller {
                 to,
                 action: action.to_string(),
                 reason,
+                evidence,
             };
             self.history.append(&entry)?;
             if let Some(endpoint) = &self.config.telemetry.otlp_endpoint

@@ -434,13 +434,27 @@ pub fn load(
     workers: usize,
     stop: Arc<AtomicBool>,
 ) -> Vec<tokio::task::JoinHandle<(u64, u64, Vec<String>)>> {
+    load_paced(url, workers, stop, None)
+}
+
+/// Like [`load`], each worker sending at most one request per `pace`.
+pub fn load_paced(
+    url: String,
+    workers: usize,
+    stop: Arc<AtomicBool>,
+    pace: Option<Duration>,
+) -> Vec<tokio::task::JoinHandle<(u64, u64, Vec<String>)>> {
     (0..workers)
         .map(|worker| {
             let (stop, url) = (Arc::clone(&stop), url.clone());
             tokio::spawn(async move {
                 let client = reqwest::Client::new();
                 let (mut sent, mut ok, mut errors) = (0u64, 0u64, Vec::new());
+                let mut tick = pace.map(tokio::time::interval);
                 while !stop.load(Ordering::Relaxed) {
+                    if let Some(t) = tick.as_mut() {
+                        t.tick().await;
+                    }
                     sent += 1;
                     match client
                         .get(&url)
