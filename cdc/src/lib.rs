@@ -9,6 +9,7 @@ pub mod apply;
 pub mod config;
 pub mod lsn;
 pub mod mapping;
+pub mod mysql;
 pub mod observe;
 pub mod plan;
 pub mod resnapshot;

@@ -101,6 +101,7 @@ pub(crate) async fn copy_while_streaming(
 
 /// Files a request and waits for the running CDC to finish it; returns the rows copied.
 pub async fn request(config: &CdcConfig, table: &str, wait: Duration) -> Result<u64, CdcError> {
+    crate::mysql::refuse(config, "cdc resnapshot")?;
     let target = crate::run::connect(&config.target, "target").await?;
     crate::apply::ensure_checkpoint_table(&target).await?;
     let id: i64 = target

@@ -49,6 +49,9 @@ pub enum CdcError {
         /// Why.
         message: String,
     },
+    /// The command does not support this kind of source yet.
+    #[error("{0}")]
+    Unsupported(String),
     /// The slot is gone while the target says streaming had started: changes since
     /// the checkpoint are lost, so continuing would leave the target silently behind.
     #[error(
@@ -77,6 +80,9 @@ pub(crate) async fn connect(url: &str, side: &'static str) -> Result<Client, Cdc
 
 /// Checks every mapping against both databases without moving a row.
 pub async fn check(config: &CdcConfig) -> Result<Vec<TablePlan>, CdcError> {
+    if crate::mysql::is_mysql(&config.source) {
+        return crate::mysql::check(config).await;
+    }
     let source = connect(&config.source, "source").await?;
     let target = connect(&config.target, "target").await?;
     let mut plans = Vec::new();
@@ -437,6 +443,11 @@ pub async fn run_with(
             o
         }
     };
+    if crate::mysql::is_mysql(&config.source) {
+        let result = crate::mysql::run(config, options, progress, &observe).await;
+        observe.shutdown();
+        return result;
+    }
     let sampler = tokio::spawn(sample_lag(config.source.clone(), Arc::clone(&observe)));
     let result = run_retrying(config, options, progress, &observe).await;
     sampler.abort();
@@ -1061,7 +1072,7 @@ async fn stream_changes(
     }
 }
 
-async fn apply_batch(
+pub(crate) async fn apply_batch(
     batch: &mut Batch,
     target: &mut Client,
     plans: &[TablePlan],
@@ -1122,6 +1133,7 @@ pub struct Status {
 
 /// Reads the slot on the source and the checkpoint on the target.
 pub async fn status(config: &CdcConfig) -> Result<Status, CdcError> {
+    crate::mysql::refuse(config, "cdc status")?;
     let source = connect(&config.source, "source").await?;
     let target = connect(&config.target, "target").await?;
     let current: String = source

@@ -54,7 +54,7 @@ fn col_name(c: &impl std::fmt::Display) -> String {
 }
 
 /// Translates one MySQL type (as sqlparser prints it) to PostgreSQL.
-fn pg_type(
+pub(crate) fn pg_type(
     mysql: &str,
     table: &str,
     column: &str,

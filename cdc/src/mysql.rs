@@ -1,0 +1,946 @@
+//! MySQL/MariaDB as the legacy source: a consistent snapshot, then the binlog (ROW
+//! format) from the snapshot's exact position, read with `mysql_async`'s binlog
+//! stream. Rows reach the PostgreSQL target as text and the mapping runs there, as
+//! for a PostgreSQL source, through the same batches and checkpoint.
+//!
+//! Positions are binlog coordinates. The checkpoint (a `pg_lsn` in the target) holds
+//! them as `FILE/OFFSET` in hex: file `mariadb-bin.000003`, offset 0x1a2b is `3/1A2B`.
+//! The snapshot's position comes from MariaDB's `binlog_snapshot_file` /
+//! `binlog_snapshot_position`, which are consistent with `START TRANSACTION WITH
+//! CONSISTENT SNAPSHOT`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use futures::StreamExt as _;
+use mysql_async::binlog::EventType;
+use mysql_async::binlog::events::{EventData, RowsEventData};
+use mysql_async::binlog::row::BinlogRow;
+use mysql_async::binlog::value::BinlogValue;
+use mysql_async::prelude::Queryable;
+use mysql_async::{BinlogStreamRequest, Conn, Opts, Value};
+use pg_walstream::{ColumnValue, RowData};
+use tokio_postgres::Client;
+
+use crate::apply::{Batch, ensure_checkpoint_table, read_checkpoint, write_checkpoint};
+use crate::config::CdcConfig;
+use crate::lsn::Lsn;
+use crate::plan::{CheckError, Column, Table, TablePlan, check_with};
+use crate::run::{CdcError, Progress, RunOptions, connect};
+
+/// Whether `url` names a MySQL/MariaDB source.
+pub fn is_mysql(url: &str) -> bool {
+    url.starts_with("mysql://") || url.starts_with("mariadb://")
+}
+
+/// Refuses `command` for a MySQL source with a clear message (it reads PostgreSQL
+/// catalogs or replication slots on the source).
+pub fn refuse(config: &CdcConfig, command: &str) -> Result<(), CdcError> {
+    if is_mysql(&config.source) {
+        return Err(CdcError::Unsupported(format!(
+            "`strangler {command}` needs a PostgreSQL source; for a MySQL/MariaDB source use `strangler cdc run --resnapshot` \
+             to copy again, and compare with your own queries until verify supports it"
+        )));
+    }
+    Ok(())
+}
+
+/// How a column's MySQL value becomes PostgreSQL text.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Conv {
+    /// As MySQL prints it.
+    Plain,
+    /// Bytes → `\x…` hex for `bytea`.
+    Binary,
+    /// Binlog ENUM index → label (1-based; 0 is MySQL's empty "error" value).
+    Enum(Vec<String>),
+    /// Binlog SET bitmask → comma-separated labels.
+    Set(Vec<String>),
+    /// TIMESTAMP: UTC (the session runs in UTC; the binlog holds epoch seconds).
+    Timestamp,
+}
+
+fn mysql_error(e: impl std::fmt::Display) -> CdcError {
+    CdcError::Snapshot {
+        table: String::new(),
+        message: format!("MySQL source: {e}"),
+    }
+}
+
+fn labels(column_type: &str) -> Vec<String> {
+    // enum('a','b''c') → ["a", "b'c"]
+    let inner = column_type
+        .find('(')
+        .and_then(|i| column_type.rfind(')').map(|j| &column_type[i + 1..j]))
+        .unwrap_or("");
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut chars = inner.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' if quoted && chars.peek() == Some(&'\'') => {
+                cur.push('\'');
+                chars.next();
+            }
+            '\'' => {
+                if quoted {
+                    out.push(std::mem::take(&mut cur));
+                }
+                quoted = !quoted;
+            }
+            _ if quoted => cur.push(c),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Reads a MySQL table's columns (with the PostgreSQL type each is cast to on the
+/// target, as `strangler cdc schema` translates it) and primary key.
+pub async fn describe(
+    conn: &mut Conn,
+    schema: &str,
+    name: &str,
+) -> Result<Option<(Table, Vec<Conv>)>, CdcError> {
+    let rows: Vec<(String, String, String, String, Option<String>, String)> = conn
+        .exec(
+            "SELECT COLUMN_NAME, COLUMN_TYPE, DATA_TYPE, IS_NULLABLE, COLUMN_DEFAULT, EXTRA \
+             FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
+            (schema, name),
+        )
+        .await
+        .map_err(mysql_error)?;
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let key: Vec<String> = conn
+        .exec(
+            "SELECT COLUMN_NAME FROM information_schema.KEY_COLUMN_USAGE \
+             WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? AND CONSTRAINT_NAME = 'PRIMARY' ORDER BY ORDINAL_POSITION",
+            (schema, name),
+        )
+        .await
+        .map_err(mysql_error)?;
+    let mut columns = Vec::new();
+    let mut convs = Vec::new();
+    for (col, column_type, data_type, nullable, default, extra) in rows {
+        let mut notes = Vec::new();
+        let (pg, _) = crate::schema::pg_type(&column_type, name, &col, &mut notes);
+        let conv = match data_type.to_ascii_lowercase().as_str() {
+            "enum" => Conv::Enum(labels(&column_type)),
+            "set" => Conv::Set(labels(&column_type)),
+            "timestamp" => Conv::Timestamp,
+            "binary" | "varbinary" | "tinyblob" | "blob" | "mediumblob" | "longblob" => {
+                Conv::Binary
+            }
+            _ => Conv::Plain,
+        };
+        columns.push(Column {
+            name: col,
+            type_sql: column_type,
+            cast: pg,
+            not_null: nullable == "NO",
+            has_default: default.is_some() || extra.contains("auto_increment"),
+        });
+        convs.push(conv);
+    }
+    Ok(Some((
+        Table {
+            schema: schema.to_string(),
+            name: name.to_string(),
+            columns,
+            key,
+            // Full row images (binlog_row_image=FULL) carry every column.
+            replica_identity: 'f',
+        },
+        convs,
+    )))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(2 + bytes.len() * 2);
+    s.push_str("\\x");
+    for b in bytes {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+fn epoch_text(secs: &str) -> Option<String> {
+    let (whole, frac) = secs.split_once('.').unwrap_or((secs, "0"));
+    let s: u64 = whole.parse().ok()?;
+    let micros: u64 = format!("{frac:0<6}")[..6].parse().ok()?;
+    Some(
+        humantime::format_rfc3339_micros(
+            UNIX_EPOCH + Duration::from_secs(s) + Duration::from_micros(micros),
+        )
+        .to_string(),
+    )
+}
+
+/// A value from a text-protocol query (the snapshot) as PostgreSQL text.
+fn snapshot_text(v: &Value, conv: &Conv) -> Option<String> {
+    match v {
+        Value::NULL => None,
+        Value::Bytes(b) => Some(match conv {
+            Conv::Binary => hex(b),
+            // The snapshot session runs in UTC.
+            Conv::Timestamp => format!("{}+00", String::from_utf8_lossy(b)),
+            _ => String::from_utf8_lossy(b).into_owned(),
+        }),
+        other => Some(value_text(other)),
+    }
+}
+
+fn value_text(v: &Value) -> String {
+    match v {
+        Value::NULL => String::new(),
+        Value::Bytes(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::Int(i) => i.to_string(),
+        Value::UInt(u) => u.to_string(),
+        Value::Float(f) => f.to_string(),
+        Value::Double(d) => d.to_string(),
+        Value::Date(y, mo, d, h, mi, s, us) => {
+            format!("{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02}.{us:06}")
+        }
+        Value::Time(neg, d, h, mi, s, us) => format!(
+            "{}{:02}:{mi:02}:{s:02}.{us:06}",
+            if *neg { "-" } else { "" },
+            u32::from(*h) + d * 24
+        ),
+    }
+}
+
+/// A binlog value as PostgreSQL text.
+fn binlog_text(v: &BinlogValue<'_>, conv: &Conv) -> Result<Option<String>, String> {
+    Ok(match v {
+        BinlogValue::Value(Value::NULL) => None,
+        // SET arrives as its little-endian bitmask bytes.
+        BinlogValue::Value(Value::Bytes(b)) if matches!(conv, Conv::Set(_)) => {
+            let mask = b
+                .iter()
+                .rev()
+                .fold(0i64, |acc, byte| (acc << 8) | i64::from(*byte));
+            return binlog_text(&BinlogValue::Value(Value::Int(mask)), conv);
+        }
+        BinlogValue::Value(Value::Bytes(b)) => Some(match conv {
+            Conv::Binary => hex(b),
+            Conv::Timestamp => {
+                let text = String::from_utf8_lossy(b);
+                epoch_text(&text).ok_or_else(|| format!("unreadable TIMESTAMP {text:?}"))?
+            }
+            _ => String::from_utf8_lossy(b).into_owned(),
+        }),
+        BinlogValue::Value(Value::Int(i)) if matches!(conv, Conv::Enum(_) | Conv::Set(_)) => {
+            match conv {
+                Conv::Enum(l) => Some(
+                    usize::try_from(*i)
+                        .ok()
+                        .and_then(|n| n.checked_sub(1))
+                        .and_then(|n| l.get(n))
+                        .cloned()
+                        .unwrap_or_default(),
+                ),
+                Conv::Set(l) => Some(
+                    l.iter()
+                        .enumerate()
+                        .filter(|(n, _)| (*i >> n) & 1 == 1)
+                        .map(|(_, s)| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ),
+                _ => None,
+            }
+        }
+        BinlogValue::Value(other) => Some(value_text(other)),
+        BinlogValue::Jsonb(j) => {
+            let json: serde_json::Value = j
+                .clone()
+                .parse()
+                .map_err(|e| format!("unreadable JSON value: {e}"))?
+                .into();
+            Some(json.to_string())
+        }
+        BinlogValue::JsonDiff(_) => {
+            return Err(
+                "a partial JSON update arrived (binlog_row_value_options=PARTIAL_JSON); turn it off so full values are logged"
+                    .into(),
+            );
+        }
+    })
+}
+
+/// Where the stream is: a binlog file and an offset in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    /// Binlog file name.
+    pub file: String,
+    /// Offset.
+    pub offset: u64,
+}
+
+impl Position {
+    fn number(&self) -> Option<u64> {
+        // `mariadb-bin.000003`; a rotate event's name may carry trailing bytes.
+        let digits: String = self
+            .file
+            .rsplit('.')
+            .next()?
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok()
+    }
+
+    /// As a checkpoint value: `FILE_NUMBER/OFFSET`.
+    pub fn lsn(&self) -> Lsn {
+        Lsn((self.number().unwrap_or(0) << 32) | (self.offset & 0xffff_ffff))
+    }
+}
+
+async fn position_of(conn: &mut Conn, lsn: Lsn) -> Result<Position, CdcError> {
+    let number = lsn.0 >> 32;
+    let logs: Vec<mysql_async::Row> = conn.query("SHOW BINARY LOGS").await.map_err(mysql_error)?;
+    for row in logs {
+        let file: String = row.get(0).unwrap_or_default();
+        let p = Position {
+            file: file.clone(),
+            offset: 0,
+        };
+        if p.number() == Some(number) {
+            return Ok(Position {
+                file,
+                offset: lsn.0 & 0xffff_ffff,
+            });
+        }
+    }
+    Err(mysql_error(format!(
+        "binlog file number {number} from the checkpoint is no longer on the server (purged?): \
+         changes after it are lost; re-copy with `strangler cdc run --resnapshot`"
+    )))
+}
+
+struct Source {
+    plans: Vec<TablePlan>,
+    convs: Vec<Vec<Conv>>,
+    /// Source column order (binlog rows are positional).
+    columns: Vec<Vec<Arc<str>>>,
+}
+
+async fn prepare(config: &CdcConfig, conn: &mut Conn, target: &Client) -> Result<Source, CdcError> {
+    let db: Option<String> = conn
+        .query_first("SELECT DATABASE()")
+        .await
+        .map_err(mysql_error)?;
+    let default_db = db.unwrap_or_default();
+    let mut plans = Vec::new();
+    let mut convs = Vec::new();
+    let mut columns = Vec::new();
+    for mapping in &config.mappings {
+        // `public.orders` (the mapping default) means the URL's database.
+        let schema = if mapping.source_schema == "public" {
+            default_db.clone()
+        } else {
+            mapping.source_schema.clone()
+        };
+        let (table, conv) = describe(conn, &schema, &mapping.source_table)
+            .await?
+            .ok_or_else(|| {
+                CdcError::Check(CheckError::Schema {
+                    target: mapping.target.clone(),
+                    message: format!(
+                        "source table {schema}.{} does not exist",
+                        mapping.source_table
+                    ),
+                })
+            })?;
+        columns.push(
+            table
+                .columns
+                .iter()
+                .map(|c| Arc::from(c.name.as_str()))
+                .collect(),
+        );
+        plans.push(check_with(mapping, table, target).await?);
+        convs.push(conv);
+    }
+    Ok(Source {
+        plans,
+        convs,
+        columns,
+    })
+}
+
+/// Checks every mapping against a MySQL source and the target.
+pub async fn check(config: &CdcConfig) -> Result<Vec<TablePlan>, CdcError> {
+    let mut conn = mysql_conn(&config.source).await?;
+    let target = connect(&config.target, "target").await?;
+    Ok(prepare(config, &mut conn, &target).await?.plans)
+}
+
+async fn mysql_conn(url: &str) -> Result<Conn, CdcError> {
+    let url = url.replacen("mariadb://", "mysql://", 1);
+    let opts = Opts::from_url(&url).map_err(mysql_error)?;
+    let mut conn = Conn::new(opts).await.map_err(mysql_error)?;
+    conn.query_drop("SET time_zone = '+00:00'")
+        .await
+        .map_err(mysql_error)?;
+    Ok(conn)
+}
+
+/// Copies every mapped table from one consistent snapshot and returns the binlog
+/// position it is consistent with.
+async fn snapshot(
+    config: &CdcConfig,
+    conn: &mut Conn,
+    target: &mut Client,
+    src: &Source,
+) -> Result<Position, CdcError> {
+    conn.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .map_err(mysql_error)?;
+    conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT")
+        .await
+        .map_err(mysql_error)?;
+    let status: Vec<(String, String)> = conn
+        .query("SHOW STATUS LIKE 'binlog_snapshot_%'")
+        .await
+        .map_err(mysql_error)?;
+    let get = |k: &str| {
+        status
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(k))
+            .map(|(_, v)| v.clone())
+    };
+    let (Some(file), Some(offset)) = (get("binlog_snapshot_file"), get("binlog_snapshot_position"))
+    else {
+        return Err(mysql_error(
+            "the server has no binlog_snapshot_file/position status (MariaDB with log_bin on is required for a consistent snapshot)",
+        ));
+    };
+    let position = Position {
+        file,
+        offset: offset.parse().map_err(mysql_error)?,
+    };
+    let tx = target
+        .transaction()
+        .await
+        .map_err(|e| CdcError::Apply(crate::apply::ApplyError::Checkpoint(e)))?;
+    for plan in &src.plans {
+        tx.batch_execute(&format!("TRUNCATE {}", plan.target.quoted()))
+            .await
+            .map_err(|e| snapshot_error(plan, e))?;
+    }
+    for (t, plan) in src.plans.iter().enumerate() {
+        let names = plan
+            .carried
+            .iter()
+            .map(|c| format!("`{}`", c.name.replace('`', "``")))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let convs: Vec<&Conv> = plan
+            .carried
+            .iter()
+            .map(|c| {
+                let i = src.columns[t]
+                    .iter()
+                    .position(|n| **n == c.name)
+                    .unwrap_or(0);
+                &src.convs[t][i]
+            })
+            .collect();
+        let sql = format!(
+            "SELECT {names} FROM `{}`.`{}`",
+            plan.source.schema.replace('`', "``"),
+            plan.source.name.replace('`', "``")
+        );
+        let mut result = conn.query_iter(sql).await.map_err(mysql_error)?;
+        let mut chunk: Vec<Vec<Option<String>>> = Vec::new();
+        let mut copied = 0u64;
+        while let Some(row) = result.next().await.map_err(mysql_error)? {
+            let values = row.unwrap();
+            chunk.push(
+                values
+                    .iter()
+                    .zip(&convs)
+                    .map(|(v, c)| snapshot_text(v, c))
+                    .collect(),
+            );
+            if chunk.len() >= 5_000 {
+                copied += upsert(&tx, plan, &mut chunk).await?;
+            }
+        }
+        copied += upsert(&tx, plan, &mut chunk).await?;
+        tracing::info!(table = %plan.target.quoted(), rows = copied, "snapshot copied");
+    }
+    write_checkpoint(&tx, &config.slot, position.lsn()).await?;
+    tx.commit()
+        .await
+        .map_err(|e| CdcError::Apply(crate::apply::ApplyError::Checkpoint(e)))?;
+    conn.query_drop("COMMIT").await.map_err(mysql_error)?;
+    Ok(position)
+}
+
+fn snapshot_error(plan: &TablePlan, e: tokio_postgres::Error) -> CdcError {
+    CdcError::Snapshot {
+        table: plan.target.quoted(),
+        message: e
+            .as_db_error()
+            .map_or_else(|| e.to_string(), |d| d.message().to_string()),
+    }
+}
+
+async fn upsert(
+    tx: &tokio_postgres::Transaction<'_>,
+    plan: &TablePlan,
+    rows: &mut Vec<Vec<Option<String>>>,
+) -> Result<u64, CdcError> {
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let columns: Vec<Vec<Option<String>>> = (0..plan.carried.len())
+        .map(|i| rows.iter().map(|r| r.get(i).cloned().flatten()).collect())
+        .collect();
+    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = columns
+        .iter()
+        .map(|c| c as &(dyn tokio_postgres::types::ToSql + Sync))
+        .collect();
+    let n = tx
+        .execute(&plan.upsert_sql, &params)
+        .await
+        .map_err(|e| snapshot_error(plan, e))?;
+    rows.clear();
+    Ok(n)
+}
+
+fn row_data(row: &BinlogRow, names: &[Arc<str>], convs: &[Conv]) -> Result<RowData, String> {
+    let mut data = RowData::with_capacity(names.len());
+    for (i, name) in names.iter().enumerate() {
+        let v = match row.as_ref(i) {
+            Some(v) => binlog_text(v, convs.get(i).unwrap_or(&Conv::Plain))?,
+            None => continue,
+        };
+        data.push(
+            Arc::clone(name),
+            match v {
+                None => ColumnValue::Null,
+                Some(s) => ColumnValue::Text(s.into_bytes().into()),
+            },
+        );
+    }
+    Ok(data)
+}
+
+/// What a statement in the binlog means for the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ddl {
+    /// Transaction control or a statement on a table we do not map.
+    Ignore,
+    /// A statement on a mapped table that this stream cannot follow.
+    Stop(String),
+}
+
+/// Classifies a statement from a binlog QUERY event against the mapped tables.
+pub fn classify(query: &str, default_schema: &str, mapped: &[(String, String)]) -> Ddl {
+    let q = query.trim();
+    let upper = q.to_ascii_uppercase();
+    if matches!(
+        upper.as_str(),
+        "BEGIN" | "COMMIT" | "ROLLBACK" | "XA START" | "XA END"
+    ) || upper.starts_with("SAVEPOINT")
+        || upper.starts_with("ROLLBACK TO")
+        || upper.starts_with("RELEASE SAVEPOINT")
+    {
+        return Ddl::Ignore;
+    }
+    use sqlparser::dialect::MySqlDialect;
+    let names: Vec<(String, String)> =
+        match sqlparser::parser::Parser::parse_sql(&MySqlDialect {}, q) {
+            Ok(statements) => {
+                let mut out = Vec::new();
+                let _ = sqlparser::ast::visit_relations(&statements, |name| {
+                    let parts: Vec<String> = name
+                        .0
+                        .iter()
+                        .map(|p| p.to_string().trim_matches('`').to_string())
+                        .collect();
+                    match parts.as_slice() {
+                        [t] => out.push((default_schema.to_string(), t.clone())),
+                        [s, t] => out.push((s.clone(), t.clone())),
+                        _ => {}
+                    }
+                    std::ops::ControlFlow::<()>::Continue(())
+                });
+                out
+            }
+            Err(_) => {
+                // Unparsable: stop if it so much as names a mapped table.
+                let lower = q.to_ascii_lowercase();
+                return match mapped
+                    .iter()
+                    .find(|(_, t)| lower.contains(&t.to_ascii_lowercase()))
+                {
+                    Some((s, t)) => Ddl::Stop(format!(
+                        "a statement the stream cannot parse names mapped table {s}.{t}: {q}"
+                    )),
+                    None => Ddl::Ignore,
+                };
+            }
+        };
+    let named = names.iter().find(|n| {
+        mapped
+            .iter()
+            .any(|m| m.0.eq_ignore_ascii_case(&n.0) && m.1.eq_ignore_ascii_case(&n.1))
+    });
+    // Some statements' tables are not visited as relations (RENAME TABLE, …): for
+    // schema statements, any mention of a mapped table as a word counts.
+    let ddl = [
+        "ALTER", "DROP", "RENAME", "TRUNCATE", "CREATE", "OPTIMIZE", "REPAIR",
+    ]
+    .iter()
+    .any(|k| upper.starts_with(k));
+    let mentioned = || {
+        let words: Vec<String> = q
+            .split(|c: char| !(c.is_alphanumeric() || c == '_' || c == '$'))
+            .map(str::to_ascii_lowercase)
+            .collect();
+        mapped
+            .iter()
+            .find(|(s, t)| {
+                let table = words.contains(&t.to_ascii_lowercase());
+                table
+                    && (s.eq_ignore_ascii_case(default_schema)
+                        || words.contains(&s.to_ascii_lowercase()))
+            })
+            .cloned()
+    };
+    match named
+        .cloned()
+        .or_else(|| if ddl { mentioned() } else { None })
+        .as_ref()
+    {
+        Some((s, t)) => Ddl::Stop(format!(
+            "schema change on mapped table {s}.{t} in the binlog: {q}\n\
+             The stream stops here so nothing is applied with the wrong shape. Apply the same change to the target and the mapping \
+             (`strangler cdc check`), then start again; the checkpoint resumes right before this statement."
+        )),
+        None => Ddl::Ignore,
+    }
+}
+
+/// Runs a MySQL/MariaDB → PostgreSQL stream until stopped or an error.
+pub async fn run(
+    config: &CdcConfig,
+    options: RunOptions,
+    progress: Arc<Progress>,
+    observe: &crate::observe::Observe,
+) -> Result<(), CdcError> {
+    let mut conn = mysql_conn(&config.source).await?;
+    let mut target = connect(&config.target, "target").await?;
+    ensure_checkpoint_table(&target).await?;
+    if !config.origin.is_empty() {
+        crate::apply::tag_origin(&target, &config.origin).await?;
+    }
+    let src = prepare(config, &mut conn, &target).await?;
+    let checkpoint = if options.resnapshot {
+        None
+    } else {
+        read_checkpoint(&target, &config.slot).await?
+    };
+    let mut position = match checkpoint {
+        Some(lsn) => position_of(&mut conn, lsn).await?,
+        None if config.snapshot => snapshot(config, &mut conn, &mut target, &src).await?,
+        None => {
+            let (file, offset): (String, u64) = conn
+                .query_first("SHOW MASTER STATUS")
+                .await
+                .map_err(mysql_error)?
+                .map(|r: mysql_async::Row| (r.get(0).unwrap_or_default(), r.get(1).unwrap_or(4)))
+                .ok_or_else(|| mysql_error("SHOW MASTER STATUS is empty: is log_bin on?"))?;
+            let p = Position { file, offset };
+            write_checkpoint(&target, &config.slot, p.lsn()).await?;
+            p
+        }
+    };
+    progress
+        .applied
+        .store(position.lsn().0, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(file = %position.file, offset = position.offset, "streaming the binlog");
+    let default_schema: String = conn
+        .query_first("SELECT DATABASE()")
+        .await
+        .map_err(mysql_error)?
+        .unwrap_or_default();
+    let mapped: Vec<(String, String)> = src
+        .plans
+        .iter()
+        .map(|p| (p.source.schema.clone(), p.source.name.clone()))
+        .collect();
+    // A server id of our own: derived from the stream's name, away from small ids.
+    let server_id = 1_000_000
+        + config
+            .slot
+            .bytes()
+            .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
+            % 1_000_000;
+    let request = BinlogStreamRequest::new(server_id)
+        .with_filename(position.file.as_bytes())
+        .with_pos(position.offset);
+    let mut stream = mysql_conn(&config.source)
+        .await?
+        .get_binlog_stream(request)
+        .await
+        .map_err(mysql_error)?;
+    let stop = options.stop.clone().unwrap_or_default();
+    let mut batch = Batch::new(src.plans.len());
+    let mut in_tx_tables: Vec<Option<usize>> = Vec::new();
+    let _ = &mut in_tx_tables;
+    loop {
+        let linger = batch
+            .first_commit
+            .map(|t| config.batch_linger.saturating_sub(t.elapsed()))
+            .unwrap_or(Duration::from_secs(3600));
+        let event = tokio::select! {
+            _ = stop.cancelled() => {
+                if !batch.is_empty() {
+                    crate::run::apply_batch(&mut batch, &mut target, &src.plans, config, &progress, Some(observe)).await?;
+                }
+                return Ok(());
+            }
+            _ = tokio::time::sleep(linger), if !batch.is_empty() => {
+                crate::run::apply_batch(&mut batch, &mut target, &src.plans, config, &progress, Some(observe)).await?;
+                continue;
+            }
+            e = stream.next() => e,
+        };
+        let Some(event) = event else {
+            return Err(mysql_error("the binlog stream ended"));
+        };
+        let event = event.map_err(mysql_error)?;
+        let header = event.header();
+        let end = u64::from(header.log_pos());
+        let Ok(kind) = header.event_type() else {
+            continue; // MariaDB-specific events (annotations, GTID lists): nothing to apply
+        };
+        match kind {
+            EventType::ROTATE_EVENT => {
+                if let Ok(Some(EventData::RotateEvent(r))) = event.read_data() {
+                    let next = Position {
+                        file: r.name().trim_end_matches('\0').to_string(),
+                        offset: r.position(),
+                    };
+                    if next.number().is_some() {
+                        position = next;
+                    } else {
+                        tracing::warn!(name = %r.name(), "a rotate event with an unreadable file name; keeping {}", position.file);
+                    }
+                }
+                continue;
+            }
+            EventType::XID_EVENT => {
+                position.offset = end;
+                batch.commit(position.lsn(), None);
+            }
+            EventType::QUERY_EVENT => {
+                let Ok(Some(EventData::QueryEvent(q))) = event.read_data() else {
+                    continue;
+                };
+                let text = q.query();
+                let schema = q.schema();
+                let schema = if schema.is_empty() {
+                    default_schema.clone()
+                } else {
+                    schema.into_owned()
+                };
+                if text.trim().eq_ignore_ascii_case("COMMIT") {
+                    position.offset = end;
+                    batch.commit(position.lsn(), None);
+                } else if let Ddl::Stop(why) = classify(&text, &schema, &mapped) {
+                    if !batch.is_empty() {
+                        crate::run::apply_batch(
+                            &mut batch,
+                            &mut target,
+                            &src.plans,
+                            config,
+                            &progress,
+                            Some(observe),
+                        )
+                        .await?;
+                    }
+                    return Err(CdcError::Apply(crate::apply::ApplyError::Unsafe(why)));
+                } else if !text.trim().eq_ignore_ascii_case("BEGIN") {
+                    // A statement outside any mapped table (DDL elsewhere): the
+                    // position moves past it.
+                    position.offset = end;
+                    batch.commit(position.lsn(), None);
+                }
+            }
+            EventType::WRITE_ROWS_EVENT
+            | EventType::UPDATE_ROWS_EVENT
+            | EventType::DELETE_ROWS_EVENT
+            | EventType::WRITE_ROWS_EVENT_V1
+            | EventType::UPDATE_ROWS_EVENT_V1
+            | EventType::DELETE_ROWS_EVENT_V1 => {
+                let Ok(Some(EventData::RowsEvent(rows))) = event.read_data() else {
+                    continue;
+                };
+                let Some(tme) = stream.get_tme(rows.table_id()) else {
+                    return Err(mysql_error("a rows event arrived before its table map"));
+                };
+                let (db, table) = (tme.database_name(), tme.table_name());
+                let Some(t) = src.plans.iter().position(|p| {
+                    p.source.schema.eq_ignore_ascii_case(&db)
+                        && p.source.name.eq_ignore_ascii_case(&table)
+                }) else {
+                    continue;
+                };
+                let plan = &src.plans[t];
+                for pair in rows.rows(tme) {
+                    let (before, after) = pair.map_err(mysql_error)?;
+                    let conv = |r: &BinlogRow| {
+                        row_data(r, &src.columns[t], &src.convs[t]).map_err(|e| {
+                            CdcError::Apply(crate::apply::ApplyError::Unsafe(format!(
+                                "{}: {e}",
+                                plan.source.quoted()
+                            )))
+                        })
+                    };
+                    match (&rows, before, after) {
+                        (
+                            RowsEventData::WriteRowsEvent(_) | RowsEventData::WriteRowsEventV1(_),
+                            _,
+                            Some(a),
+                        ) => {
+                            batch.insert(t, plan, &conv(&a)?)?;
+                        }
+                        (_, Some(b), Some(a)) => {
+                            batch.update(t, plan, Some(&conv(&b)?), &conv(&a)?)?;
+                        }
+                        (_, Some(b), None) => batch.delete(t, plan, &conv(&b)?)?,
+                        _ => {}
+                    }
+                }
+            }
+            _ => continue,
+        }
+        if !batch.is_empty()
+            && (batch.changes >= config.batch_rows
+                || batch
+                    .first_commit
+                    .is_some_and(|t: Instant| t.elapsed() >= config.batch_linger))
+        {
+            crate::run::apply_batch(
+                &mut batch,
+                &mut target,
+                &src.plans,
+                config,
+                &progress,
+                Some(observe),
+            )
+            .await?;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enum_and_set_labels_parse_with_quotes() {
+        assert_eq!(
+            labels("enum('placed','paid','it''s')"),
+            vec!["placed", "paid", "it's"]
+        );
+        assert_eq!(labels("set('a','b')"), vec!["a", "b"]);
+    }
+
+    #[test]
+    fn binlog_enum_set_and_timestamp_values_become_text() {
+        let e = Conv::Enum(vec!["placed".into(), "paid".into()]);
+        assert_eq!(
+            binlog_text(&BinlogValue::Value(Value::Int(2)), &e),
+            Ok(Some("paid".into()))
+        );
+        let s = Conv::Set(vec!["a".into(), "b".into(), "c".into()]);
+        assert_eq!(
+            binlog_text(&BinlogValue::Value(Value::Int(5)), &s),
+            Ok(Some("a,c".into()))
+        );
+        assert_eq!(
+            binlog_text(
+                &BinlogValue::Value(Value::Bytes(b"0.5".to_vec())),
+                &Conv::Timestamp
+            ),
+            Ok(Some("1970-01-01T00:00:00.500000Z".into()))
+        );
+        assert_eq!(
+            binlog_text(
+                &BinlogValue::Value(Value::Bytes(vec![0, 255])),
+                &Conv::Binary
+            ),
+            Ok(Some("\\x00ff".into()))
+        );
+        assert_eq!(
+            binlog_text(&BinlogValue::Value(Value::NULL), &Conv::Plain),
+            Ok(None)
+        );
+    }
+
+    #[test]
+    fn a_binlog_set_bitmask_becomes_its_labels() {
+        let s = Conv::Set(vec!["a".into(), "b".into(), "c".into()]);
+        assert_eq!(
+            binlog_text(&BinlogValue::Value(Value::Bytes(vec![6])), &s),
+            Ok(Some("b,c".into()))
+        );
+    }
+
+    #[test]
+    fn positions_round_trip_through_the_checkpoint_format() {
+        let p = Position {
+            file: "mariadb-bin.000003".into(),
+            offset: 0x1a2b,
+        };
+        assert_eq!(p.lsn().to_string(), "3/1A2B");
+    }
+
+    #[test]
+    fn ddl_on_mapped_tables_stops_and_elsewhere_passes() {
+        let mapped = vec![("shop".to_string(), "orders".to_string())];
+        assert_eq!(classify("BEGIN", "shop", &mapped), Ddl::Ignore);
+        assert_eq!(
+            classify("CREATE TABLE audit (id int)", "shop", &mapped),
+            Ddl::Ignore
+        );
+        assert!(matches!(
+            classify("ALTER TABLE orders ADD COLUMN x int", "shop", &mapped),
+            Ddl::Stop(_)
+        ));
+        assert!(matches!(
+            classify(
+                "ALTER TABLE `shop`.`orders` DROP COLUMN note",
+                "other",
+                &mapped
+            ),
+            Ddl::Stop(_)
+        ));
+        assert!(matches!(
+            classify("TRUNCATE TABLE orders", "shop", &mapped),
+            Ddl::Stop(_)
+        ));
+        assert!(matches!(
+            classify("RENAME TABLE orders TO orders_old", "shop", &mapped),
+            Ddl::Stop(_)
+        ));
+        assert_eq!(
+            classify("ALTER TABLE orders ADD COLUMN x int", "elsewhere", &mapped),
+            Ddl::Ignore
+        );
+        assert!(matches!(
+            classify("OPTIMIZE NO_WRITE_TO_BINLOG orders ???", "shop", &mapped),
+            Ddl::Stop(_)
+        ));
+    }
+}
