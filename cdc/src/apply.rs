@@ -36,9 +36,9 @@ pub enum ApplyError {
 }
 
 /// A row's source key values (text; `None` is NULL).
-type Key = Vec<Option<String>>;
+pub type Key = Vec<Option<String>>;
 /// Carried column values of a row.
-type Values = Vec<Option<String>>;
+pub type Values = Vec<Option<String>>;
 
 /// What a row ends up as after the batch.
 #[derive(Debug, Clone)]
@@ -50,6 +50,19 @@ enum Final {
     Partial(Vec<Option<Option<String>>>),
     /// Gone.
     Deleted,
+}
+
+/// One table's changes in a batch, reduced to each row's last state.
+#[derive(Debug, Default)]
+pub struct TableChanges {
+    /// The source table was truncated first.
+    pub truncated: bool,
+    /// Source keys of rows gone.
+    pub deleted: Vec<Key>,
+    /// Rows present: source key and carried values (`TablePlan::carried` order).
+    pub present: Vec<(Key, Values)>,
+    /// Rows present but with unsent (unchanged TOAST) values (`None` = not sent).
+    pub partial: Vec<(Key, Vec<Option<Option<String>>>)>,
 }
 
 /// Changes of whole transactions waiting to be applied.
@@ -185,6 +198,29 @@ impl Batch {
         }
     }
 
+    /// Takes table `t`'s reduced changes out of the batch (for a sink other than
+    /// PostgreSQL; [`Batch::apply`] does the same internally).
+    pub fn take_table(&mut self, t: usize) -> TableChanges {
+        let mut out = TableChanges {
+            truncated: std::mem::take(&mut self.truncated[t]),
+            ..TableChanges::default()
+        };
+        for (key, state) in std::mem::take(&mut self.rows[t]) {
+            match state {
+                Final::Deleted => out.deleted.push(key),
+                Final::Row(values) => out.present.push((key, values)),
+                Final::Partial(values) => out.partial.push((key, values)),
+            }
+        }
+        out
+    }
+
+    /// Empties the batch after it was applied elsewhere.
+    pub fn reset(&mut self) {
+        let tables = self.rows.len();
+        *self = Batch::new(tables);
+    }
+
     /// Applies everything in one target transaction, with the checkpoint; returns
     /// the rows written.
     pub async fn apply(
@@ -205,17 +241,12 @@ impl Batch {
                     .await
                     .map_err(|e| rejected(&table, "", &e))?;
             }
-            let rows = std::mem::take(&mut self.rows[t]);
-            let mut deleted: Vec<Vec<Option<String>>> = Vec::new();
-            let mut present: Vec<(Key, Values)> = Vec::new();
-            let mut partial: Vec<(Key, Vec<Option<Option<String>>>)> = Vec::new();
-            for (key, state) in rows {
-                match state {
-                    Final::Deleted => deleted.push(key),
-                    Final::Row(values) => present.push((key, values)),
-                    Final::Partial(values) => partial.push((key, values)),
-                }
-            }
+            let TableChanges {
+                deleted,
+                present,
+                partial,
+                ..
+            } = self.take_table(t);
             if !deleted.is_empty() {
                 let columns = transpose(plan.source_key().len(), deleted.iter());
                 written += execute(&tx, &plan.delete_sql, &columns)

@@ -99,6 +99,11 @@ pub struct CdcConfig {
     /// Transactions whose origin starts with this are not applied (they were
     /// written by strangler's other direction); empty applies everything.
     pub ignore_origin_prefix: String,
+    /// MySQL/MariaDB source: binlog events written under these server ids are not
+    /// applied (a reverse stream's MySQL sink writes under its own id).
+    pub ignore_server_ids: Vec<u32>,
+    /// MySQL/MariaDB target: the session's `server_id` (default: derived from `origin`).
+    pub target_server_id: Option<u32>,
     /// Where `/metrics` is served (off when unset).
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// OTLP/gRPC endpoint for one span per applied batch (off when unset).
@@ -132,6 +137,8 @@ struct RawSource {
     slot: Option<String>,
     publication: Option<String>,
     ignore_origin_prefix: Option<String>,
+    #[serde(default)]
+    ignore_server_ids: Vec<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -139,6 +146,7 @@ struct RawSource {
 struct RawTarget {
     url: String,
     origin: Option<String>,
+    server_id: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -287,6 +295,8 @@ impl CdcConfig {
                 .unwrap_or_else(|| "strangler_".into()),
             metrics_listen,
             otlp_endpoint: raw.observe.otlp_endpoint,
+            ignore_server_ids: raw.source.ignore_server_ids,
+            target_server_id: raw.target.server_id,
         })
     }
 }

@@ -15,6 +15,7 @@ pub mod plan;
 pub mod resnapshot;
 pub mod run;
 pub mod schema;
+pub mod sink;
 pub mod verify;
 
 pub use config::CdcConfig;

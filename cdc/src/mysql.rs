@@ -22,7 +22,7 @@ use mysql_async::{BinlogStreamRequest, Conn, Opts, Value};
 use pg_walstream::{ColumnValue, RowData};
 use tokio_postgres::Client;
 
-use crate::apply::{Batch, ensure_checkpoint_table, read_checkpoint, write_checkpoint};
+use crate::apply::{ApplyError, Batch, ensure_checkpoint_table, read_checkpoint, write_checkpoint};
 use crate::config::CdcConfig;
 use crate::lsn::Lsn;
 use crate::plan::{CheckError, Column, Table, TablePlan, check_with};
@@ -693,6 +693,7 @@ pub async fn run(
         .await
         .map_err(mysql_error)?;
     let stop = options.stop.clone().unwrap_or_default();
+    let mut target = crate::sink::PgSink(target);
     let mut batch = Batch::new(src.plans.len());
     let mut in_tx_tables: Vec<Option<usize>> = Vec::new();
     let _ = &mut in_tx_tables;
@@ -782,6 +783,11 @@ pub async fn run(
             | EventType::WRITE_ROWS_EVENT_V1
             | EventType::UPDATE_ROWS_EVENT_V1
             | EventType::DELETE_ROWS_EVENT_V1 => {
+                if config.ignore_server_ids.contains(&header.server_id()) {
+                    // Written by strangler's reverse stream: applying it here would
+                    // send it back where it came from.
+                    continue;
+                }
                 let Ok(Some(EventData::RowsEvent(rows))) = event.read_data() else {
                     continue;
                 };
@@ -840,6 +846,420 @@ pub async fn run(
             )
             .await?;
         }
+    }
+}
+
+/// How a mapped value (PostgreSQL text) is written into a MySQL column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Into {
+    Plain,
+    /// `tinyint(1)`/`bit(1)`: PostgreSQL's `true`/`false` become 1/0.
+    Bool,
+    /// `datetime`/`timestamp`: the UTC offset PostgreSQL prints is dropped (both
+    /// sessions run in UTC).
+    DateTime,
+    /// Binary columns: PostgreSQL's `\x…` hex becomes bytes.
+    Binary,
+}
+
+fn into_kind(column_type: &str) -> Into {
+    let t = column_type.to_ascii_lowercase();
+    if t.starts_with("tinyint(1)") || t.starts_with("bit(1)") {
+        Into::Bool
+    } else if t.starts_with("datetime") || t.starts_with("timestamp") {
+        Into::DateTime
+    } else if t.contains("binary") || t.contains("blob") {
+        Into::Binary
+    } else {
+        Into::Plain
+    }
+}
+
+fn to_mysql(v: Option<&str>, kind: Into) -> Value {
+    let Some(v) = v else {
+        return Value::NULL;
+    };
+    match kind {
+        Into::Plain => Value::Bytes(v.as_bytes().to_vec()),
+        Into::Bool => Value::Bytes(
+            match v {
+                "true" | "t" => "1",
+                "false" | "f" => "0",
+                other => other,
+            }
+            .as_bytes()
+            .to_vec(),
+        ),
+        Into::DateTime => {
+            // `2026-11-27 02:31:23.123+00` or `…+00:00`
+            let cut = v
+                .rfind(['+', '-'])
+                .filter(|i| *i > 10 && v[..*i].contains(':'))
+                .unwrap_or(v.len());
+            Value::Bytes(v.as_bytes()[..cut].to_vec())
+        }
+        Into::Binary => match v.strip_prefix("\\x") {
+            Some(hex) => Value::Bytes(
+                (0..hex.len() / 2)
+                    .filter_map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
+                    .collect(),
+            ),
+            None => Value::Bytes(v.as_bytes().to_vec()),
+        },
+    }
+}
+
+fn q(name: &str) -> String {
+    format!("`{}`", name.replace('`', "``"))
+}
+
+/// The checkpoint table a MySQL target keeps (in its own database).
+pub const MYSQL_CHECKPOINT_TABLE: &str = "strangler_cdc_checkpoint";
+
+/// A MySQL/MariaDB target (the reverse direction: new service → legacy). The
+/// mapping's expressions are PostgreSQL SQL, so PostgreSQL (the source) computes
+/// each batch's target rows from the carried values; the rows are then written with
+/// `INSERT … ON DUPLICATE KEY UPDATE` in one MySQL transaction with the checkpoint.
+/// The session runs with `server_id` set to the stream's own id, so a forward
+/// stream reading this binlog (`ignore_server_ids`) skips what it wrote.
+pub struct MySqlSink {
+    conn: Conn,
+    eval: Client,
+    kinds: Vec<Vec<Into>>,
+}
+
+/// A server id for an origin name (stable, away from small hand-picked ids).
+pub fn server_id_for(origin: &str) -> u32 {
+    1_000_000
+        + origin
+            .bytes()
+            .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
+            % 1_000_000
+}
+
+impl MySqlSink {
+    /// Connects, checks every mapping (PostgreSQL source table → MySQL target table)
+    /// and prepares the session; returns the sink and the plans.
+    pub async fn connect(
+        config: &CdcConfig,
+        source: &Client,
+    ) -> Result<(Self, Vec<TablePlan>), CdcError> {
+        let mut conn = mysql_conn(&config.target).await?;
+        let server_id = config
+            .target_server_id
+            .unwrap_or_else(|| server_id_for(&config.origin));
+        conn.query_drop(format!("SET SESSION server_id = {server_id}"))
+            .await
+            .map_err(|e| {
+                mysql_error(format!(
+                    "setting the session's server_id (needs SUPER or BINLOG ADMIN): {e}"
+                ))
+            })?;
+        conn.query_drop(format!(
+            "CREATE TABLE IF NOT EXISTS {MYSQL_CHECKPOINT_TABLE} (slot VARCHAR(64) PRIMARY KEY, lsn VARCHAR(32) NOT NULL, \
+             updated_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6))"
+        ))
+        .await
+        .map_err(mysql_error)?;
+        let db: Option<String> = conn
+            .query_first("SELECT DATABASE()")
+            .await
+            .map_err(mysql_error)?;
+        let db = db.unwrap_or_default();
+        let eval = connect(&config.source, "source").await?;
+        eval.batch_execute("SET TimeZone = 'UTC'")
+            .await
+            .map_err(CdcError::Source)?;
+        let mut plans = Vec::new();
+        let mut kinds = Vec::new();
+        for mapping in &config.mappings {
+            let fail = |message: String| {
+                CdcError::Check(CheckError::Schema {
+                    target: mapping.target.clone(),
+                    message,
+                })
+            };
+            let source_table = crate::plan::describe(
+                source,
+                "source",
+                &mapping.source_schema,
+                &mapping.source_table,
+            )
+            .await?
+            .ok_or_else(|| {
+                fail(format!(
+                    "source table {}.{} does not exist",
+                    mapping.source_schema, mapping.source_table
+                ))
+            })?;
+            let (ts, tn) = match mapping.target.split_once('.') {
+                Some((s, t)) => (s.to_string(), t.to_string()),
+                None => (db.clone(), mapping.target.clone()),
+            };
+            let (target, _) = describe(&mut conn, &ts, &tn)
+                .await?
+                .ok_or_else(|| fail(format!("target table {ts}.{tn} does not exist")))?;
+            let plan = crate::plan::check_tables(mapping, source_table, target)?;
+            for sql in [
+                Some(&plan.values_sql),
+                plan.filtered_out_keys_sql.as_ref(),
+                Some(&plan.delete_keys_sql),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                eval.prepare(sql).await.map_err(|e| {
+                    fail(format!(
+                        "PostgreSQL rejects the mapping: {}",
+                        e.as_db_error()
+                            .map_or_else(|| e.to_string(), |d| d.message().to_string())
+                    ))
+                })?;
+            }
+            kinds.push(
+                plan.mapping
+                    .outputs
+                    .iter()
+                    .map(|o| {
+                        plan.target
+                            .columns
+                            .iter()
+                            .find(|c| c.name == o.column)
+                            .map_or(Into::Plain, |c| into_kind(&c.type_sql))
+                    })
+                    .collect(),
+            );
+            plans.push(plan);
+        }
+        Ok((Self { conn, eval, kinds }, plans))
+    }
+
+    async fn eval(
+        &self,
+        sql: &str,
+        columns: &[Vec<Option<String>>],
+    ) -> Result<Vec<Vec<Option<String>>>, ApplyError> {
+        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = columns
+            .iter()
+            .map(|c| c as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect();
+        let rows = self
+            .eval
+            .query(sql, &params)
+            .await
+            .map_err(|e| ApplyError::Rejected {
+                table: "(mapping on the source)".into(),
+                key: String::new(),
+                message: e.to_string(),
+            })?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (0..r.len())
+                    .map(|i| r.get::<_, Option<String>>(i))
+                    .collect()
+            })
+            .collect())
+    }
+}
+
+fn columns_of<'a>(
+    width: usize,
+    rows: impl Iterator<Item = &'a Vec<Option<String>>>,
+) -> Vec<Vec<Option<String>>> {
+    let mut out = vec![Vec::new(); width];
+    for r in rows {
+        for (i, v) in r.iter().enumerate().take(width) {
+            out[i].push(v.clone());
+        }
+    }
+    out
+}
+
+fn sink_error(table: &str, e: mysql_async::Error) -> crate::apply::ApplyError {
+    crate::apply::ApplyError::Rejected {
+        table: table.to_string(),
+        key: String::new(),
+        message: e.to_string(),
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::sink::Sink for MySqlSink {
+    async fn apply(
+        &mut self,
+        batch: &mut Batch,
+        plans: &[TablePlan],
+        slot: &str,
+    ) -> Result<u64, crate::apply::ApplyError> {
+        use crate::apply::ApplyError;
+        // Compute every table's rows first (PostgreSQL), then write them all in one
+        // MySQL transaction.
+        let mut work = Vec::new();
+        for (t, plan) in plans.iter().enumerate() {
+            let ch = batch.take_table(t);
+            if !ch.partial.is_empty() {
+                return Err(ApplyError::Unsafe(format!(
+                    "{}: an update left a large column unsent (unchanged TOAST); set REPLICA IDENTITY FULL on it \
+                     so a MySQL target gets whole rows",
+                    plan.source.quoted()
+                )));
+            }
+            let deleted = if ch.deleted.is_empty() {
+                Vec::new()
+            } else {
+                self.eval(
+                    &plan.delete_keys_sql,
+                    &columns_of(plan.source_key().len(), ch.deleted.iter()),
+                )
+                .await?
+            };
+            let (present, filtered_out) = if ch.present.is_empty() {
+                (Vec::new(), Vec::new())
+            } else {
+                let carried = columns_of(plan.carried.len(), ch.present.iter().map(|(_, v)| v));
+                let present = self.eval(&plan.values_sql, &carried).await?;
+                let gone = match &plan.filtered_out_keys_sql {
+                    Some(sql) => self.eval(sql, &carried).await?,
+                    None => Vec::new(),
+                };
+                (present, gone)
+            };
+            work.push((ch.truncated, deleted, present, filtered_out));
+        }
+        let mut tx = self
+            .conn
+            .start_transaction(mysql_async::TxOpts::default())
+            .await
+            .map_err(|e| sink_error("the target", e))?;
+        let mut written = 0u64;
+        for ((plan, kinds), (truncated, deleted, present, filtered_out)) in
+            plans.iter().zip(&self.kinds).zip(work)
+        {
+            let table = format!("{}.{}", q(&plan.target.schema), q(&plan.target.name));
+            if truncated {
+                // TRUNCATE would commit the transaction in MySQL.
+                tx.query_drop(format!("DELETE FROM {table}"))
+                    .await
+                    .map_err(|e| sink_error(&table, e))?;
+            }
+            let key_match = plan
+                .target
+                .key
+                .iter()
+                .map(|k| format!("{} = ?", q(k)))
+                .collect::<Vec<_>>()
+                .join(" AND ");
+            let delete = format!("DELETE FROM {table} WHERE {key_match}");
+            for key in deleted.iter().chain(&filtered_out) {
+                let params: Vec<Value> = key
+                    .iter()
+                    .map(|v| to_mysql(v.as_deref(), Into::Plain))
+                    .collect();
+                tx.exec_drop(&delete, params)
+                    .await
+                    .map_err(|e| sink_error(&table, e))?;
+                written += tx.affected_rows();
+            }
+            if !present.is_empty() {
+                let cols: Vec<&str> = plan
+                    .mapping
+                    .outputs
+                    .iter()
+                    .map(|o| o.column.as_str())
+                    .collect();
+                let updates: Vec<String> = cols
+                    .iter()
+                    .filter(|c| !plan.target.key.iter().any(|k| k == *c))
+                    .map(|c| format!("{0} = VALUES({0})", q(c)))
+                    .collect();
+                let sql = format!(
+                    "INSERT INTO {table} ({}) VALUES ({}) ON DUPLICATE KEY UPDATE {}",
+                    cols.iter().map(|c| q(c)).collect::<Vec<_>>().join(", "),
+                    vec!["?"; cols.len()].join(", "),
+                    if updates.is_empty() {
+                        format!("{0} = {0}", q(cols[0]))
+                    } else {
+                        updates.join(", ")
+                    }
+                );
+                for row in &present {
+                    let params: Vec<Value> = row
+                        .iter()
+                        .zip(kinds)
+                        .map(|(v, k)| to_mysql(v.as_deref(), *k))
+                        .collect();
+                    tx.exec_drop(&sql, params).await.map_err(|e| {
+                        let key = plan
+                            .target
+                            .key
+                            .iter()
+                            .filter_map(|k| cols.iter().position(|c| c == k).map(|i| (k, &row[i])))
+                            .map(|(k, v)| format!("{k}={}", v.as_deref().unwrap_or("NULL")))
+                            .collect::<Vec<_>>()
+                            .join(", ");
+                        ApplyError::Rejected {
+                            table: table.clone(),
+                            key: format!(" (target key {key})"),
+                            message: e.to_string(),
+                        }
+                    })?;
+                    written += 1;
+                }
+            }
+        }
+        tx.exec_drop(
+            format!(
+                "INSERT INTO {MYSQL_CHECKPOINT_TABLE} (slot, lsn) VALUES (?, ?) ON DUPLICATE KEY UPDATE lsn = VALUES(lsn)"
+            ),
+            (slot, batch.end_lsn.to_string()),
+        )
+        .await
+        .map_err(|e| sink_error(MYSQL_CHECKPOINT_TABLE, e))?;
+        tx.commit().await.map_err(|e| sink_error("the target", e))?;
+        batch.reset();
+        Ok(written)
+    }
+
+    async fn read_checkpoint(
+        &mut self,
+        slot: &str,
+    ) -> Result<Option<Lsn>, crate::apply::ApplyError> {
+        let lsn: Option<String> = self
+            .conn
+            .exec_first(
+                format!("SELECT lsn FROM {MYSQL_CHECKPOINT_TABLE} WHERE slot = ?"),
+                (slot,),
+            )
+            .await
+            .map_err(|e| sink_error(MYSQL_CHECKPOINT_TABLE, e))?;
+        Ok(lsn.and_then(|l| l.parse().ok()))
+    }
+
+    async fn write_checkpoint(
+        &mut self,
+        slot: &str,
+        lsn: Lsn,
+    ) -> Result<(), crate::apply::ApplyError> {
+        self.conn
+            .exec_drop(
+                format!(
+                    "INSERT INTO {MYSQL_CHECKPOINT_TABLE} (slot, lsn) VALUES (?, ?) ON DUPLICATE KEY UPDATE lsn = VALUES(lsn)"
+                ),
+                (slot, lsn.to_string()),
+            )
+            .await
+            .map_err(|e| sink_error(MYSQL_CHECKPOINT_TABLE, e))
+    }
+
+    async fn forget_checkpoint(&mut self, slot: &str) -> Result<(), crate::apply::ApplyError> {
+        self.conn
+            .exec_drop(
+                format!("DELETE FROM {MYSQL_CHECKPOINT_TABLE} WHERE slot = ?"),
+                (slot,),
+            )
+            .await
+            .map_err(|e| sink_error(MYSQL_CHECKPOINT_TABLE, e))
     }
 }
 

@@ -184,6 +184,14 @@ pub struct TablePlan {
     pub delete_sql: String,
     /// The snapshot load run on the target.
     pub copy_in_sql: String,
+    /// For sinks that are not PostgreSQL: the mapped target rows (as text, in
+    /// `mapping.outputs` order) of the changed rows the filter keeps, computed by
+    /// PostgreSQL from the carried values (one text[] parameter per carried column).
+    pub values_sql: String,
+    /// Target keys (text) of changed rows the filter rejects (same parameters).
+    pub filtered_out_keys_sql: Option<String>,
+    /// Target keys (text) of deleted rows (one text[] parameter per source key column).
+    pub delete_keys_sql: String,
 }
 
 impl TablePlan {
@@ -253,6 +261,37 @@ pub async fn check_with(
     let target = describe(target_db, "target", &ts, &tn)
         .await?
         .ok_or_else(|| fail(format!("target table {ts}.{tn} does not exist")))?;
+    let plan = check_tables(mapping, source, target)?;
+    // Type check: the target parses and plans every statement now, not at the first row.
+    for sql in [
+        Some(&plan.upsert_sql),
+        plan.filtered_out_sql.as_ref(),
+        Some(&plan.delete_sql),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        target_db.prepare(sql).await.map_err(|e| {
+            fail(format!(
+                "the target rejects the mapping: {}",
+                e.as_db_error()
+                    .map_or_else(|| e.to_string(), |d| d.message().to_string())
+            ))
+        })?;
+    }
+    Ok(plan)
+}
+
+/// The schema checks of [`check`] on two described tables, and the plan's SQL.
+pub fn check_tables(
+    mapping: &Mapping,
+    source: Table,
+    target: Table,
+) -> Result<TablePlan, CheckError> {
+    let fail = |message: String| CheckError::Schema {
+        target: mapping.target.clone(),
+        message,
+    };
     if source.key.is_empty() {
         return Err(fail(format!(
             "source table {} has no primary key; add one (rows are matched by key)",
@@ -346,25 +385,7 @@ pub async fn check_with(
             carried.push(col.clone());
         }
     }
-    let plan = build(mapping, source, target, carried);
-    // Type check: the target parses and plans every statement now, not at the first row.
-    for sql in [
-        Some(&plan.upsert_sql),
-        plan.filtered_out_sql.as_ref(),
-        Some(&plan.delete_sql),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        target_db.prepare(sql).await.map_err(|e| {
-            fail(format!(
-                "the target rejects the mapping: {}",
-                e.as_db_error()
-                    .map_or_else(|| e.to_string(), |d| d.message().to_string())
-            ))
-        })?;
-    }
-    Ok(plan)
+    Ok(build(mapping, source, target, carried))
 }
 
 fn qualifier(mapping: &Mapping) -> String {
@@ -532,7 +553,32 @@ fn build(mapping: Mapping, source: Table, target: Table, carried: Vec<Column>) -
         unnest(&key_columns)
     );
     let copy_in_sql = format!("COPY {} ({out_cols}) FROM STDIN", target.quoted());
+    let as_text = mapping
+        .outputs
+        .iter()
+        .map(|o| format!("({})::text AS {}", o.sql, ident(&o.column)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let key_text = target
+        .key
+        .iter()
+        .filter_map(|k| mapping.outputs.iter().find(|o| &o.column == k))
+        .map(|o| format!("({})::text AS {}", o.sql, ident(&o.column)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let values_sql = format!("SELECT {as_text} FROM {}{filter}", unnest(&all));
+    let filtered_out_keys_sql = mapping.filter.as_ref().map(|f| {
+        format!(
+            "SELECT {key_text} FROM {} WHERE NOT coalesce(({}), false)",
+            unnest(&all),
+            f.sql
+        )
+    });
+    let delete_keys_sql = format!("SELECT {key_text} FROM {}", unnest(&key_columns));
     TablePlan {
+        values_sql,
+        filtered_out_keys_sql,
+        delete_keys_sql,
         mapping,
         source,
         target,

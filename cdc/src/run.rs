@@ -12,7 +12,7 @@ use pg_walstream::{
 };
 use tokio_postgres::{Client, NoTls};
 
-use crate::apply::{ApplyError, Batch, ensure_checkpoint_table, read_checkpoint};
+use crate::apply::{ApplyError, Batch, ensure_checkpoint_table};
 use crate::config::CdcConfig;
 use crate::lsn::Lsn;
 use crate::plan::{CheckError, TablePlan, ident};
@@ -84,6 +84,9 @@ pub async fn check(config: &CdcConfig) -> Result<Vec<TablePlan>, CdcError> {
         return crate::mysql::check(config).await;
     }
     let source = connect(&config.source, "source").await?;
+    if crate::mysql::is_mysql(&config.target) {
+        return Ok(crate::mysql::MySqlSink::connect(config, &source).await?.1);
+    }
     let target = connect(&config.target, "target").await?;
     let mut plans = Vec::new();
     for m in &config.mappings {
@@ -549,34 +552,46 @@ impl CdcError {
     }
 }
 
+/// The target as a sink, and the checked plans: PostgreSQL, or MySQL/MariaDB for
+/// the reverse direction (stream only: its tables already hold the data).
+async fn sink_and_plans(
+    config: &CdcConfig,
+    source: &Client,
+) -> Result<(Box<dyn crate::sink::Sink>, Vec<TablePlan>), CdcError> {
+    if crate::mysql::is_mysql(&config.target) {
+        if config.snapshot {
+            return Err(CdcError::Unsupported(
+                "a MySQL/MariaDB target is for the reverse direction (new → legacy), whose tables already hold the data: \
+                 set [apply] snapshot = false"
+                    .into(),
+            ));
+        }
+        let (sink, plans) = crate::mysql::MySqlSink::connect(config, source).await?;
+        return Ok((Box::new(sink), plans));
+    }
+    let target = connect(&config.target, "target").await?;
+    let mut plans = Vec::new();
+    for m in &config.mappings {
+        plans.push(crate::plan::check(m, source, &target).await?);
+    }
+    crate::apply::tag_origin(&target, &config.origin).await?;
+    ensure_checkpoint_table(&target).await?;
+    Ok((Box::new(crate::sink::PgSink(target)), plans))
+}
+
 async fn run_once(
     config: &CdcConfig,
     options: &RunOptions,
     progress: Arc<Progress>,
 ) -> Result<(), CdcError> {
     let source = connect(&config.source, "source").await?;
-    let target = connect(&config.target, "target").await?;
-    let mut plans = Vec::new();
-    for m in &config.mappings {
-        plans.push(crate::plan::check(m, &source, &target).await?);
-    }
-    crate::apply::tag_origin(&target, &config.origin).await?;
+    let (mut target, plans) = sink_and_plans(config, &source).await?;
     ensure_publication(&source, config, &plans).await?;
-    ensure_checkpoint_table(&target).await?;
     if options.resnapshot {
         drop_slot(&source, &config.slot).await?;
-        target
-            .execute(
-                &format!(
-                    "DELETE FROM {} WHERE slot = $1",
-                    crate::apply::CHECKPOINT_TABLE
-                ),
-                &[&config.slot],
-            )
-            .await
-            .map_err(ApplyError::Checkpoint)?;
+        target.forget_checkpoint(&config.slot).await?;
     }
-    let checkpoint = read_checkpoint(&target, &config.slot).await?;
+    let checkpoint = target.read_checkpoint(&config.slot).await?;
     let slot = slot_position(&source, &config.slot).await?;
     let stream_config = ReplicationStreamConfig::builder(&config.slot, &config.publication)
         .with_protocol_version(1)
@@ -626,7 +641,7 @@ async fn run_once(
             if !config.snapshot {
                 // Stream only (e.g. the reverse direction, whose target already
                 // holds the data): changes from the slot's creation on.
-                crate::apply::write_checkpoint(&target, &config.slot, consistent).await?;
+                target.write_checkpoint(&config.slot, consistent).await?;
                 tracing::info!(lsn = %consistent, "no snapshot (apply.snapshot = false); streaming");
                 stream.start(None).await?;
                 (stream, consistent)
@@ -635,8 +650,12 @@ async fn run_once(
                 // Empty the targets first, together (foreign keys between them), so key
                 // ranges of one table can load in parallel.
                 let tables: Vec<String> = plans.iter().map(|p| p.target.quoted()).collect();
-                target
-                    .batch_execute(&format!("TRUNCATE {}", tables.join(", ")))
+                let Some(pg) = target.postgres() else {
+                    return Err(CdcError::Unsupported(
+                        "only a PostgreSQL target takes a snapshot".into(),
+                    ));
+                };
+                pg.batch_execute(&format!("TRUNCATE {}", tables.join(", ")))
                     .await
                     .map_err(|e| CdcError::Snapshot {
                         table: tables.join(", "),
@@ -672,7 +691,7 @@ async fn run_once(
                 for r in results {
                     total += r?.1;
                 }
-                crate::apply::write_checkpoint(&target, &config.slot, consistent).await?;
+                target.write_checkpoint(&config.slot, consistent).await?;
                 tracing::info!(
                     rows = total,
                     seconds = started.elapsed().as_secs_f64(),
@@ -713,7 +732,7 @@ struct Applier {
 
 impl Applier {
     fn spawn(
-        mut target: Client,
+        mut target: Box<dyn crate::sink::Sink>,
         plans: Arc<Vec<TablePlan>>,
         config: CdcConfig,
         progress: Arc<Progress>,
@@ -730,7 +749,7 @@ impl Applier {
             while let Some(mut batch) = batches.recv().await {
                 let applied = apply_batch(
                     &mut batch,
-                    &mut target,
+                    target.as_mut(),
                     &plans,
                     &config,
                     &progress,
@@ -849,7 +868,7 @@ async fn stream_changes(
     source: &Client,
     plans: &[TablePlan],
     stream: &mut LogicalReplicationStream,
-    target: Client,
+    target: Box<dyn crate::sink::Sink>,
     from: Lsn,
     stop: Option<CancellationToken>,
     progress: Arc<Progress>,
@@ -880,7 +899,12 @@ async fn stream_changes(
     let mut copied_until: Vec<u64> = vec![0; plans.len()];
     let mut tx_commit: u64 = 0;
     let mut foreign_origin = false;
-    let control = connect(&config.target, "target").await?;
+    // Re-snapshot requests live in a PostgreSQL target.
+    let control = if crate::mysql::is_mysql(&config.target) {
+        None
+    } else {
+        Some(connect(&config.target, "target").await?)
+    };
     let mut last_poll = Instant::now();
     let mut last_commit = Instant::now();
     loop {
@@ -898,10 +922,13 @@ async fn stream_changes(
                 if applier.task.is_finished() {
                     return applier.finish().await;
                 }
-                if !in_transaction && last_poll.elapsed() >= Duration::from_millis(500) {
+                if let Some(control) = &control
+                    && !in_transaction
+                    && last_poll.elapsed() >= Duration::from_millis(500)
+                {
                     last_poll = Instant::now();
                     if let Some((id, t, name)) =
-                        crate::resnapshot::next_request(&control, &config.slot, plans).await
+                        crate::resnapshot::next_request(control, &config.slot, plans).await
                     {
                         if !batch.is_empty() {
                             applier.hand_over(&mut batch).await?;
@@ -919,7 +946,7 @@ async fn stream_changes(
                                 message: "no mapping writes this table".into(),
                             }),
                         };
-                        crate::resnapshot::finish_request(&control, id, &outcome).await;
+                        crate::resnapshot::finish_request(control, id, &outcome).await;
                         match outcome {
                             Ok(rows) => {
                                 tracing::info!(table = %name, rows, "re-snapshot done; streaming continues")
@@ -1074,7 +1101,7 @@ async fn stream_changes(
 
 pub(crate) async fn apply_batch(
     batch: &mut Batch,
-    target: &mut Client,
+    target: &mut dyn crate::sink::Sink,
     plans: &[TablePlan],
     config: &CdcConfig,
     progress: &Progress,
@@ -1092,7 +1119,7 @@ pub(crate) async fn apply_batch(
         .filter(|(_, n)| **n > 0)
         .map(|(p, n)| (p.target.quoted(), *n))
         .collect();
-    let rows = batch.apply(target, plans, &config.slot).await?;
+    let rows = target.apply(batch, plans, &config.slot).await?;
     tracing::debug!(
         transactions = txs,
         rows,

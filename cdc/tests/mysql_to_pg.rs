@@ -92,10 +92,12 @@ async fn source_rows(db: &mut mysql_async::Conn) -> Vec<String> {
         .collect()
 }
 
+/// (`updated` to the whole second: MariaDB's TIMESTAMP(0) truncates what PostgreSQL
+/// holds to the microsecond.)
 async fn target_rows(db: &Client) -> Vec<String> {
     db.query(
         "SELECT id, buyer, total::text, status, note,
-                (extract(epoch FROM created) * 1000)::bigint, extract(epoch FROM updated)::bigint,
+                (extract(epoch FROM created) * 1000)::bigint, floor(extract(epoch FROM updated))::bigint,
                 encode(data, 'hex'), meta::text
          FROM orders_v2 ORDER BY id",
         &[],
@@ -338,4 +340,205 @@ async fn mariadb_snapshot_then_binlog_under_writes_resumes_and_stops_at_ddl() {
     );
     wait_equal(&mut src, &target, Duration::from_secs(5)).await;
     let _ = stop;
+}
+
+const REVERSE_TARGET_SCHEMA: &str = "
+CREATE TABLE orders_v2 (
+    id bigint PRIMARY KEY,
+    buyer int NOT NULL,
+    total numeric(10,2) NOT NULL,
+    status text NOT NULL,
+    note text,
+    created timestamp(3) NOT NULL,
+    updated timestamptz NOT NULL,
+    data bytea,
+    meta jsonb
+);
+";
+
+/// All orders on each side, as comparable text (no filter: both directions carry
+/// every row).
+async fn legacy_all(db: &mut mysql_async::Conn) -> Vec<String> {
+    db.query_drop("SET time_zone = '+00:00'").await.expect("tz");
+    let rows: Vec<SourceRow> = db
+        .query(
+            "SELECT id, customer_id, CAST(total AS CHAR), CAST(status AS CHAR), note,
+                    CAST(UNIX_TIMESTAMP(created) * 1000 AS SIGNED), UNIX_TIMESTAMP(updated),
+                    LOWER(HEX(data)), meta
+             FROM orders ORDER BY id",
+        )
+        .await
+        .expect("legacy rows");
+    rows.into_iter()
+        .map(
+            |(id, c, total, status, note, created, updated, data, meta)| {
+                let meta = meta.map(|m| {
+                    serde_json::from_str::<serde_json::Value>(&m)
+                        .expect("json")
+                        .to_string()
+                });
+                format!("{id}|{c}|{total}|{status}|{note:?}|{created}|{updated}|{data:?}|{meta:?}")
+            },
+        )
+        .collect()
+}
+
+#[tokio::test]
+async fn both_directions_between_mariadb_and_postgres_converge_without_bouncing() {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering::Relaxed;
+    use strangler_cdc::run::{Progress, run_with};
+
+    let (maria, pg) = tokio::join!(MariaDb::start(), Postgres::start());
+    let (maria, pg) = (maria.expect("mariadb"), pg.expect("postgres"));
+    let db = maria.fresh_database("legacy").await.expect("database");
+    let mut legacy = maria.connect(&db).await.expect("connect");
+    for ddl in SOURCE_SCHEMA {
+        legacy.query_drop(*ddl).await.expect("legacy schema");
+    }
+    seed(&mut legacy, 10, 100).await;
+    let new_db = pg.fresh_database("orders").await.expect("new db");
+    let new = pg.connect(&new_db).await.expect("new");
+    new.batch_execute(REVERSE_TARGET_SCHEMA)
+        .await
+        .expect("new schema");
+
+    let forward = CdcConfig::parse(
+        &format!(
+            "[source]\nurl = \"{}\"\nslot = \"forward\"\nignore_server_ids = [4242]\n[target]\nurl = \"{}\"\n[apply]\nbatch_ms = 10\n\n\
+             [[map]]\ntarget = \"orders_v2\"\nsql = \"SELECT id, customer_id AS buyer, total, status, note, created, updated, data, meta::jsonb AS meta FROM orders\"\n",
+            maria.url(&db),
+            pg.url(&new_db)
+        ),
+        Path::new("forward.toml"),
+    )
+    .expect("forward config");
+    let reverse = CdcConfig::parse(
+        &format!(
+            "[source]\nurl = \"{}\"\nslot = \"reverse\"\npublication = \"reverse\"\n[target]\nurl = \"{}\"\nserver_id = 4242\n[apply]\nbatch_ms = 10\nsnapshot = false\n\n\
+             [[map]]\ntarget = \"orders\"\nsql = \"SELECT id, buyer AS customer_id, total, status, note, created, updated, data, meta::text AS meta FROM orders_v2\"\n",
+            pg.url(&new_db),
+            maria.url(&db)
+        ),
+        Path::new("reverse.toml"),
+    )
+    .expect("reverse config");
+    strangler_cdc::check(&reverse)
+        .await
+        .expect("the reverse mapping fits (PostgreSQL → MariaDB)");
+
+    let stop = strangler_cdc::CancellationToken::new();
+    let start = |config: CdcConfig, progress: Arc<Progress>| {
+        let options = RunOptions {
+            stop: Some(stop.clone()),
+            ..RunOptions::default()
+        };
+        tokio::spawn(async move { run_with(&config, options, progress).await })
+    };
+    let (fwd_progress, rev_progress) =
+        (Arc::new(Progress::default()), Arc::new(Progress::default()));
+    let fwd = start(forward, Arc::clone(&fwd_progress));
+    // The forward snapshot first, then the reverse stream (its target holds the data).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let n: i64 = new
+            .query_one("SELECT count(*) FROM orders_v2", &[])
+            .await
+            .expect("count")
+            .get(0);
+        if n == 100 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "forward snapshot: {n} of 100 rows"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rev = start(reverse, Arc::clone(&rev_progress));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !rev.is_finished(),
+        "the reverse stream stopped: {:?}",
+        rev.await
+    );
+
+    // Writes on both sides at once, in different rows, one row per transaction. Each
+    // side keeps to its own ids, as a table written on both sides must: MariaDB's
+    // AUTO_INCREMENT jumps past every explicit id the reverse stream inserts, so the
+    // legacy side takes odd ids (auto_increment_increment = 2) and the new side even.
+    let (legacy_writes, new_writes) = (60u64, 60u64);
+    let mut writer = maria.connect(&db).await.expect("writer");
+    writer
+        .query_drop("SET SESSION auto_increment_increment = 2, auto_increment_offset = 1")
+        .await
+        .expect("odd ids");
+    let legacy_side = async {
+        for i in 0..legacy_writes {
+            writer
+                .exec_drop(
+                    "INSERT INTO orders (customer_id, total, status, note, created, data, meta) VALUES (?, ?, 'paid', ?, NOW(3), ?, ?)",
+                    (i % 10 + 1, format!("{i}.25"), format!("legacy {i}"), vec![i as u8, 1u8], format!("{{\"from\": \"legacy\", \"i\": {i}}}")),
+                )
+                .await
+                .expect("legacy insert");
+        }
+    };
+    let new_side = async {
+        for i in 0..new_writes {
+            new.execute(
+                "INSERT INTO orders_v2 VALUES ($1, $2, $3::text::numeric, 'placed', $4, now()::timestamp(3), now(), $5, $6::text::jsonb)",
+                &[
+                    &(1_000_000 + 2 * i as i64),
+                    &((i % 10 + 1) as i32),
+                    &format!("{i}.75"),
+                    &format!("new {i} — ü"),
+                    &vec![i as u8, 2u8],
+                    &format!("{{\"from\": \"new\", \"i\": {i}}}"),
+                ],
+            )
+            .await
+            .expect("new insert");
+        }
+    };
+    tokio::join!(legacy_side, new_side);
+
+    // Both sides end up with the same 220 rows …
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (l, n) = (legacy_all(&mut legacy).await, target_rows(&new).await);
+        if l == n && l.len() == 220 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not converged: legacy {} rows, new {} rows\nonly legacy: {:#?}\nonly new: {:#?}",
+            l.len(),
+            n.len(),
+            l.iter()
+                .filter(|r| !n.contains(r))
+                .take(3)
+                .collect::<Vec<_>>(),
+            n.iter()
+                .filter(|r| !l.contains(r))
+                .take(3)
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // … and each write crossed exactly once: nothing came back.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        fwd_progress.rows.load(Relaxed),
+        legacy_writes,
+        "forward applied rows"
+    );
+    assert_eq!(
+        rev_progress.rows.load(Relaxed),
+        new_writes,
+        "reverse applied rows"
+    );
+    stop.cancel();
+    fwd.await.expect("join").expect("forward stops cleanly");
+    rev.await.expect("join").expect("reverse stops cleanly");
 }
