@@ -66,18 +66,19 @@ type SourceRow = (
     Option<String>,
 );
 
-/// The rows the mapping should produce, read from MariaDB, as comparable text.
-async fn source_rows(db: &mut mysql_async::Conn) -> Vec<String> {
+/// The rows the mapping should produce (legacy orders matching `filter`), read from
+/// MariaDB, as comparable text.
+async fn legacy_rows(db: &mut mysql_async::Conn, filter: &str) -> Vec<String> {
     db.query_drop("SET time_zone = '+00:00'").await.expect("tz");
     let rows: Vec<SourceRow> = db
-        .query(
+        .query(format!(
             "SELECT id, customer_id, CAST(total AS CHAR), CAST(status AS CHAR), note,
                     CAST(UNIX_TIMESTAMP(created) * 1000 AS SIGNED), UNIX_TIMESTAMP(updated),
                     LOWER(HEX(data)), meta
-             FROM orders WHERE status <> 'draft' ORDER BY id",
-        )
+             FROM orders WHERE {filter} ORDER BY id"
+        ))
         .await
-        .expect("source rows");
+        .expect("legacy rows");
     rows.into_iter()
         .map(
             |(id, c, total, status, note, created, updated, data, meta)| {
@@ -90,6 +91,10 @@ async fn source_rows(db: &mut mysql_async::Conn) -> Vec<String> {
             },
         )
         .collect()
+}
+
+async fn source_rows(db: &mut mysql_async::Conn) -> Vec<String> {
+    legacy_rows(db, "status <> 'draft'").await
 }
 
 /// (`updated` to the whole second: MariaDB's TIMESTAMP(0) truncates what PostgreSQL
@@ -356,31 +361,9 @@ CREATE TABLE orders_v2 (
 );
 ";
 
-/// All orders on each side, as comparable text (no filter: both directions carry
-/// every row).
+/// All legacy orders (no filter: both directions carry every row).
 async fn legacy_all(db: &mut mysql_async::Conn) -> Vec<String> {
-    db.query_drop("SET time_zone = '+00:00'").await.expect("tz");
-    let rows: Vec<SourceRow> = db
-        .query(
-            "SELECT id, customer_id, CAST(total AS CHAR), CAST(status AS CHAR), note,
-                    CAST(UNIX_TIMESTAMP(created) * 1000 AS SIGNED), UNIX_TIMESTAMP(updated),
-                    LOWER(HEX(data)), meta
-             FROM orders ORDER BY id",
-        )
-        .await
-        .expect("legacy rows");
-    rows.into_iter()
-        .map(
-            |(id, c, total, status, note, created, updated, data, meta)| {
-                let meta = meta.map(|m| {
-                    serde_json::from_str::<serde_json::Value>(&m)
-                        .expect("json")
-                        .to_string()
-                });
-                format!("{id}|{c}|{total}|{status}|{note:?}|{created}|{updated}|{data:?}|{meta:?}")
-            },
-        )
-        .collect()
+    legacy_rows(db, "TRUE").await
 }
 
 #[tokio::test]
