@@ -30,6 +30,21 @@ pub enum ApplyError {
     /// A change cannot be applied safely.
     #[error("{0}")]
     Unsafe(String),
+    /// A row changed on both sides and the mapping's policy is to stop.
+    #[error(
+        "conflict on {table} key {key}: changed on both sides; incoming {incoming}, target has {current}. \
+         Resolve it by hand (or set the mapping's conflict policy), then start again"
+    )]
+    Conflict {
+        /// Target table.
+        table: String,
+        /// The target key.
+        key: String,
+        /// The incoming version.
+        incoming: String,
+        /// The target's version.
+        current: String,
+    },
     /// The checkpoint could not be written or read.
     #[error("checkpoint: {0}")]
     Checkpoint(#[source] tokio_postgres::Error),
@@ -52,6 +67,15 @@ enum Final {
     Deleted,
 }
 
+/// What applying a batch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Rows written.
+    pub rows: u64,
+    /// Conflicts found (and resolved by the mappings' policies).
+    pub conflicts: u64,
+}
+
 /// One table's changes in a batch, reduced to each row's last state.
 #[derive(Debug, Default)]
 pub struct TableChanges {
@@ -63,6 +87,17 @@ pub struct TableChanges {
     pub present: Vec<(Key, Values)>,
     /// Rows present but with unsent (unchanged TOAST) values (`None` = not sent).
     pub partial: Vec<(Key, Vec<Option<Option<String>>>)>,
+    /// Each changed row as it was before the batch (`None`: unknown).
+    pub before: HashMap<Key, Option<Before>>,
+}
+
+/// A row before a batch's changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Before {
+    /// It did not exist.
+    Absent,
+    /// Its carried values.
+    Row(Values),
 }
 
 /// Changes of whole transactions waiting to be applied.
@@ -71,6 +106,9 @@ pub struct Batch {
     /// Per plan: source key → final state. Only the last state of a row matters
     /// to the target once the batch commits atomically.
     rows: Vec<HashMap<Vec<Option<String>>, Final>>,
+    /// Per plan: source key → the row as it was before the batch's first change to
+    /// it (`None`: not known, e.g. no full old row), for conflict detection.
+    before: Vec<HashMap<Key, Option<Before>>>,
     truncated: Vec<bool>,
     /// Changes received (before reduction).
     pub changes: usize,
@@ -91,6 +129,7 @@ impl Batch {
     pub fn new(tables: usize) -> Self {
         Self {
             rows: vec![HashMap::new(); tables],
+            before: vec![HashMap::new(); tables],
             truncated: vec![false; tables],
             changes_by_table: vec![0; tables],
             ..Self::default()
@@ -125,8 +164,20 @@ impl Batch {
             .collect();
         self.changes += 1;
         self.changes_by_table[t] += 1;
+        self.before[t]
+            .entry(key.clone())
+            .or_insert(Some(Before::Absent));
         self.rows[t].insert(key, Final::Row(values));
         Ok(())
+    }
+
+    /// The carried values of a whole old row, when the server sent all of them.
+    fn whole(plan: &TablePlan, old: &RowData) -> Option<Before> {
+        plan.carried
+            .iter()
+            .map(|c| old.get(&c.name).map(text))
+            .collect::<Option<Vec<_>>>()
+            .map(Before::Row)
     }
 
     /// An updated row; `old` is the old key (or whole old row with REPLICA IDENTITY FULL)
@@ -144,8 +195,20 @@ impl Batch {
         if let Some(old) = old {
             let old_key = Self::key_of(plan, old)?;
             if old_key != key {
+                self.before[t]
+                    .entry(old_key.clone())
+                    .or_insert_with(|| Self::whole(plan, old));
+                self.before[t]
+                    .entry(key.clone())
+                    .or_insert(Some(Before::Absent));
                 self.rows[t].insert(old_key, Final::Deleted);
+            } else {
+                self.before[t]
+                    .entry(key.clone())
+                    .or_insert_with(|| Self::whole(plan, old));
             }
+        } else {
+            self.before[t].entry(key.clone()).or_insert(None);
         }
         let previous = self.rows[t].get(&key).cloned();
         let mut values: Vec<Option<Option<String>>> = Vec::with_capacity(plan.carried.len());
@@ -177,6 +240,9 @@ impl Batch {
         let key = Self::key_of(plan, old)?;
         self.changes += 1;
         self.changes_by_table[t] += 1;
+        self.before[t]
+            .entry(key.clone())
+            .or_insert_with(|| Self::whole(plan, old));
         self.rows[t].insert(key, Final::Deleted);
         Ok(())
     }
@@ -185,6 +251,7 @@ impl Batch {
     pub fn truncate(&mut self, t: usize) {
         self.changes += 1;
         self.rows[t].clear();
+        self.before[t].clear();
         self.truncated[t] = true;
     }
 
@@ -203,6 +270,7 @@ impl Batch {
     pub fn take_table(&mut self, t: usize) -> TableChanges {
         let mut out = TableChanges {
             truncated: std::mem::take(&mut self.truncated[t]),
+            before: std::mem::take(&mut self.before[t]),
             ..TableChanges::default()
         };
         for (key, state) in std::mem::take(&mut self.rows[t]) {
@@ -228,12 +296,13 @@ impl Batch {
         target: &mut Client,
         plans: &[TablePlan],
         slot: &str,
-    ) -> Result<u64, ApplyError> {
+    ) -> Result<Applied, ApplyError> {
         let tx = target
             .transaction()
             .await
             .map_err(|e| rejected("the target", "", &e))?;
         let mut written = 0u64;
+        let mut conflicts = 0u64;
         for (t, plan) in plans.iter().enumerate() {
             let table = plan.target.quoted();
             if self.truncated[t] {
@@ -241,12 +310,16 @@ impl Batch {
                     .await
                     .map_err(|e| rejected(&table, "", &e))?;
             }
+            let mut changes = self.take_table(t);
+            if plan.conflict.detects() {
+                conflicts += crate::conflict::resolve(&tx, plan, &mut changes).await?;
+            }
             let TableChanges {
                 deleted,
                 present,
                 partial,
                 ..
-            } = self.take_table(t);
+            } = changes;
             if !deleted.is_empty() {
                 let columns = transpose(plan.source_key().len(), deleted.iter());
                 written += execute(&tx, &plan.delete_sql, &columns)
@@ -282,7 +355,10 @@ impl Batch {
             .map_err(|e| rejected("the target", "", &e))?;
         let tables = self.rows.len();
         *self = Batch::new(tables);
-        Ok(written)
+        Ok(Applied {
+            rows: written,
+            conflicts,
+        })
     }
 }
 

@@ -104,6 +104,8 @@ pub struct CdcConfig {
     pub ignore_server_ids: Vec<u32>,
     /// MySQL/MariaDB target: the session's `server_id` (default: derived from `origin`).
     pub target_server_id: Option<u32>,
+    /// Each mapping's conflict policy (same order as `mappings`).
+    pub conflicts: Vec<crate::conflict::Policy>,
     /// Where `/metrics` is served (off when unset).
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// OTLP/gRPC endpoint for one span per applied batch (off when unset).
@@ -121,6 +123,15 @@ struct Raw {
     maps: Vec<RawMap>,
     #[serde(default)]
     observe: RawObserve,
+    conflicts: Option<RawConflicts>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConflicts {
+    route: String,
+    history_file: PathBuf,
+    legacy: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -164,6 +175,7 @@ struct RawApply {
 #[serde(deny_unknown_fields)]
 struct RawMap {
     target: String,
+    conflict: Option<String>,
     sql: Option<String>,
     sql_file: Option<PathBuf>,
 }
@@ -225,8 +237,32 @@ impl CdcConfig {
             None => None,
         };
         let base = path.parent().unwrap_or(Path::new("."));
+        let owner = match &raw.conflicts {
+            None => None,
+            Some(c) => Some(std::sync::Arc::new(crate::conflict::Owner {
+                route: c.route.clone(),
+                history_file: base.join(&c.history_file),
+                legacy_is_source: match c.legacy.as_str() {
+                    "source" => true,
+                    "target" => false,
+                    other => {
+                        return Err(invalid(format!(
+                            "conflicts.legacy = {other:?}: \"source\" or \"target\" (which side of this stream is the legacy database)"
+                        )));
+                    }
+                },
+            })),
+        };
         let mut mappings: Vec<Mapping> = Vec::new();
+        let mut conflicts = Vec::new();
         for m in raw.maps {
+            conflicts.push(
+                crate::conflict::Policy::parse(
+                    m.conflict.as_deref().unwrap_or("off"),
+                    owner.as_ref(),
+                )
+                .map_err(|e| invalid(format!("map {}: {e}", m.target)))?,
+            );
             let sql = match (m.sql, m.sql_file) {
                 (Some(sql), None) => sql,
                 (None, Some(file)) => {
@@ -296,6 +332,7 @@ impl CdcConfig {
             metrics_listen,
             otlp_endpoint: raw.observe.otlp_endpoint,
             ignore_server_ids: raw.source.ignore_server_ids,
+            conflicts,
             target_server_id: raw.target.server_id,
         })
     }

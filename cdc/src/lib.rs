@@ -7,6 +7,7 @@
 
 pub mod apply;
 pub mod config;
+pub mod conflict;
 pub mod lsn;
 pub mod mapping;
 pub mod mysql;

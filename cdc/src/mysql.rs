@@ -362,7 +362,13 @@ async fn prepare(config: &CdcConfig, conn: &mut Conn, target: &Client) -> Result
                 .map(|c| Arc::from(c.name.as_str()))
                 .collect(),
         );
-        plans.push(check_with(mapping, table, target).await?);
+        let mut plan = check_with(mapping, table, target).await?;
+        plan.conflict = config
+            .conflicts
+            .get(plans.len())
+            .cloned()
+            .unwrap_or_default();
+        plans.push(plan);
         convs.push(conv);
     }
     Ok(Source {
@@ -944,6 +950,15 @@ impl MySqlSink {
         config: &CdcConfig,
         source: &Client,
     ) -> Result<(Self, Vec<TablePlan>), CdcError> {
+        if config
+            .conflicts
+            .iter()
+            .any(crate::conflict::Policy::detects)
+        {
+            return Err(CdcError::Unsupported(
+                "conflict policies work on PostgreSQL targets; a MySQL/MariaDB target applies the incoming change".into(),
+            ));
+        }
         let mut conn = mysql_conn(&config.target).await?;
         let server_id = config
             .target_server_id
@@ -1091,7 +1106,7 @@ impl crate::sink::Sink for MySqlSink {
         batch: &mut Batch,
         plans: &[TablePlan],
         slot: &str,
-    ) -> Result<u64, crate::apply::ApplyError> {
+    ) -> Result<crate::apply::Applied, crate::apply::ApplyError> {
         use crate::apply::ApplyError;
         // Compute every table's rows first (PostgreSQL), then write them all in one
         // MySQL transaction.
@@ -1218,7 +1233,10 @@ impl crate::sink::Sink for MySqlSink {
         .map_err(|e| sink_error(MYSQL_CHECKPOINT_TABLE, e))?;
         tx.commit().await.map_err(|e| sink_error("the target", e))?;
         batch.reset();
-        Ok(written)
+        Ok(crate::apply::Applied {
+            rows: written,
+            conflicts: 0,
+        })
     }
 
     async fn read_checkpoint(

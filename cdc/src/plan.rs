@@ -192,6 +192,14 @@ pub struct TablePlan {
     pub filtered_out_keys_sql: Option<String>,
     /// Target keys (text) of deleted rows (one text[] parameter per source key column).
     pub delete_keys_sql: String,
+    /// For conflict detection: per carried row, its source key (text), whether the
+    /// filter keeps it, and the mapped target row (text, `mapping.outputs` order).
+    pub rows_sql: String,
+    /// The target's current rows (text, `mapping.outputs` order) for target keys
+    /// given as text (one text[] parameter per target key column).
+    pub current_sql: String,
+    /// How conflicts are resolved (set from the config after checking).
+    pub conflict: crate::conflict::Policy,
 }
 
 impl TablePlan {
@@ -575,7 +583,65 @@ fn build(mapping: Mapping, source: Table, target: Table, carried: Vec<Column>) -
         )
     });
     let delete_keys_sql = format!("SELECT {key_text} FROM {}", unnest(&key_columns));
+    let src_keys = source
+        .key
+        .iter()
+        .enumerate()
+        .map(|(i, k)| format!("{q}.{}::text AS strangler_k{i}", ident(k)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let keep = mapping.filter.as_ref().map_or_else(
+        || "true".to_string(),
+        |f| format!("coalesce(({}), false)", f.sql),
+    );
+    // Cast to the target's column types first, so the text compares with what the
+    // target holds (`12.3000` from an expression vs `12.30` in a numeric(12,2)).
+    let as_target_text = mapping
+        .outputs
+        .iter()
+        .map(|o| {
+            let ty = target
+                .columns
+                .iter()
+                .find(|c| c.name == o.column)
+                .map_or("text", |c| c.type_sql.as_str());
+            format!("(({})::{ty})::text AS {}", o.sql, ident(&o.column))
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let rows_sql = format!(
+        "SELECT {src_keys}, {keep} AS strangler_keep, {as_target_text} FROM {}",
+        unnest(&all)
+    );
+    let current_cols = mapping
+        .outputs
+        .iter()
+        .map(|o| format!("t.{}::text", ident(&o.column)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let tkey_params = (1..=target.key.len())
+        .map(|i| format!("${i}::text[]"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let tkey_names = (0..target.key.len())
+        .map(|i| format!("k{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let tkey_match = target
+        .key
+        .iter()
+        .enumerate()
+        .map(|(i, k)| format!("t.{}::text = k.k{i}", ident(k)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let current_sql = format!(
+        "SELECT {current_cols} FROM {} AS t JOIN unnest({tkey_params}) AS k({tkey_names}) ON {tkey_match}",
+        target.quoted()
+    );
     TablePlan {
+        rows_sql,
+        current_sql,
+        conflict: crate::conflict::Policy::Off,
         values_sql,
         filtered_out_keys_sql,
         delete_keys_sql,

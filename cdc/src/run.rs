@@ -115,6 +115,8 @@ pub struct Progress {
     pub rows: std::sync::atomic::AtomicU64,
     /// Transactions applied since start.
     pub transactions: std::sync::atomic::AtomicU64,
+    /// Conflicts found (rows changed on both sides) since start.
+    pub conflicts: std::sync::atomic::AtomicU64,
 }
 
 /// A replication connection string for `url`.
@@ -571,8 +573,20 @@ async fn sink_and_plans(
     }
     let target = connect(&config.target, "target").await?;
     let mut plans = Vec::new();
-    for m in &config.mappings {
-        plans.push(crate::plan::check(m, source, &target).await?);
+    for (m, policy) in config.mappings.iter().zip(&config.conflicts) {
+        let mut plan = crate::plan::check(m, source, &target).await?;
+        if policy.detects() && plan.source.replica_identity != 'f' {
+            return Err(CdcError::Check(crate::plan::CheckError::Schema {
+                target: m.target.clone(),
+                message: format!(
+                    "a conflict policy compares the target with each change's old row; run \
+                     ALTER TABLE {} REPLICA IDENTITY FULL on the source so PostgreSQL sends it",
+                    plan.source.quoted()
+                ),
+            }));
+        }
+        plan.conflict = policy.clone();
+        plans.push(plan);
     }
     crate::apply::tag_origin(&target, &config.origin).await?;
     ensure_checkpoint_table(&target).await?;
@@ -1119,7 +1133,9 @@ pub(crate) async fn apply_batch(
         .filter(|(_, n)| **n > 0)
         .map(|(p, n)| (p.target.quoted(), *n))
         .collect();
-    let rows = target.apply(batch, plans, &config.slot).await?;
+    let applied = target.apply(batch, plans, &config.slot).await?;
+    let rows = applied.rows;
+    progress.conflicts.fetch_add(applied.conflicts, Relaxed);
     tracing::debug!(
         transactions = txs,
         rows,

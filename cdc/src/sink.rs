@@ -18,7 +18,7 @@ pub trait Sink: Send {
         batch: &mut Batch,
         plans: &[TablePlan],
         slot: &str,
-    ) -> Result<u64, ApplyError>;
+    ) -> Result<crate::apply::Applied, ApplyError>;
     /// The position applied for `slot`, if any.
     async fn read_checkpoint(&mut self, slot: &str) -> Result<Option<Lsn>, ApplyError>;
     /// Records `lsn` for `slot` on its own (a stream starting without a snapshot).
@@ -41,7 +41,7 @@ impl Sink for PgSink {
         batch: &mut Batch,
         plans: &[TablePlan],
         slot: &str,
-    ) -> Result<u64, ApplyError> {
+    ) -> Result<crate::apply::Applied, ApplyError> {
         batch.apply(&mut self.0, plans, slot).await
     }
 

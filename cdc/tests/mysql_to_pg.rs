@@ -525,3 +525,189 @@ async fn both_directions_between_mariadb_and_postgres_converge_without_bouncing(
     fwd.await.expect("join").expect("forward stops cleanly");
     rev.await.expect("join").expect("reverse stops cleanly");
 }
+
+/// Runs `config` until `stop`; returns the task and its progress counters.
+fn spawn_run(
+    config: &CdcConfig,
+    stop: &strangler_cdc::CancellationToken,
+) -> (
+    tokio::task::JoinHandle<Result<(), strangler_cdc::CdcError>>,
+    std::sync::Arc<strangler_cdc::run::Progress>,
+) {
+    let progress = std::sync::Arc::new(strangler_cdc::run::Progress::default());
+    let (config, stop, p) = (
+        config.clone(),
+        stop.clone(),
+        std::sync::Arc::clone(&progress),
+    );
+    let task = tokio::spawn(async move {
+        strangler_cdc::run::run_with(
+            &config,
+            RunOptions {
+                stop: Some(stop),
+                ..RunOptions::default()
+            },
+            p,
+        )
+        .await
+    });
+    (task, progress)
+}
+
+async fn note(target: &Client, id: i64) -> Option<String> {
+    target
+        .query_one("SELECT note FROM orders_v2 WHERE id = $1", &[&id])
+        .await
+        .expect("note")
+        .get(0)
+}
+
+#[tokio::test]
+async fn rows_changed_on_both_sides_follow_the_conflict_policy_and_are_counted() {
+    let (maria, pg) = tokio::join!(MariaDb::start(), Postgres::start());
+    let (maria, pg) = (maria.expect("mariadb"), pg.expect("postgres"));
+    let db = maria.fresh_database("legacy").await.expect("database");
+    let mut legacy = maria.connect(&db).await.expect("connect");
+    for ddl in SOURCE_SCHEMA {
+        legacy.query_drop(*ddl).await.expect("legacy schema");
+    }
+    seed(&mut legacy, 5, 30).await;
+    legacy
+        .query_drop("UPDATE orders SET status = 'paid', updated = '2026-06-01 00:00:00'")
+        .await
+        .expect("baseline");
+    let new_db = pg.fresh_database("orders").await.expect("new db");
+    let new = pg.connect(&new_db).await.expect("new");
+    new.batch_execute(REVERSE_TARGET_SCHEMA)
+        .await
+        .expect("schema");
+    let history = tempfile::NamedTempFile::new().expect("history");
+    let config = |policy: &str| {
+        CdcConfig::parse(
+            &format!(
+                "[source]\nurl = \"{}\"\nslot = \"fwd\"\n[target]\nurl = \"{}\"\n[apply]\nbatch_ms = 10\n\
+                 [conflicts]\nroute = \"orders\"\nhistory_file = \"{}\"\nlegacy = \"source\"\n\n\
+                 [[map]]\ntarget = \"orders_v2\"\nconflict = \"{policy}\"\nsql = \"SELECT id, customer_id AS buyer, total, status, note, created, updated, data, meta::jsonb AS meta FROM orders\"\n",
+                maria.url(&db),
+                pg.url(&new_db),
+                history.path().display()
+            ),
+            Path::new("fwd.toml"),
+        )
+        .expect("config")
+    };
+    // Snapshot, then stop.
+    let stop = strangler_cdc::CancellationToken::new();
+    let (task, _) = spawn_run(&config("newer:updated"), &stop);
+    wait_equal(&mut legacy, &new, Duration::from_secs(30)).await;
+    stop.cancel();
+    task.await.expect("join").expect("stops");
+
+    // Both sides change rows while the stream is down (the lag window).
+    new.batch_execute(
+        "UPDATE orders_v2 SET note = 'new side, later', updated = '2030-01-01 00:00:00+00' WHERE id = 1;
+         UPDATE orders_v2 SET note = 'new side, earlier', updated = '2000-01-01 00:00:00+00' WHERE id = 2;",
+    )
+    .await
+    .expect("new-side edits");
+    for id in 1..=3 {
+        legacy
+            .exec_drop(
+                "UPDATE orders SET note = 'legacy side', updated = '2026-11-27 00:00:00' WHERE id = ?",
+                (id,),
+            )
+            .await
+            .expect("legacy edit");
+    }
+    // newer:updated — the later version of each conflicting row wins.
+    let stop = strangler_cdc::CancellationToken::new();
+    let (task, progress) = spawn_run(&config("newer:updated"), &stop);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while note(&new, 3).await.as_deref() != Some("legacy side") {
+        assert!(Instant::now() < deadline, "row 3 never synced");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        note(&new, 1).await.as_deref(),
+        Some("new side, later"),
+        "the new side's later write stays"
+    );
+    assert_eq!(
+        note(&new, 2).await.as_deref(),
+        Some("legacy side"),
+        "legacy's later write wins"
+    );
+    assert_eq!(
+        progress
+            .conflicts
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2,
+        "rows 1 and 2 changed on both sides; row 3 only on legacy"
+    );
+    stop.cancel();
+    task.await.expect("join").expect("stops");
+
+    // owner: the route is on the new service, so the new side (this stream's target) wins.
+    std::fs::write(
+        history.path(),
+        "{\"route\":\"orders\",\"to\":{\"state\":\"new\"}}\n",
+    )
+    .expect("history");
+    new.execute(
+        "UPDATE orders_v2 SET note = 'owned by new' WHERE id = 4",
+        &[],
+    )
+    .await
+    .expect("edit");
+    legacy
+        .query_drop("UPDATE orders SET note = 'legacy again' WHERE id IN (4, 5)")
+        .await
+        .expect("edit");
+    let stop = strangler_cdc::CancellationToken::new();
+    let (task, progress) = spawn_run(&config("owner"), &stop);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while note(&new, 5).await.as_deref() != Some("legacy again") {
+        assert!(Instant::now() < deadline, "row 5 never synced");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(note(&new, 4).await.as_deref(), Some("owned by new"));
+    assert_eq!(
+        progress
+            .conflicts
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    stop.cancel();
+    task.await.expect("join").expect("stops");
+
+    // stop: the stream stops on the conflict, naming the key and both versions.
+    new.execute(
+        "UPDATE orders_v2 SET note = 'edited on new' WHERE id = 6",
+        &[],
+    )
+    .await
+    .expect("edit");
+    legacy
+        .query_drop("UPDATE orders SET note = 'edited on legacy' WHERE id = 6")
+        .await
+        .expect("edit");
+    let stop = strangler_cdc::CancellationToken::new();
+    let (task, _) = spawn_run(&config("stop"), &stop);
+    let result = tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .expect("the stream stops by itself")
+        .expect("join");
+    let message = result.expect_err("a conflict stops the stream").to_string();
+    assert!(
+        message.contains("conflict on")
+            && message.contains("id=6")
+            && message.contains("edited on legacy")
+            && message.contains("edited on new"),
+        "{message}"
+    );
+    assert_eq!(
+        note(&new, 6).await.as_deref(),
+        Some("edited on new"),
+        "nothing applied over it"
+    );
+}
