@@ -405,6 +405,10 @@ mod tests {
             "{\"route\":\"orders\",\"to\":{\"state\":\"new\"}}\n{\"route\":\"orders\",\"to\":{\"state\":\"legacy\"}}\n",
         )
         .expect("write");
-        assert_eq!(owner.winner(), Ok(Winner::Source), "the last entry counts (rolled back)");
+        assert_eq!(
+            owner.winner(),
+            Ok(Winner::Source),
+            "the last entry counts (rolled back)"
+        );
     }
 }

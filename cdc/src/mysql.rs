@@ -701,21 +701,36 @@ pub async fn run(
     let stop = options.stop.clone().unwrap_or_default();
     let mut target = crate::sink::PgSink(target);
     let mut batch = Batch::new(src.plans.len());
-    let mut in_tx_tables: Vec<Option<usize>> = Vec::new();
-    let _ = &mut in_tx_tables;
+    // Inside a transaction (BEGIN or rows seen, no commit yet), nothing is applied:
+    // a batch holds whole transactions only, so its checkpoint never points into one.
+    let mut in_tx = false;
+    let mut stopping = false;
     loop {
+        if stopping && !in_tx {
+            if !batch.is_empty() {
+                crate::run::apply_batch(
+                    &mut batch,
+                    &mut target,
+                    &src.plans,
+                    config,
+                    &progress,
+                    Some(observe),
+                )
+                .await?;
+            }
+            return Ok(());
+        }
         let linger = batch
             .first_commit
             .map(|t| config.batch_linger.saturating_sub(t.elapsed()))
             .unwrap_or(Duration::from_secs(3600));
         let event = tokio::select! {
-            _ = stop.cancelled() => {
-                if !batch.is_empty() {
-                    crate::run::apply_batch(&mut batch, &mut target, &src.plans, config, &progress, Some(observe)).await?;
-                }
-                return Ok(());
+            _ = stop.cancelled(), if !stopping => {
+                // Finish the transaction being received, then stop.
+                stopping = true;
+                continue;
             }
-            _ = tokio::time::sleep(linger), if !batch.is_empty() => {
+            _ = tokio::time::sleep(linger), if !batch.is_empty() && !in_tx => {
                 crate::run::apply_batch(&mut batch, &mut target, &src.plans, config, &progress, Some(observe)).await?;
                 continue;
             }
@@ -748,6 +763,7 @@ pub async fn run(
             EventType::XID_EVENT => {
                 position.offset = end;
                 batch.commit(position.lsn(), None);
+                in_tx = false;
             }
             EventType::QUERY_EVENT => {
                 let Ok(Some(EventData::QueryEvent(q))) = event.read_data() else {
@@ -760,9 +776,12 @@ pub async fn run(
                 } else {
                     schema.into_owned()
                 };
-                if text.trim().eq_ignore_ascii_case("COMMIT") {
+                if text.trim().eq_ignore_ascii_case("BEGIN") {
+                    in_tx = true;
+                } else if text.trim().eq_ignore_ascii_case("COMMIT") {
                     position.offset = end;
                     batch.commit(position.lsn(), None);
+                    in_tx = false;
                 } else if let Ddl::Stop(why) = classify(&text, &schema, &mapped) {
                     if !batch.is_empty() {
                         crate::run::apply_batch(
@@ -776,9 +795,9 @@ pub async fn run(
                         .await?;
                     }
                     return Err(CdcError::Apply(crate::apply::ApplyError::Unsafe(why)));
-                } else if !text.trim().eq_ignore_ascii_case("BEGIN") {
-                    // A statement outside any mapped table (DDL elsewhere): the
-                    // position moves past it.
+                } else if !in_tx {
+                    // A statement of its own outside any mapped table (DDL
+                    // elsewhere): the position moves past it.
                     position.offset = end;
                     batch.commit(position.lsn(), None);
                 }
@@ -789,6 +808,7 @@ pub async fn run(
             | EventType::WRITE_ROWS_EVENT_V1
             | EventType::UPDATE_ROWS_EVENT_V1
             | EventType::DELETE_ROWS_EVENT_V1 => {
+                in_tx = true;
                 if config.ignore_server_ids.contains(&header.server_id()) {
                     // Written by strangler's reverse stream: applying it here would
                     // send it back where it came from.
@@ -837,6 +857,7 @@ pub async fn run(
             _ => continue,
         }
         if !batch.is_empty()
+            && !in_tx
             && (batch.changes >= config.batch_rows
                 || batch
                     .first_commit
