@@ -312,7 +312,9 @@ async fn wait_applied(
 /// Compares every mapped table; differences are re-checked so rows changing
 /// during the run are reported only if they stay different.
 pub async fn verify(config: &CdcConfig, wait: Duration) -> Result<Vec<TableReport>, CdcError> {
-    crate::mysql::refuse(config, "cdc verify")?;
+    if crate::mysql::is_mysql(&config.source) {
+        return crate::mysql::verify(config, wait).await;
+    }
     let source = crate::run::connect(&config.source, "source").await?;
     let target = crate::run::connect(&config.target, "target").await?;
     let mut plans = Vec::new();

@@ -345,6 +345,56 @@ async fn mariadb_snapshot_then_binlog_under_writes_resumes_and_stops_at_ddl() {
     );
     wait_equal(&mut src, &target, Duration::from_secs(5)).await;
     let _ = stop;
+
+    // verify: it sees the marker row the test put in the target earlier …
+    let reports = strangler_cdc::verify::verify(&config, Duration::from_secs(5))
+        .await
+        .expect("verify");
+    let customers = reports
+        .iter()
+        .find(|r| r.table.contains("customers"))
+        .expect("customers report");
+    assert_eq!(customers.extra, vec!["id=9999".to_string()]);
+    target
+        .execute("DELETE FROM customers WHERE id = 9999", &[])
+        .await
+        .expect("remove the marker");
+    // … is clean without it, then names exactly a changed, a deleted and an extra row.
+    let reports = strangler_cdc::verify::verify(&config, Duration::from_secs(5))
+        .await
+        .expect("verify");
+    assert!(reports.iter().all(|r| r.clean()), "{reports:#?}");
+    let orders = reports
+        .iter()
+        .find(|r| r.table.contains("orders_v2"))
+        .expect("orders report");
+    assert_eq!(orders.source_rows, orders.target_rows);
+    let some: Vec<i64> = target
+        .query("SELECT id FROM orders_v2 ORDER BY id LIMIT 2", &[])
+        .await
+        .expect("ids")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    target
+        .batch_execute(&format!(
+            "UPDATE orders_v2 SET note = 'tampered' WHERE id = {};
+             DELETE FROM orders_v2 WHERE id = {};
+             INSERT INTO orders_v2 VALUES (777777, 1, 1.00, 'paid', NULL, now(), now(), NULL, NULL);",
+            some[0], some[1]
+        ))
+        .await
+        .expect("tamper");
+    let reports = strangler_cdc::verify::verify(&config, Duration::from_secs(1))
+        .await
+        .expect("verify");
+    let orders = reports
+        .iter()
+        .find(|r| r.table.contains("orders_v2"))
+        .expect("orders report");
+    assert_eq!(orders.different, vec![format!("id={}", some[0])]);
+    assert_eq!(orders.missing, vec![format!("id={}", some[1])]);
+    assert_eq!(orders.extra, vec!["id=777777".to_string()]);
 }
 
 const REVERSE_TARGET_SCHEMA: &str = "
