@@ -122,6 +122,9 @@ pub struct Batch {
     pub first_commit: Option<Instant>,
     /// Commit time of the first transaction (for lag in seconds).
     pub first_commit_time: Option<std::time::SystemTime>,
+    /// MariaDB source: the GTID position after the batch's last transaction, kept
+    /// with the checkpoint.
+    pub gtid: Option<String>,
 }
 
 impl Batch {
@@ -350,6 +353,14 @@ impl Batch {
             }
         }
         write_checkpoint(&tx, slot, self.end_lsn).await?;
+        if let Some(gtid) = &self.gtid {
+            tx.execute(
+                &format!("UPDATE {CHECKPOINT_TABLE} SET gtid = $2 WHERE slot = $1"),
+                &[&slot, gtid],
+            )
+            .await
+            .map_err(ApplyError::Checkpoint)?;
+        }
         tx.commit()
             .await
             .map_err(|e| rejected("the target", "", &e))?;
@@ -543,6 +554,7 @@ pub async fn ensure_checkpoint_table(target: &Client) -> Result<(), ApplyError> 
         .batch_execute(&format!(
             "CREATE SCHEMA IF NOT EXISTS strangler; \
              CREATE TABLE IF NOT EXISTS {CHECKPOINT_TABLE} (slot text PRIMARY KEY, lsn pg_lsn NOT NULL, updated_at timestamptz NOT NULL DEFAULT now()); \
+             ALTER TABLE {CHECKPOINT_TABLE} ADD COLUMN IF NOT EXISTS gtid text; \
              {}",
             crate::resnapshot::REQUESTS_DDL
         ))

@@ -271,6 +271,32 @@ fn binlog_text(v: &BinlogValue<'_>, conv: &Conv) -> Result<Option<String>, Strin
     })
 }
 
+/// MariaDB's GTID event type (not in `mysql_common`, which knows MySQL's).
+const MARIADB_GTID_EVENT: u8 = 0xa2;
+
+/// A MariaDB GTID position: per replication domain, the last server id and sequence.
+type Gtids = std::collections::BTreeMap<u32, (u32, u64)>;
+
+/// Parses `0-1-100,1-2-7`.
+fn parse_gtids(text: &str) -> Gtids {
+    text.split(',')
+        .filter_map(|g| {
+            let mut parts = g.trim().splitn(3, '-');
+            let domain = parts.next()?.parse().ok()?;
+            let server = parts.next()?.parse().ok()?;
+            let seq = parts.next()?.parse().ok()?;
+            Some((domain, (server, seq)))
+        })
+        .collect()
+}
+
+fn format_gtids(g: &Gtids) -> String {
+    g.iter()
+        .map(|(d, (s, q))| format!("{d}-{s}-{q}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Where the stream is: a binlog file and an offset in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Position {
@@ -654,8 +680,36 @@ pub async fn run(
     } else {
         read_checkpoint(&target, &config.slot).await?
     };
+    let saved_gtid: Option<String> = match checkpoint {
+        Some(_) => target
+            .query_opt(
+                &format!(
+                    "SELECT gtid FROM {} WHERE slot = $1",
+                    crate::apply::CHECKPOINT_TABLE
+                ),
+                &[&config.slot],
+            )
+            .await
+            .map_err(|e| CdcError::Apply(ApplyError::Checkpoint(e)))?
+            .and_then(|r| r.get::<_, Option<String>>(0)),
+        None => None,
+    };
+    // Where to start, and whether by GTID (the checkpoint's binlog file is gone,
+    // e.g. purged, or another server after a failover, while its GTID is known).
+    let mut by_gtid = false;
     let mut position = match checkpoint {
-        Some(lsn) => position_of(&mut conn, lsn).await?,
+        Some(lsn) => match (position_of(&mut conn, lsn).await, &saved_gtid) {
+            (Ok(p), _) => p,
+            (Err(e), Some(gtid)) if !gtid.is_empty() => {
+                tracing::warn!(%gtid, "{e}; resuming by GTID instead");
+                by_gtid = true;
+                Position {
+                    file: String::new(),
+                    offset: 4,
+                }
+            }
+            (Err(e), _) => return Err(e),
+        },
         None if config.snapshot => snapshot(config, &mut conn, &mut target, &src).await?,
         None => {
             let (file, offset): (String, u64) = conn
@@ -669,6 +723,32 @@ pub async fn run(
             p
         }
     };
+    // The GTID position matching where the stream starts.
+    let mut gtids = match (&saved_gtid, by_gtid || checkpoint.is_some()) {
+        (Some(g), true) => parse_gtids(g),
+        _ => {
+            let pos: Option<String> = conn
+                .exec_first(
+                    "SELECT BINLOG_GTID_POS(?, ?)",
+                    (&position.file, position.offset),
+                )
+                .await
+                .map_err(mysql_error)?;
+            let g = pos.unwrap_or_default();
+            target
+                .execute(
+                    &format!(
+                        "UPDATE {} SET gtid = $2 WHERE slot = $1",
+                        crate::apply::CHECKPOINT_TABLE
+                    ),
+                    &[&config.slot, &g],
+                )
+                .await
+                .map_err(|e| CdcError::Apply(ApplyError::Checkpoint(e)))?;
+            parse_gtids(&g)
+        }
+    };
+    let mut pending_gtid: Option<(u32, u32, u64)> = None;
     progress
         .applied
         .store(position.lsn().0, std::sync::atomic::Ordering::Relaxed);
@@ -693,8 +773,28 @@ pub async fn run(
     let request = BinlogStreamRequest::new(server_id)
         .with_filename(position.file.as_bytes())
         .with_pos(position.offset);
-    let mut stream = mysql_conn(&config.source)
-        .await?
+    let mut stream_conn = mysql_conn(&config.source).await?;
+    // GTID-aware replica: MariaDB sends its GTID events (we keep the position with
+    // the checkpoint) instead of rewriting them as BEGIN.
+    stream_conn
+        .query_drop("SET @mariadb_slave_capability = 4")
+        .await
+        .map_err(mysql_error)?;
+    if by_gtid {
+        let state = format_gtids(&gtids);
+        stream_conn
+            .query_drop(format!(
+                "SET @slave_connect_state = '{}'",
+                state.replace('\'', "")
+            ))
+            .await
+            .map_err(mysql_error)?;
+        stream_conn
+            .query_drop("SET @slave_gtid_strict_mode = 1")
+            .await
+            .map_err(mysql_error)?;
+    }
+    let mut stream = stream_conn
         .get_binlog_stream(request)
         .await
         .map_err(mysql_error)?;
@@ -742,8 +842,20 @@ pub async fn run(
         let event = event.map_err(mysql_error)?;
         let header = event.header();
         let end = u64::from(header.log_pos());
+        if header.event_type_raw() == MARIADB_GTID_EVENT {
+            // seq_no (8 bytes), domain id (4), flags (1); a standalone statement (DDL)
+            // has no commit of its own.
+            let d = event.data();
+            if d.len() >= 13 {
+                let seq = u64::from_le_bytes(d[0..8].try_into().unwrap_or([0; 8]));
+                let domain = u32::from_le_bytes(d[8..12].try_into().unwrap_or([0; 4]));
+                pending_gtid = Some((domain, header.server_id(), seq));
+                in_tx = d[12] & 1 == 0;
+            }
+            continue;
+        }
         let Ok(kind) = header.event_type() else {
-            continue; // MariaDB-specific events (annotations, GTID lists): nothing to apply
+            continue; // other MariaDB-specific events (annotations, GTID lists)
         };
         match kind {
             EventType::ROTATE_EVENT => {
@@ -762,7 +874,11 @@ pub async fn run(
             }
             EventType::XID_EVENT => {
                 position.offset = end;
+                if let Some((d, sv, sq)) = pending_gtid.take() {
+                    gtids.insert(d, (sv, sq));
+                }
                 batch.commit(position.lsn(), None);
+                batch.gtid = Some(format_gtids(&gtids));
                 in_tx = false;
             }
             EventType::QUERY_EVENT => {
@@ -780,7 +896,11 @@ pub async fn run(
                     in_tx = true;
                 } else if text.trim().eq_ignore_ascii_case("COMMIT") {
                     position.offset = end;
+                    if let Some((d, sv, sq)) = pending_gtid.take() {
+                        gtids.insert(d, (sv, sq));
+                    }
                     batch.commit(position.lsn(), None);
+                    batch.gtid = Some(format_gtids(&gtids));
                     in_tx = false;
                 } else if let Ddl::Stop(why) = classify(&text, &schema, &mapped) {
                     if !batch.is_empty() {
@@ -799,7 +919,11 @@ pub async fn run(
                     // A statement of its own outside any mapped table (DDL
                     // elsewhere): the position moves past it.
                     position.offset = end;
+                    if let Some((d, sv, sq)) = pending_gtid.take() {
+                        gtids.insert(d, (sv, sq));
+                    }
                     batch.commit(position.lsn(), None);
+                    batch.gtid = Some(format_gtids(&gtids));
                 }
             }
             EventType::WRITE_ROWS_EVENT

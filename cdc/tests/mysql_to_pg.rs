@@ -761,3 +761,77 @@ async fn rows_changed_on_both_sides_follow_the_conflict_policy_and_are_counted()
         "nothing applied over it"
     );
 }
+
+#[tokio::test]
+async fn the_gtid_position_is_kept_and_resumes_the_stream_when_its_binlog_file_is_gone() {
+    let (maria, pg) = tokio::join!(MariaDb::start(), Postgres::start());
+    let (maria, pg) = (maria.expect("mariadb"), pg.expect("postgres"));
+    let db = maria.fresh_database("legacy").await.expect("database");
+    let mut legacy = maria.connect(&db).await.expect("connect");
+    for ddl in SOURCE_SCHEMA {
+        legacy.query_drop(*ddl).await.expect("schema");
+    }
+    seed(&mut legacy, 5, 50).await;
+    let target_db = pg.fresh_database("orders").await.expect("target db");
+    let target = pg.connect(&target_db).await.expect("target");
+    target
+        .batch_execute(TARGET_SCHEMA)
+        .await
+        .expect("target schema");
+    let config = config(&maria.url(&db), &pg.url(&target_db));
+    let stop = strangler_cdc::CancellationToken::new();
+    let (task, _) = spawn_run(&config, &stop);
+    for round in 0..20 {
+        churn(&mut legacy, round).await;
+    }
+    wait_equal(&mut legacy, &target, Duration::from_secs(30)).await;
+    // The checkpoint carries MariaDB's GTID position, the server's own once caught up.
+    let server_gtid: Option<String> = legacy
+        .query_first("SELECT @@gtid_binlog_pos")
+        .await
+        .expect("gtid");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let saved: Option<String> = target
+            .query_one(
+                "SELECT gtid FROM strangler.cdc_checkpoint WHERE slot = 'shop_forward'",
+                &[],
+            )
+            .await
+            .expect("checkpoint")
+            .get(0);
+        if saved == server_gtid {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "checkpoint gtid {saved:?}, server {server_gtid:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    task.await.expect("join").expect("stops");
+
+    // The checkpoint's binlog file disappears (rotated and purged); writes land in
+    // the new file. The restart resumes by GTID and misses nothing.
+    legacy.query_drop("FLUSH BINARY LOGS").await.expect("flush");
+    for round in 20..40 {
+        churn(&mut legacy, round).await;
+    }
+    let newest: Vec<mysql_async::Row> = legacy.query("SHOW BINARY LOGS").await.expect("logs");
+    let last: String = newest.last().and_then(|r| r.get(0)).expect("a binlog file");
+    legacy
+        .query_drop(format!("PURGE BINARY LOGS TO '{last}'"))
+        .await
+        .expect("purge");
+    let stop = strangler_cdc::CancellationToken::new();
+    let (task, _) = spawn_run(&config, &stop);
+    wait_equal(&mut legacy, &target, Duration::from_secs(30)).await;
+    assert!(
+        !task.is_finished(),
+        "the resumed stream stopped: {:?}",
+        task.await
+    );
+    stop.cancel();
+    task.await.expect("join").expect("stops");
+}
