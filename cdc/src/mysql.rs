@@ -1179,7 +1179,7 @@ async fn compare_table(
 
 /// How a mapped value (PostgreSQL text) is written into a MySQL column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Into {
+enum Render {
     Plain,
     /// `tinyint(1)`/`bit(1)`: PostgreSQL's `true`/`false` become 1/0.
     Bool,
@@ -1190,26 +1190,26 @@ enum Into {
     Binary,
 }
 
-fn into_kind(column_type: &str) -> Into {
+fn into_kind(column_type: &str) -> Render {
     let t = column_type.to_ascii_lowercase();
     if t.starts_with("tinyint(1)") || t.starts_with("bit(1)") {
-        Into::Bool
+        Render::Bool
     } else if t.starts_with("datetime") || t.starts_with("timestamp") {
-        Into::DateTime
+        Render::DateTime
     } else if t.contains("binary") || t.contains("blob") {
-        Into::Binary
+        Render::Binary
     } else {
-        Into::Plain
+        Render::Plain
     }
 }
 
-fn to_mysql(v: Option<&str>, kind: Into) -> Value {
+fn to_mysql(v: Option<&str>, kind: Render) -> Value {
     let Some(v) = v else {
         return Value::NULL;
     };
     match kind {
-        Into::Plain => Value::Bytes(v.as_bytes().to_vec()),
-        Into::Bool => Value::Bytes(
+        Render::Plain => Value::Bytes(v.as_bytes().to_vec()),
+        Render::Bool => Value::Bytes(
             match v {
                 "true" | "t" => "1",
                 "false" | "f" => "0",
@@ -1218,7 +1218,7 @@ fn to_mysql(v: Option<&str>, kind: Into) -> Value {
             .as_bytes()
             .to_vec(),
         ),
-        Into::DateTime => {
+        Render::DateTime => {
             // `2026-11-27 02:31:23.123+00` or `…+00:00`
             let cut = v
                 .rfind(['+', '-'])
@@ -1226,7 +1226,7 @@ fn to_mysql(v: Option<&str>, kind: Into) -> Value {
                 .unwrap_or(v.len());
             Value::Bytes(v.as_bytes()[..cut].to_vec())
         }
-        Into::Binary => match v.strip_prefix("\\x") {
+        Render::Binary => match v.strip_prefix("\\x") {
             Some(hex) => Value::Bytes(
                 (0..hex.len() / 2)
                     .filter_map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
@@ -1253,7 +1253,7 @@ pub const MYSQL_CHECKPOINT_TABLE: &str = "strangler_cdc_checkpoint";
 pub struct MySqlSink {
     conn: Conn,
     eval: Client,
-    kinds: Vec<Vec<Into>>,
+    kinds: Vec<Vec<Render>>,
 }
 
 /// A server id for an origin name (stable, away from small hand-picked ids).
@@ -1272,15 +1272,6 @@ impl MySqlSink {
         config: &CdcConfig,
         source: &Client,
     ) -> Result<(Self, Vec<TablePlan>), CdcError> {
-        if config
-            .conflicts
-            .iter()
-            .any(crate::conflict::Policy::detects)
-        {
-            return Err(CdcError::Unsupported(
-                "conflict policies work on PostgreSQL targets; a MySQL/MariaDB target applies the incoming change".into(),
-            ));
-        }
         let mut conn = mysql_conn(&config.target).await?;
         let server_id = config
             .target_server_id
@@ -1336,8 +1327,21 @@ impl MySqlSink {
             let (target, _) = describe(&mut conn, &ts, &tn)
                 .await?
                 .ok_or_else(|| fail(format!("target table {ts}.{tn} does not exist")))?;
-            let plan = crate::plan::check_tables(mapping, source_table, target)?;
+            let mut plan = crate::plan::check_tables(mapping, source_table, target)?;
+            plan.conflict = config
+                .conflicts
+                .get(plans.len())
+                .cloned()
+                .unwrap_or_default();
+            if plan.conflict.detects() && plan.source.replica_identity != 'f' {
+                return Err(fail(format!(
+                    "a conflict policy compares the target with each change's old row; run \
+                     ALTER TABLE {} REPLICA IDENTITY FULL on the source so PostgreSQL sends it",
+                    plan.source.quoted()
+                )));
+            }
             for sql in [
+                Some(&plan.rows_text_sql),
                 Some(&plan.values_sql),
                 plan.filtered_out_keys_sql.as_ref(),
                 Some(&plan.delete_keys_sql),
@@ -1362,7 +1366,7 @@ impl MySqlSink {
                             .columns
                             .iter()
                             .find(|c| c.name == o.column)
-                            .map_or(Into::Plain, |c| into_kind(&c.type_sql))
+                            .map_or(Render::Plain, |c| into_kind(&c.type_sql))
                     })
                     .collect(),
             );
@@ -1370,34 +1374,287 @@ impl MySqlSink {
         }
         Ok((Self { conn, eval, kinds }, plans))
     }
+}
 
-    async fn eval(
-        &self,
-        sql: &str,
-        columns: &[Vec<Option<String>>],
-    ) -> Result<Vec<Vec<Option<String>>>, ApplyError> {
-        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = columns
-            .iter()
-            .map(|c| c as &(dyn tokio_postgres::types::ToSql + Sync))
-            .collect();
-        let rows = self
-            .eval
-            .query(sql, &params)
-            .await
-            .map_err(|e| ApplyError::Rejected {
-                table: "(mapping on the source)".into(),
-                key: String::new(),
-                message: e.to_string(),
-            })?;
-        Ok(rows
-            .iter()
+/// Runs mapping SQL on the PostgreSQL source for a MySQL target; rows as text.
+async fn eval_pg(
+    eval: &Client,
+    sql: &str,
+    columns: &[Vec<Option<String>>],
+) -> Result<Vec<Vec<Option<String>>>, ApplyError> {
+    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = columns
+        .iter()
+        .map(|c| c as &(dyn tokio_postgres::types::ToSql + Sync))
+        .collect();
+    let rows = eval
+        .query(sql, &params)
+        .await
+        .map_err(|e| ApplyError::Rejected {
+            table: "(mapping on the source)".into(),
+            key: String::new(),
+            message: e.to_string(),
+        })?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (0..r.len())
+                .map(|i| r.get::<_, Option<String>>(i))
+                .collect()
+        })
+        .collect())
+}
+
+/// Conflict detection and resolution for a MySQL target, inside its transaction: a
+/// row whose target version is no longer the change's mapped old row (compared by
+/// MySQL itself, `<=>` per column, so its own types decide equality) was changed on
+/// both sides. Returns how many; drops the incoming change where the target wins.
+async fn resolve_mysql(
+    tx: &mut mysql_async::Transaction<'_>,
+    eval: &Client,
+    plan: &TablePlan,
+    kinds: &[Render],
+    ch: &mut crate::apply::TableChanges,
+) -> Result<u64, ApplyError> {
+    use crate::apply::Before;
+    use crate::conflict::{Policy, Winner};
+    use std::collections::HashMap;
+    let table = format!("{}.{}", q(&plan.target.schema), q(&plan.target.name));
+    let keys = plan.source_key().len();
+    let mapped = |rows: Vec<Vec<Option<String>>>| -> HashMap<Vec<Option<String>>, Option<Vec<Option<String>>>> {
+        rows.into_iter()
             .map(|r| {
-                (0..r.len())
-                    .map(|i| r.get::<_, Option<String>>(i))
-                    .collect()
+                let key = r[..keys].to_vec();
+                let keep = r.get(keys).cloned().flatten().as_deref() == Some("true");
+                (key, keep.then(|| r[keys + 1..].to_vec()))
             })
-            .collect())
+            .collect()
+    };
+    let known: Vec<(Vec<Option<String>>, Before)> = ch
+        .before
+        .iter()
+        .filter_map(|(k, b)| b.clone().map(|b| (k.clone(), b)))
+        .collect();
+    if known.is_empty() {
+        return Ok(0);
     }
+    let present: HashMap<&Vec<Option<String>>, &Vec<Option<String>>> =
+        ch.present.iter().map(|(k, v)| (k, v)).collect();
+    let incoming_rows: Vec<&Vec<Option<String>>> = known
+        .iter()
+        .filter_map(|(k, _)| present.get(k).copied())
+        .collect();
+    let incoming = if incoming_rows.is_empty() {
+        HashMap::new()
+    } else {
+        mapped(
+            eval_pg(
+                eval,
+                &plan.rows_text_sql,
+                &columns_of(plan.carried.len(), incoming_rows.into_iter()),
+            )
+            .await?,
+        )
+    };
+    let before_rows: Vec<&Vec<Option<String>>> = known
+        .iter()
+        .filter_map(|(_, b)| match b {
+            Before::Row(v) => Some(v),
+            Before::Absent => None,
+        })
+        .collect();
+    let expected = if before_rows.is_empty() {
+        HashMap::new()
+    } else {
+        mapped(
+            eval_pg(
+                eval,
+                &plan.rows_text_sql,
+                &columns_of(plan.carried.len(), before_rows.into_iter()),
+            )
+            .await?,
+        )
+    };
+    let key_pos: Vec<usize> = plan
+        .target
+        .key
+        .iter()
+        .filter_map(|k| plan.mapping.outputs.iter().position(|o| &o.column == k))
+        .collect();
+    let key_match = plan
+        .target
+        .key
+        .iter()
+        .map(|k| format!("{} = ?", q(k)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let cols: Vec<String> = plan.mapping.outputs.iter().map(|o| q(&o.column)).collect();
+    let mut skip = Vec::new();
+    let mut found = 0u64;
+    for (k, _) in &known {
+        let was = expected.get(k).cloned().flatten();
+        let new = incoming.get(k).cloned().flatten();
+        let Some(basis) = was.as_ref().or(new.as_ref()) else {
+            continue;
+        };
+        let tkey: Vec<Value> = key_pos
+            .iter()
+            .map(|i| to_mysql(basis.get(*i).cloned().flatten().as_deref(), Render::Plain))
+            .collect();
+        let same = match &was {
+            Some(row) => {
+                let test = cols
+                    .iter()
+                    .map(|c| format!("{c} <=> ?"))
+                    .collect::<Vec<_>>()
+                    .join(" AND ");
+                let mut params: Vec<Value> = row
+                    .iter()
+                    .zip(kinds)
+                    .map(|(v, kind)| to_mysql(v.as_deref(), *kind))
+                    .collect();
+                params.extend(tkey.iter().cloned());
+                let r: Option<Option<i64>> = tx
+                    .exec_first(
+                        format!("SELECT {test} FROM {table} WHERE {key_match}"),
+                        params,
+                    )
+                    .await
+                    .map_err(|e| sink_error(&table, e))?;
+                r.flatten() == Some(1)
+            }
+            None => {
+                let r: Option<i64> = tx
+                    .exec_first(
+                        format!("SELECT 1 FROM {table} WHERE {key_match}"),
+                        tkey.clone(),
+                    )
+                    .await
+                    .map_err(|e| sink_error(&table, e))?;
+                r.is_none()
+            }
+        };
+        if same {
+            continue;
+        }
+        found += 1;
+        let current: Option<mysql_async::Row> = tx
+            .exec_first(
+                format!("SELECT {} FROM {table} WHERE {key_match}", cols.join(", ")),
+                tkey.clone(),
+            )
+            .await
+            .map_err(|e| sink_error(&table, e))?;
+        let show = |row: Option<Vec<String>>| match row {
+            None => "no row".to_string(),
+            Some(vals) => format!(
+                "{{{}}}",
+                plan.mapping
+                    .outputs
+                    .iter()
+                    .zip(vals)
+                    .map(|(o, v)| format!("{}={v}", o.column))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        let current_text = show(current.map(|r| {
+            r.unwrap()
+                .iter()
+                .map(|v| {
+                    if *v == Value::NULL {
+                        "NULL".into()
+                    } else {
+                        value_text(v)
+                    }
+                })
+                .collect()
+        }));
+        let incoming_text = show(new.as_ref().map(|r| {
+            r.iter()
+                .map(|v| v.clone().unwrap_or_else(|| "NULL".into()))
+                .collect()
+        }));
+        let key_text = plan
+            .target
+            .key
+            .iter()
+            .zip(&key_pos)
+            .map(|(c, i)| {
+                format!(
+                    "{c}={}",
+                    basis
+                        .get(*i)
+                        .cloned()
+                        .flatten()
+                        .unwrap_or_else(|| "NULL".into())
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let winner = match &plan.conflict {
+            Policy::Off | Policy::Source => Winner::Source,
+            Policy::Target => Winner::Target,
+            Policy::Owner(owner) => owner.winner().map_err(ApplyError::Unsafe)?,
+            Policy::Newer(column) => {
+                let Some(i) = plan
+                    .mapping
+                    .outputs
+                    .iter()
+                    .position(|o| &o.column == column)
+                else {
+                    return Err(ApplyError::Unsafe(format!(
+                        "conflict = \"newer:{column}\": the mapping for {table} has no output column {column}"
+                    )));
+                };
+                match new.as_ref().and_then(|r| r.get(i).cloned().flatten()) {
+                    None => Winner::Source,
+                    Some(v) => {
+                        let mut params = vec![to_mysql(
+                            Some(&v),
+                            kinds.get(i).copied().unwrap_or(Render::Plain),
+                        )];
+                        params.extend(tkey.iter().cloned());
+                        let r: Option<Option<i64>> = tx
+                            .exec_first(
+                                format!("SELECT ? >= {} FROM {table} WHERE {key_match}", q(column)),
+                                params,
+                            )
+                            .await
+                            .map_err(|e| sink_error(&table, e))?;
+                        if r.flatten() == Some(0) {
+                            Winner::Target
+                        } else {
+                            Winner::Source
+                        }
+                    }
+                }
+            }
+            Policy::Stop => {
+                return Err(ApplyError::Conflict {
+                    table,
+                    key: key_text,
+                    incoming: incoming_text,
+                    current: current_text,
+                });
+            }
+        };
+        tracing::warn!(
+            table = %table,
+            key = %key_text,
+            incoming = %incoming_text,
+            current = %current_text,
+            winner = ?winner,
+            "conflict: the row changed on both sides"
+        );
+        if winner == Winner::Target {
+            skip.push(k.clone());
+        }
+    }
+    if !skip.is_empty() {
+        ch.present.retain(|(k, _)| !skip.contains(k));
+        ch.deleted.retain(|k| !skip.contains(k));
+    }
+    Ok(found)
 }
 
 fn columns_of<'a>(
@@ -1430,11 +1687,17 @@ impl crate::sink::Sink for MySqlSink {
         slot: &str,
     ) -> Result<crate::apply::Applied, crate::apply::ApplyError> {
         use crate::apply::ApplyError;
-        // Compute every table's rows first (PostgreSQL), then write them all in one
-        // MySQL transaction.
+        let Self { conn, eval, kinds } = self;
+        let mut tx = conn
+            .start_transaction(mysql_async::TxOpts::default())
+            .await
+            .map_err(|e| sink_error("the target", e))?;
+        // Per table: conflicts first (reading the target inside the transaction),
+        // then the target rows (computed by PostgreSQL), then all writes.
         let mut work = Vec::new();
+        let mut conflicts = 0u64;
         for (t, plan) in plans.iter().enumerate() {
-            let ch = batch.take_table(t);
+            let mut ch = batch.take_table(t);
             if !ch.partial.is_empty() {
                 return Err(ApplyError::Unsafe(format!(
                     "{}: an update left a large column unsent (unchanged TOAST); set REPLICA IDENTITY FULL on it \
@@ -1442,10 +1705,14 @@ impl crate::sink::Sink for MySqlSink {
                     plan.source.quoted()
                 )));
             }
+            if plan.conflict.detects() {
+                conflicts += resolve_mysql(&mut tx, eval, plan, &kinds[t], &mut ch).await?;
+            }
             let deleted = if ch.deleted.is_empty() {
                 Vec::new()
             } else {
-                self.eval(
+                eval_pg(
+                    eval,
                     &plan.delete_keys_sql,
                     &columns_of(plan.source_key().len(), ch.deleted.iter()),
                 )
@@ -1455,23 +1722,18 @@ impl crate::sink::Sink for MySqlSink {
                 (Vec::new(), Vec::new())
             } else {
                 let carried = columns_of(plan.carried.len(), ch.present.iter().map(|(_, v)| v));
-                let present = self.eval(&plan.values_sql, &carried).await?;
+                let present = eval_pg(eval, &plan.values_sql, &carried).await?;
                 let gone = match &plan.filtered_out_keys_sql {
-                    Some(sql) => self.eval(sql, &carried).await?,
+                    Some(sql) => eval_pg(eval, sql, &carried).await?,
                     None => Vec::new(),
                 };
                 (present, gone)
             };
             work.push((ch.truncated, deleted, present, filtered_out));
         }
-        let mut tx = self
-            .conn
-            .start_transaction(mysql_async::TxOpts::default())
-            .await
-            .map_err(|e| sink_error("the target", e))?;
         let mut written = 0u64;
         for ((plan, kinds), (truncated, deleted, present, filtered_out)) in
-            plans.iter().zip(&self.kinds).zip(work)
+            plans.iter().zip(kinds.iter()).zip(work)
         {
             let table = format!("{}.{}", q(&plan.target.schema), q(&plan.target.name));
             if truncated {
@@ -1491,7 +1753,7 @@ impl crate::sink::Sink for MySqlSink {
             for key in deleted.iter().chain(&filtered_out) {
                 let params: Vec<Value> = key
                     .iter()
-                    .map(|v| to_mysql(v.as_deref(), Into::Plain))
+                    .map(|v| to_mysql(v.as_deref(), Render::Plain))
                     .collect();
                 tx.exec_drop(&delete, params)
                     .await
@@ -1557,7 +1819,7 @@ impl crate::sink::Sink for MySqlSink {
         batch.reset();
         Ok(crate::apply::Applied {
             rows: written,
-            conflicts: 0,
+            conflicts,
         })
     }
 

@@ -195,6 +195,9 @@ pub struct TablePlan {
     /// For conflict detection: per carried row, its source key (text), whether the
     /// filter keeps it, and the mapped target row (text, `mapping.outputs` order).
     pub rows_sql: String,
+    /// [`TablePlan::rows_sql`] without the casts to the target's types (for a MySQL
+    /// target, whose types PostgreSQL does not have).
+    pub rows_text_sql: String,
     /// The target's current rows (text, `mapping.outputs` order) for target keys
     /// given as text (one text[] parameter per target key column).
     pub current_sql: String,
@@ -613,6 +616,10 @@ fn build(mapping: Mapping, source: Table, target: Table, carried: Vec<Column>) -
         "SELECT {src_keys}, {keep} AS strangler_keep, {as_target_text} FROM {}",
         unnest(&all)
     );
+    let rows_text_sql = format!(
+        "SELECT {src_keys}, ({keep})::text AS strangler_keep, {as_text} FROM {}",
+        unnest(&all)
+    );
     let current_cols = mapping
         .outputs
         .iter()
@@ -639,6 +646,7 @@ fn build(mapping: Mapping, source: Table, target: Table, carried: Vec<Column>) -
         target.quoted()
     );
     TablePlan {
+        rows_text_sql,
         rows_sql,
         current_sql,
         conflict: crate::conflict::Policy::Off,

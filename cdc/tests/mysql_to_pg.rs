@@ -835,3 +835,155 @@ async fn the_gtid_position_is_kept_and_resumes_the_stream_when_its_binlog_file_i
     stop.cancel();
     task.await.expect("join").expect("stops");
 }
+
+#[tokio::test]
+async fn the_reverse_direction_into_mariadb_resolves_conflicts_by_policy_too() {
+    let (maria, pg) = tokio::join!(MariaDb::start(), Postgres::start());
+    let (maria, pg) = (maria.expect("mariadb"), pg.expect("postgres"));
+    let db = maria.fresh_database("legacy").await.expect("database");
+    let mut legacy = maria.connect(&db).await.expect("connect");
+    for ddl in SOURCE_SCHEMA {
+        legacy.query_drop(*ddl).await.expect("legacy schema");
+    }
+    seed(&mut legacy, 5, 20).await;
+    legacy
+        .query_drop("UPDATE orders SET status = 'paid', updated = '2026-06-01 00:00:00'")
+        .await
+        .expect("baseline");
+    let new_db = pg.fresh_database("orders").await.expect("new db");
+    let new = pg.connect(&new_db).await.expect("new");
+    new.batch_execute(REVERSE_TARGET_SCHEMA)
+        .await
+        .expect("schema");
+    new.batch_execute("ALTER TABLE orders_v2 REPLICA IDENTITY FULL")
+        .await
+        .expect("identity");
+    // Both sides start equal (the forward snapshot), then only the reverse runs.
+    let forward = CdcConfig::parse(
+        &format!(
+            "[source]\nurl = \"{}\"\nslot = \"fwd\"\n[target]\nurl = \"{}\"\n\n\
+             [[map]]\ntarget = \"orders_v2\"\nsql = \"SELECT id, customer_id AS buyer, total, status, note, created, updated, data, meta::jsonb AS meta FROM orders\"\n",
+            maria.url(&db),
+            pg.url(&new_db)
+        ),
+        Path::new("fwd.toml"),
+    )
+    .expect("forward");
+    let stop = strangler_cdc::CancellationToken::new();
+    let (task, _) = spawn_run(&forward, &stop);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while new
+        .query_one("SELECT count(*) FROM orders_v2", &[])
+        .await
+        .map(|r| r.get::<_, i64>(0))
+        .unwrap_or(0)
+        < 20
+    {
+        assert!(Instant::now() < deadline, "forward snapshot");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    task.await.expect("join").expect("stops");
+
+    let reverse = |policy: &str| {
+        CdcConfig::parse(
+            &format!(
+                "[source]\nurl = \"{}\"\nslot = \"rev\"\npublication = \"rev\"\n[target]\nurl = \"{}\"\nserver_id = 4242\n[apply]\nsnapshot = false\nbatch_ms = 10\n\n\
+                 [[map]]\ntarget = \"orders\"\nconflict = \"{policy}\"\nsql = \"SELECT id, buyer AS customer_id, total, status, note, created, updated, data, meta::text AS meta FROM orders_v2\"\n",
+                pg.url(&new_db),
+                maria.url(&db)
+            ),
+            Path::new("rev.toml"),
+        )
+        .expect("reverse")
+    };
+    let legacy_note = |id: i64| {
+        let url = maria.url(&db);
+        async move {
+            let mut c = mysql_async::Conn::new(mysql_async::Opts::from_url(&url).expect("url"))
+                .await
+                .expect("conn");
+            let n: Option<Option<String>> = c
+                .exec_first("SELECT note FROM orders WHERE id = ?", (id,))
+                .await
+                .expect("note");
+            n.flatten()
+        }
+    };
+    let stop = strangler_cdc::CancellationToken::new();
+    let (task, progress) = spawn_run(&reverse("newer:updated"), &stop);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while legacy
+        .query_first::<String, _>("SELECT lsn FROM strangler_cdc_checkpoint WHERE slot = 'rev'")
+        .await
+        .ok()
+        .flatten()
+        .is_none()
+    {
+        if task.is_finished() {
+            panic!("the reverse stream stopped: {:?}", task.await);
+        }
+        assert!(Instant::now() < deadline, "reverse never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Legacy edits rows 1 and 2 (at 2026-11-27); the new side edits 1 earlier, 2
+    // later, and 3 alone.
+    legacy
+        .query_drop("UPDATE orders SET note = 'legacy edit', updated = '2026-11-27 00:00:00' WHERE id IN (1, 2)")
+        .await
+        .expect("legacy edits");
+    new.batch_execute(
+        "UPDATE orders_v2 SET note = 'new edit, earlier', updated = '2026-01-01 00:00:00+00' WHERE id = 1;
+         UPDATE orders_v2 SET note = 'new edit, later', updated = '2030-01-01 00:00:00+00' WHERE id = 2;
+         UPDATE orders_v2 SET note = 'new edit only' WHERE id = 3;",
+    )
+    .await
+    .expect("new edits");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while legacy_note(3).await.as_deref() != Some("new edit only") {
+        assert!(Instant::now() < deadline, "row 3 never reached legacy");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        legacy_note(1).await.as_deref(),
+        Some("legacy edit"),
+        "legacy's later edit stays"
+    );
+    assert_eq!(
+        legacy_note(2).await.as_deref(),
+        Some("new edit, later"),
+        "the new side's later edit wins"
+    );
+    assert_eq!(
+        progress
+            .conflicts
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    stop.cancel();
+    task.await.expect("join").expect("stops");
+
+    // stop: both sides edit row 4; the reverse stream stops naming it.
+    let stop = strangler_cdc::CancellationToken::new();
+    let (task, _) = spawn_run(&reverse("stop"), &stop);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    legacy
+        .query_drop("UPDATE orders SET note = 'legacy again' WHERE id = 4")
+        .await
+        .expect("legacy edit");
+    new.execute("UPDATE orders_v2 SET note = 'new again' WHERE id = 4", &[])
+        .await
+        .expect("new edit");
+    let result = tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .expect("the stream stops by itself")
+        .expect("join");
+    let message = result.expect_err("a conflict stops it").to_string();
+    assert!(
+        message.contains("id=4")
+            && message.contains("legacy again")
+            && message.contains("new again"),
+        "{message}"
+    );
+    assert_eq!(legacy_note(4).await.as_deref(), Some("legacy again"));
+}
