@@ -421,6 +421,36 @@ async fn mysql_conn(url: &str) -> Result<Conn, CdcError> {
     Ok(conn)
 }
 
+/// The query reading a mapped table's carried columns from MySQL, and how each
+/// value becomes PostgreSQL text.
+fn source_select<'a>(plan: &TablePlan, src: &'a Source, t: usize) -> (String, Vec<&'a Conv>) {
+    let names = plan
+        .carried
+        .iter()
+        .map(|c| q(&c.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let convs = plan
+        .carried
+        .iter()
+        .map(|c| {
+            let i = src.columns[t]
+                .iter()
+                .position(|n| **n == c.name)
+                .unwrap_or(0);
+            &src.convs[t][i]
+        })
+        .collect();
+    (
+        format!(
+            "SELECT {names} FROM {}.{}",
+            q(&plan.source.schema),
+            q(&plan.source.name)
+        ),
+        convs,
+    )
+}
+
 /// Copies every mapped table from one consistent snapshot and returns the binlog
 /// position it is consistent with.
 async fn snapshot(
@@ -465,28 +495,7 @@ async fn snapshot(
             .map_err(|e| snapshot_error(plan, e))?;
     }
     for (t, plan) in src.plans.iter().enumerate() {
-        let names = plan
-            .carried
-            .iter()
-            .map(|c| format!("`{}`", c.name.replace('`', "``")))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let convs: Vec<&Conv> = plan
-            .carried
-            .iter()
-            .map(|c| {
-                let i = src.columns[t]
-                    .iter()
-                    .position(|n| **n == c.name)
-                    .unwrap_or(0);
-                &src.convs[t][i]
-            })
-            .collect();
-        let sql = format!(
-            "SELECT {names} FROM `{}`.`{}`",
-            plan.source.schema.replace('`', "``"),
-            plan.source.name.replace('`', "``")
-        );
+        let (sql, convs) = source_select(plan, src, t);
         let mut result = conn.query_iter(sql).await.map_err(mysql_error)?;
         let mut chunk: Vec<Vec<Option<String>>> = Vec::new();
         let mut copied = 0u64;
@@ -1059,28 +1068,7 @@ async fn compare_table(
     t: usize,
 ) -> Result<crate::verify::TableReport, CdcError> {
     use std::collections::BTreeMap;
-    let convs: Vec<&Conv> = plan
-        .carried
-        .iter()
-        .map(|c| {
-            let i = src.columns[t]
-                .iter()
-                .position(|n| **n == c.name)
-                .unwrap_or(0);
-            &src.convs[t][i]
-        })
-        .collect();
-    let names = plan
-        .carried
-        .iter()
-        .map(|c| q(&c.name))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let sql = format!(
-        "SELECT {names} FROM {}.{}",
-        q(&plan.source.schema),
-        q(&plan.source.name)
-    );
+    let (sql, convs) = source_select(plan, src, t);
     let tkey = |row: &[Option<String>]| -> String {
         plan.target
             .key
