@@ -44,7 +44,8 @@ fn b(key: &str, v: bool) -> KeyValue {
 
 /// The known traffic. `orders`: legacy serves 400 (every 50th a 500 → 8), new serves
 /// 100 (every 10th a 500 → 10); 200 of legacy's requests were shadowed to new (no
-/// errors), 150 matching and 50 differing at /total (10 of those also at /currency).
+/// errors), 150 matching and 50 differing at /total (10 of those also at /currency);
+/// 10 more were the new side's failures that legacy answered (fallbacks).
 /// `catalog`: 50 legacy. Unrouted: 150 legacy. Spread over the last ten minutes.
 struct Known {
     spans: Vec<Span>,
@@ -186,6 +187,20 @@ fn known() -> Known {
             30,
             status,
             Vec::new(),
+            Vec::new(),
+            SpanKind::Server,
+            None,
+        );
+        spans.push(span);
+    }
+    // Requests the new side failed and legacy then answered (the router's fallback).
+    for _ in 0..10 {
+        let (_, _, span) = next(
+            Some("orders"),
+            "legacy",
+            12,
+            200,
+            vec![s("strangler.decision", "fallback")],
             Vec::new(),
             SpanKind::Server,
             None,
@@ -355,11 +370,13 @@ async fn the_dashboards_show_known_traffic_in_the_api_grafana_cli_and_a_real_bro
     let api = |path: &str| get_json(format!("{base}{path}"));
     let overview = api("/api/overview?since=1h").await;
     let orders = row(&overview["overview_routes"], "route", "orders");
-    assert_eq!(orders["legacy_requests"], 400, "{orders}");
+    assert_eq!(orders["legacy_requests"], 410, "{orders}");
     assert_eq!(orders["new_requests"], 100, "{orders}");
-    close(&orders["new_share"], 0.2);
-    close(&orders["legacy_error_rate"], 8.0 / 400.0);
-    close(&orders["new_error_rate"], 10.0 / 300.0);
+    assert_eq!(orders["new_fallbacks"], 10, "{orders}");
+    close(&orders["new_share"], 100.0 / 510.0);
+    close(&orders["legacy_error_rate"], 8.0 / 410.0);
+    // The new side's 10 errors plus its 10 failures legacy answered, of 300 + 10.
+    close(&orders["new_error_rate"], 20.0 / 310.0);
     close(&orders["match_rate"], 0.75);
     assert_eq!(orders["state"], "canary 25%", "{orders}");
     let p99 = orders["new_p99_ms"].as_f64().expect("new p99");
@@ -371,7 +388,7 @@ async fn the_dashboards_show_known_traffic_in_the_api_grafana_cli_and_a_real_bro
         "no pairs → null, not NaN: {catalog}"
     );
     let burndown = overview["overview_burndown"].as_array().expect("burndown");
-    let (legacy_n, all_n) = (600.0, 700.0);
+    let (legacy_n, all_n) = (610.0, 710.0);
     assert!(!burndown.is_empty());
     // Every bucket's share lies in [0, 1]; over the window, 600 of 700 on legacy.
     assert!(
@@ -571,13 +588,13 @@ async fn the_dashboards_show_known_traffic_in_the_api_grafana_cli_and_a_real_bro
     assert!(
         cells["new_share"]
             .as_str()
-            .is_some_and(|c| c.contains("400") && c.contains("100") && c.contains("20 %")),
+            .is_some_and(|c| c.contains("410") && c.contains("100") && c.contains("20 %")),
         "{cells}"
     );
-    assert_eq!(cells["legacy_error_rate"], "2.00 %");
-    assert_eq!(cells["new_error_rate"], "3.33 %");
+    assert_eq!(cells["legacy_error_rate"], "1.95 %");
+    assert_eq!(cells["new_error_rate"], "6.45 %");
     assert_eq!(cells["match_rate"], "75.0 %");
-    assert_eq!(cells["requests"], "500");
+    assert_eq!(cells["requests"], "510");
     assert!(
         seen["overview"]
             .as_array()

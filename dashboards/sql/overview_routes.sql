@@ -1,5 +1,6 @@
 -- Every route over the window: lifecycle state, traffic per side, error rate and
--- p99 for both sides, shadow match rate.
+-- p99 for both sides, shadow match rate. The new side's error rate includes
+-- fallbacks (requests it failed that legacy then answered).
 SELECT
     route,
     state,
@@ -7,7 +8,8 @@ SELECT
     new_requests,
     if(legacy_requests + new_requests = 0, NULL, new_requests / (legacy_requests + new_requests)) AS new_share,
     if(legacy_seen = 0, NULL, legacy_errors / legacy_seen) AS legacy_error_rate,
-    if(new_seen = 0, NULL, new_errors / new_seen) AS new_error_rate,
+    if(new_seen + new_fallbacks = 0, NULL, (new_errors + new_fallbacks) / (new_seen + new_fallbacks)) AS new_error_rate,
+    new_fallbacks,
     if(legacy_seen = 0, NULL, legacy_p99_ns / 1000000) AS legacy_p99_ms,
     if(new_seen = 0, NULL, new_p99_ns / 1000000) AS new_p99_ms,
     diff_match,
@@ -26,7 +28,8 @@ FROM
         maxIf(q[3], backend = 'legacy') AS legacy_p99_ns,
         maxIf(q[3], backend = 'new') AS new_p99_ns,
         sum(dm) AS diff_match,
-        sum(dx) AS diff_mismatch
+        sum(dx) AS diff_mismatch,
+        sumIf(n, backend = 'fallback') AS new_fallbacks
     FROM
     (
         SELECT
@@ -41,6 +44,19 @@ FROM
         FROM ${database}.route_minute
         WHERE $__timeFilter(minute)
         GROUP BY route, backend, shadow
+        UNION ALL
+        SELECT
+            route,
+            'fallback',
+            toUInt8(0),
+            countMerge(fallbacks),
+            toUInt64(0),
+            emptyArrayFloat64(),
+            toUInt64(0),
+            toUInt64(0)
+        FROM ${database}.fallback_minute
+        WHERE $__timeFilter(minute)
+        GROUP BY route
     )
     GROUP BY route
 )

@@ -210,7 +210,7 @@ function overviewPage(doc) {
           `<span class="legacy">${count(r.legacy_requests)}</span> / <span class="new">${count(r.new_requests)}</span>
            <span class="share" title="share on new"><i style="width:${((share || 0) * 100).toFixed(1)}%"></i></span> ${pct(share, 0)}`}</td>
         <td data-col="legacy_error_rate" class="num">${err(r.legacy_error_rate, null)}</td>
-        <td data-col="new_error_rate" class="num">${err(r.new_error_rate, r.legacy_error_rate)}</td>
+        <td data-col="new_error_rate" class="num" title="${num(r.new_fallbacks) ? `includes ${count(r.new_fallbacks)} requests the new side failed and legacy answered (fallbacks)` : ""}">${err(r.new_error_rate, r.legacy_error_rate)}</td>
         <td data-col="legacy_p99_ms" class="num">${ms(r.legacy_p99_ms)}</td>
         <td data-col="new_p99_ms" class="num">${ms(r.new_p99_ms)}</td>
         <td data-col="match_rate" class="num">${pct(r.match_rate)}</td>

@@ -156,6 +156,32 @@ FROM {db}.spans
 WHERE kind = 'server' AND shadow = 0 AND backend != ''
 GROUP BY minute, backend",
     ),
+    (
+        10,
+        "fallbacks per minute",
+        "CREATE TABLE IF NOT EXISTS {db}.fallback_minute (
+    minute DateTime,
+    route String,
+    fallbacks AggregateFunction(count)
+) ENGINE = AggregatingMergeTree
+PARTITION BY toDate(minute)
+ORDER BY (route, minute)",
+    ),
+    (
+        11,
+        "fallbacks per minute feed",
+        // A request the router gave the new side and served from legacy after the new
+        // side failed: in route_minute it is a legacy success, so the dashboards
+        // add these to the new side's failures.
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.fallback_minute_mv TO {db}.fallback_minute
+AS SELECT
+    toStartOfMinute(start_time) AS minute,
+    route,
+    countState() AS fallbacks
+FROM {db}.spans
+WHERE decision = 'fallback' AND shadow = 0 AND route != ''
+GROUP BY minute, route",
+    ),
 ];
 /// The name of the span the CLI sends for each route lifecycle change.
 pub const ROUTE_CHANGE_SPAN: &str = "strangler.route.change";
