@@ -380,9 +380,11 @@ fn text(v: &ColumnValue) -> Option<String> {
     }
 }
 
-fn transpose<'a>(
+/// Rows of text values as one array per column: the `text[]` parameters the
+/// mapping SQL (`unnest($1::text[], …)`) takes.
+pub(crate) fn transpose<'a>(
     width: usize,
-    rows: impl Iterator<Item = &'a Vec<Option<String>>>,
+    rows: impl IntoIterator<Item = &'a Vec<Option<String>>>,
 ) -> Vec<Vec<Option<String>>> {
     let mut columns = vec![Vec::new(); width];
     for row in rows {
@@ -393,7 +395,28 @@ fn transpose<'a>(
     columns
 }
 
-async fn execute(
+/// Runs mapping SQL with `text[]` parameters and returns every column as text.
+pub(crate) async fn text_rows(
+    db: &impl tokio_postgres::GenericClient,
+    sql: &str,
+    columns: &[Vec<Option<String>>],
+) -> Result<Vec<Vec<Option<String>>>, tokio_postgres::Error> {
+    let params: Vec<&(dyn ToSql + Sync)> =
+        columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+    Ok(db
+        .query(sql, &params)
+        .await?
+        .iter()
+        .map(|r| {
+            (0..r.len())
+                .map(|i| r.get::<_, Option<String>>(i))
+                .collect()
+        })
+        .collect())
+}
+
+/// Runs mapping SQL with `text[]` parameters; rows affected.
+pub(crate) async fn execute(
     tx: &tokio_postgres::Transaction<'_>,
     sql: &str,
     columns: &[Vec<Option<String>>],

@@ -9,9 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio_postgres::Transaction;
-use tokio_postgres::types::ToSql;
 
-use crate::apply::{ApplyError, Before, Key, TableChanges};
+use crate::apply::{ApplyError, Before, Key, TableChanges, Values, text_rows, transpose};
 use crate::plan::TablePlan;
 
 /// How a mapping resolves a conflict.
@@ -115,67 +114,104 @@ fn route_on_new(history: &Path, route: &str) -> Result<bool, String> {
 
 type Mapped = Vec<Option<String>>;
 
-async fn query(
-    tx: &Transaction<'_>,
-    sql: &str,
-    columns: &[Vec<Option<String>>],
-) -> Result<Vec<tokio_postgres::Row>, ApplyError> {
-    let params: Vec<&(dyn ToSql + Sync)> =
-        columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-    tx.query(sql, &params)
-        .await
-        .map_err(|e| ApplyError::Rejected {
-            table: "(conflict check)".into(),
-            key: String::new(),
-            message: e.to_string(),
-        })
-}
-
-fn transpose(width: usize, rows: &[&Vec<Option<String>>]) -> Vec<Vec<Option<String>>> {
-    let mut out = vec![Vec::new(); width];
-    for r in rows {
-        for (i, v) in r.iter().enumerate().take(width) {
-            out[i].push(v.clone());
-        }
+fn query_error(e: tokio_postgres::Error) -> ApplyError {
+    ApplyError::Rejected {
+        table: "(conflict check)".into(),
+        key: String::new(),
+        message: e.to_string(),
     }
-    out
 }
 
-/// Maps carried rows through the mapping: source key → the target row the filter
-/// keeps (or `None` when it filters the row out).
-async fn mapped(
-    tx: &Transaction<'_>,
+/// A conflict check's inputs from one table's changes: the keys whose old row is
+/// known, the new versions of those rows and the old ones, to be mapped.
+pub(crate) struct Candidates<'a> {
+    /// Source keys with a known old row.
+    pub keys: Vec<&'a Key>,
+    /// Their new versions (carried values), where present.
+    pub incoming: Vec<&'a Values>,
+    /// Their old versions, where the row existed.
+    pub before: Vec<&'a Values>,
+}
+
+impl<'a> Candidates<'a> {
+    /// The candidates of `changes`.
+    pub(crate) fn of(changes: &'a TableChanges) -> Self {
+        let present: HashMap<&Key, &Values> = changes.present.iter().map(|(k, v)| (k, v)).collect();
+        let mut out = Self {
+            keys: Vec::new(),
+            incoming: Vec::new(),
+            before: Vec::new(),
+        };
+        for (k, b) in &changes.before {
+            let Some(b) = b else { continue };
+            out.keys.push(k);
+            if let Some(v) = present.get(k) {
+                out.incoming.push(v);
+            }
+            if let Before::Row(v) = b {
+                out.before.push(v);
+            }
+        }
+        out
+    }
+}
+
+/// Maps carried rows through `sql` (`rows_sql` or `rows_text_sql`: source key, keep
+/// flag, mapped row) on `db`: source key → the target row the filter keeps, or
+/// `None` when it filters the row out.
+pub(crate) async fn map_rows(
+    db: &impl tokio_postgres::GenericClient,
+    sql: &str,
     plan: &TablePlan,
-    rows: &[&Vec<Option<String>>],
+    rows: &[&Values],
 ) -> Result<HashMap<Key, Option<Mapped>>, ApplyError> {
     if rows.is_empty() {
         return Ok(HashMap::new());
     }
     let keys = plan.source_key().len();
-    let out = query(tx, &plan.rows_sql, &transpose(plan.carried.len(), rows)).await?;
-    Ok(out
-        .iter()
-        .map(|r| {
-            let key: Key = (0..keys).map(|i| r.get::<_, Option<String>>(i)).collect();
-            let keep: bool = r.get(keys);
-            let row: Mapped = (keys + 1..r.len())
-                .map(|i| r.get::<_, Option<String>>(i))
-                .collect();
-            (key, keep.then_some(row))
+    let columns = transpose(plan.carried.len(), rows.iter().copied());
+    Ok(text_rows(db, sql, &columns)
+        .await
+        .map_err(query_error)?
+        .into_iter()
+        .map(|mut r| {
+            let row = r.split_off(keys + 1);
+            let keep = r.pop().flatten().as_deref() == Some("true");
+            (r, keep.then_some(row))
         })
         .collect())
 }
 
-fn target_key(plan: &TablePlan, row: &Mapped) -> Vec<Option<String>> {
+/// Positions of the target key columns among the mapping's outputs.
+pub(crate) fn key_positions(plan: &TablePlan) -> Vec<usize> {
     plan.target
         .key
         .iter()
         .filter_map(|k| plan.mapping.outputs.iter().position(|o| &o.column == k))
+        .collect()
+}
+
+/// A mapped row's target key.
+pub(crate) fn target_key(plan: &TablePlan, row: &Mapped) -> Vec<Option<String>> {
+    key_positions(plan)
+        .into_iter()
         .map(|i| row.get(i).cloned().flatten())
         .collect()
 }
 
-fn show(plan: &TablePlan, row: Option<&Mapped>) -> String {
+/// `id=7, …` for messages.
+pub(crate) fn key_text(plan: &TablePlan, tkey: &[Option<String>]) -> String {
+    plan.target
+        .key
+        .iter()
+        .zip(tkey)
+        .map(|(c, v)| format!("{c}={}", v.as_deref().unwrap_or("NULL")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `{col=value, …}` or `no row`, for messages.
+pub(crate) fn show(plan: &TablePlan, row: Option<&Mapped>) -> String {
     match row {
         None => "no row".into(),
         Some(r) => {
@@ -191,42 +227,103 @@ fn show(plan: &TablePlan, row: Option<&Mapped>) -> String {
     }
 }
 
-/// Finds the batch's rows that were also changed on the target since their last
-/// sync, resolves each by `plan.conflict` (dropping the incoming change where the
-/// target wins) and returns how many there were. Rows whose before image is not
+/// How a found conflict is settled: a winner now, or (for `newer:<column>`) a
+/// comparison of that output column (its index) that only the target can make.
+pub(crate) enum Settle {
+    /// Decided.
+    Winner(Winner),
+    /// Compare output `index` of the incoming and the current row.
+    Newer(usize),
+}
+
+/// Applies `plan.conflict` to one conflict; `stop` becomes the error that stops
+/// the stream, naming the key and both versions.
+pub(crate) fn settle(
+    plan: &TablePlan,
+    tkey: &[Option<String>],
+    incoming: Option<&Mapped>,
+    current: Option<&Mapped>,
+) -> Result<Settle, ApplyError> {
+    Ok(match &plan.conflict {
+        Policy::Off | Policy::Source => Settle::Winner(Winner::Source),
+        Policy::Target => Settle::Winner(Winner::Target),
+        Policy::Owner(owner) => Settle::Winner(owner.winner().map_err(ApplyError::Unsafe)?),
+        Policy::Newer(column) => {
+            let Some(i) = plan
+                .mapping
+                .outputs
+                .iter()
+                .position(|o| &o.column == column)
+            else {
+                return Err(ApplyError::Unsafe(format!(
+                    "conflict = \"newer:{column}\": the mapping for {} has no output column {column}",
+                    plan.target.quoted()
+                )));
+            };
+            // A delete has no value, and a row gone on the target none to beat.
+            match (
+                incoming.and_then(|r| r.get(i).cloned().flatten()),
+                current.and_then(|r| r.get(i).cloned().flatten()),
+            ) {
+                (Some(_), Some(_)) => Settle::Newer(i),
+                _ => Settle::Winner(Winner::Source),
+            }
+        }
+        Policy::Stop => {
+            return Err(ApplyError::Conflict {
+                table: plan.target.quoted(),
+                key: key_text(plan, tkey),
+                incoming: show(plan, incoming),
+                current: show(plan, current),
+            });
+        }
+    })
+}
+
+/// Logs a settled conflict.
+pub(crate) fn log(
+    plan: &TablePlan,
+    tkey: &[Option<String>],
+    incoming: Option<&Mapped>,
+    current: Option<&Mapped>,
+    winner: Winner,
+) {
+    tracing::warn!(
+        table = %plan.target.quoted(),
+        key = %key_text(plan, tkey),
+        incoming = %show(plan, incoming),
+        current = %show(plan, current),
+        winner = ?winner,
+        "conflict: the row changed on both sides"
+    );
+}
+
+/// Drops the incoming changes of rows whose target version won.
+pub(crate) fn drop_changes(changes: &mut TableChanges, skip: &[Key]) {
+    if !skip.is_empty() {
+        changes.present.retain(|(k, _)| !skip.contains(k));
+        changes.deleted.retain(|k| !skip.contains(k));
+    }
+}
+
+/// Finds the batch's rows that were also changed on a PostgreSQL target since their
+/// last sync, resolves each by `plan.conflict` (dropping the incoming change where
+/// the target wins) and returns how many there were. Rows whose before image is not
 /// known (no full old row from the source) are not checked.
 pub async fn resolve(
     tx: &Transaction<'_>,
     plan: &TablePlan,
     changes: &mut TableChanges,
 ) -> Result<u64, ApplyError> {
-    let table = plan.target.quoted();
-    let known: Vec<(&Key, &Before)> = changes
-        .before
-        .iter()
-        .filter_map(|(k, b)| b.as_ref().map(|b| (k, b)))
-        .collect();
-    if known.is_empty() {
+    let c = Candidates::of(changes);
+    if c.keys.is_empty() {
         return Ok(0);
     }
-    let present: HashMap<&Key, &Vec<Option<String>>> =
-        changes.present.iter().map(|(k, v)| (k, v)).collect();
-    let incoming_rows: Vec<&Vec<Option<String>>> = known
-        .iter()
-        .filter_map(|(k, _)| present.get(k).copied())
-        .collect();
-    let incoming = mapped(tx, plan, &incoming_rows).await?;
-    let before_rows: Vec<&Vec<Option<String>>> = known
-        .iter()
-        .filter_map(|(_, b)| match b {
-            Before::Row(v) => Some(v),
-            Before::Absent => None,
-        })
-        .collect();
-    let expected = mapped(tx, plan, &before_rows).await?;
+    let incoming = map_rows(tx, &plan.rows_sql, plan, &c.incoming).await?;
+    let expected = map_rows(tx, &plan.rows_sql, plan, &c.before).await?;
     // Each checked row's target key: from its old version, else its new one.
     let mut tkeys: HashMap<&Key, Vec<Option<String>>> = HashMap::new();
-    for (k, _) in &known {
+    for k in &c.keys {
         let row = expected
             .get(*k)
             .cloned()
@@ -240,24 +337,20 @@ pub async fn resolve(
     let current: HashMap<Vec<Option<String>>, Mapped> = if wanted.is_empty() {
         HashMap::new()
     } else {
-        query(
+        text_rows(
             tx,
             &plan.current_sql,
-            &transpose(plan.target.key.len(), &wanted),
+            &transpose(plan.target.key.len(), wanted),
         )
-        .await?
-        .iter()
-        .map(|r| {
-            let row: Mapped = (0..r.len())
-                .map(|i| r.get::<_, Option<String>>(i))
-                .collect();
-            (target_key(plan, &row), row)
-        })
+        .await
+        .map_err(query_error)?
+        .into_iter()
+        .map(|row| (target_key(plan, &row), row))
         .collect()
     };
     let mut skip: Vec<Key> = Vec::new();
     let mut found = 0u64;
-    for (k, _) in &known {
+    for k in &c.keys {
         let Some(tkey) = tkeys.get(*k) else {
             continue;
         };
@@ -268,78 +361,40 @@ pub async fn resolve(
         }
         found += 1;
         let new = incoming.get(*k).cloned().flatten();
-        let key_text = plan
-            .target
-            .key
-            .iter()
-            .zip(tkey)
-            .map(|(c, v)| format!("{c}={}", v.as_deref().unwrap_or("NULL")))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let winner = match &plan.conflict {
-            Policy::Off | Policy::Source => Winner::Source,
-            Policy::Target => Winner::Target,
-            Policy::Owner(owner) => owner.winner().map_err(ApplyError::Unsafe)?,
-            Policy::Newer(column) => newer(tx, plan, column, new.as_ref(), now).await?,
-            Policy::Stop => {
-                return Err(ApplyError::Conflict {
-                    table,
-                    key: key_text,
-                    incoming: show(plan, new.as_ref()),
-                    current: show(plan, now),
-                });
-            }
+        let winner = match settle(plan, tkey, new.as_ref(), now)? {
+            Settle::Winner(w) => w,
+            Settle::Newer(i) => newer(tx, plan, i, new.as_ref(), now).await?,
         };
-        tracing::warn!(
-            table = %table,
-            key = %key_text,
-            incoming = %show(plan, new.as_ref()),
-            current = %show(plan, now),
-            winner = ?winner,
-            "conflict: the row changed on both sides"
-        );
+        log(plan, tkey, new.as_ref(), now, winner);
         if winner == Winner::Target {
             skip.push((*k).clone());
         }
     }
-    if !skip.is_empty() {
-        changes.present.retain(|(k, _)| !skip.contains(k));
-        changes.deleted.retain(|k| !skip.contains(k));
-    }
+    drop_changes(changes, &skip);
     Ok(found)
 }
 
-/// `newer:<column>`: the incoming version wins unless the target's value in
-/// `column` is later (a delete has no value and wins).
+/// `newer:<column>` on PostgreSQL: the incoming version wins unless the target's
+/// value in output `i` is later (compared as the target column's type).
 async fn newer(
     tx: &Transaction<'_>,
     plan: &TablePlan,
-    column: &str,
+    i: usize,
     incoming: Option<&Mapped>,
     current: Option<&Mapped>,
 ) -> Result<Winner, ApplyError> {
-    let Some(i) = plan.mapping.outputs.iter().position(|o| o.column == column) else {
-        return Err(ApplyError::Unsafe(format!(
-            "conflict = \"newer:{column}\": the mapping for {} has no output column {column}",
-            plan.target.quoted()
-        )));
-    };
-    let (Some(new), Some(old)) = (
-        incoming.and_then(|r| r.get(i).cloned().flatten()),
-        current.and_then(|r| r.get(i).cloned().flatten()),
-    ) else {
-        return Ok(Winner::Source);
-    };
+    let column = &plan.mapping.outputs[i].column;
+    let value = |r: Option<&Mapped>| r.and_then(|r| r.get(i).cloned().flatten());
     let cast = plan
         .target
         .columns
         .iter()
-        .find(|c| c.name == column)
+        .find(|c| &c.name == column)
         .map_or("text".to_string(), |c| c.type_sql.clone());
     let row = tx
         .query_one(
             &format!("SELECT $1::text::{cast} < $2::text::{cast}"),
-            &[&new, &old],
+            &[&value(incoming), &value(current)],
         )
         .await
         .map_err(|e| ApplyError::Unsafe(format!("comparing {column} values: {e}")))?;

@@ -388,13 +388,11 @@ async fn prepare(config: &CdcConfig, conn: &mut Conn, target: &Client) -> Result
                 .map(|c| Arc::from(c.name.as_str()))
                 .collect(),
         );
-        let mut plan = check_with(mapping, table, target).await?;
-        plan.conflict = config
-            .conflicts
-            .get(plans.len())
-            .cloned()
-            .unwrap_or_default();
-        plans.push(plan);
+        plans.push(
+            check_with(mapping, table, target)
+                .await?
+                .with_conflict(config.conflicts.get(plans.len()))?,
+        );
         convs.push(conv);
     }
     Ok(Source {
@@ -540,15 +538,8 @@ async fn upsert(
     if rows.is_empty() {
         return Ok(0);
     }
-    let columns: Vec<Vec<Option<String>>> = (0..plan.carried.len())
-        .map(|i| rows.iter().map(|r| r.get(i).cloned().flatten()).collect())
-        .collect();
-    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = columns
-        .iter()
-        .map(|c| c as &(dyn tokio_postgres::types::ToSql + Sync))
-        .collect();
-    let n = tx
-        .execute(&plan.upsert_sql, &params)
+    let columns = crate::apply::transpose(plan.carried.len(), rows.iter());
+    let n = crate::apply::execute(tx, &plan.upsert_sql, &columns)
         .await
         .map_err(|e| snapshot_error(plan, e))?;
     rows.clear();
@@ -1086,7 +1077,6 @@ async fn compare_table(
     let mut expected: BTreeMap<String, Vec<Option<String>>> = BTreeMap::new();
     let mut result = conn.query_iter(sql).await.map_err(mysql_error)?;
     let mut chunk: Vec<Vec<Option<String>>> = Vec::new();
-    let keys = plan.source_key().len();
     loop {
         let row = result.next().await.map_err(mysql_error)?;
         let done = row.is_none();
@@ -1100,22 +1090,13 @@ async fn compare_table(
             );
         }
         if chunk.len() >= 5_000 || (done && !chunk.is_empty()) {
-            let columns: Vec<Vec<Option<String>>> = (0..plan.carried.len())
-                .map(|i| chunk.iter().map(|r| r.get(i).cloned().flatten()).collect())
-                .collect();
-            let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = columns
-                .iter()
-                .map(|c| c as &(dyn tokio_postgres::types::ToSql + Sync))
-                .collect();
-            for r in target
-                .query(&plan.rows_sql, &params)
-                .await
-                .map_err(|e| snapshot_error(plan, e))?
+            let rows: Vec<&Vec<Option<String>>> = chunk.iter().collect();
+            for row in crate::conflict::map_rows(target, &plan.rows_sql, plan, &rows)
+                .await?
+                .into_values()
+                .flatten()
             {
-                if r.get::<_, bool>(keys) {
-                    let row: Vec<Option<String>> = (keys + 1..r.len()).map(|i| r.get(i)).collect();
-                    expected.insert(tkey(&row), row);
-                }
+                expected.insert(tkey(&row), row);
             }
             chunk.clear();
         }
@@ -1315,36 +1296,21 @@ impl MySqlSink {
             let (target, _) = describe(&mut conn, &ts, &tn)
                 .await?
                 .ok_or_else(|| fail(format!("target table {ts}.{tn} does not exist")))?;
-            let mut plan = crate::plan::check_tables(mapping, source_table, target)?;
-            plan.conflict = config
-                .conflicts
-                .get(plans.len())
-                .cloned()
-                .unwrap_or_default();
-            if plan.conflict.detects() && plan.source.replica_identity != 'f' {
-                return Err(fail(format!(
-                    "a conflict policy compares the target with each change's old row; run \
-                     ALTER TABLE {} REPLICA IDENTITY FULL on the source so PostgreSQL sends it",
-                    plan.source.quoted()
-                )));
-            }
-            for sql in [
+            let plan = crate::plan::check_tables(mapping, source_table, target)?
+                .with_conflict(config.conflicts.get(plans.len()))?;
+            let statements = [
                 Some(&plan.rows_text_sql),
                 Some(&plan.values_sql),
                 plan.filtered_out_keys_sql.as_ref(),
                 Some(&plan.delete_keys_sql),
-            ]
-            .into_iter()
-            .flatten()
-            {
-                eval.prepare(sql).await.map_err(|e| {
-                    fail(format!(
-                        "PostgreSQL rejects the mapping: {}",
-                        e.as_db_error()
-                            .map_or_else(|| e.to_string(), |d| d.message().to_string())
-                    ))
-                })?;
-            }
+            ];
+            crate::plan::prepare_all(
+                &eval,
+                statements.into_iter().flatten(),
+                mapping,
+                "PostgreSQL",
+            )
+            .await?;
             kinds.push(
                 plan.mapping
                     .outputs
@@ -1370,32 +1336,20 @@ async fn eval_pg(
     sql: &str,
     columns: &[Vec<Option<String>>],
 ) -> Result<Vec<Vec<Option<String>>>, ApplyError> {
-    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = columns
-        .iter()
-        .map(|c| c as &(dyn tokio_postgres::types::ToSql + Sync))
-        .collect();
-    let rows = eval
-        .query(sql, &params)
+    crate::apply::text_rows(eval, sql, columns)
         .await
         .map_err(|e| ApplyError::Rejected {
             table: "(mapping on the source)".into(),
             key: String::new(),
             message: e.to_string(),
-        })?;
-    Ok(rows
-        .iter()
-        .map(|r| {
-            (0..r.len())
-                .map(|i| r.get::<_, Option<String>>(i))
-                .collect()
         })
-        .collect())
 }
 
 /// Conflict detection and resolution for a MySQL target, inside its transaction: a
 /// row whose target version is no longer the change's mapped old row (compared by
 /// MySQL itself, `<=>` per column, so its own types decide equality) was changed on
 /// both sides. Returns how many; drops the incoming change where the target wins.
+/// The bookkeeping and the policy are `conflict`'s; only the reads are MySQL's.
 async fn resolve_mysql(
     tx: &mut mysql_async::Transaction<'_>,
     eval: &Client,
@@ -1403,71 +1357,14 @@ async fn resolve_mysql(
     kinds: &[Render],
     ch: &mut crate::apply::TableChanges,
 ) -> Result<u64, ApplyError> {
-    use crate::apply::Before;
-    use crate::conflict::{Policy, Winner};
-    use std::collections::HashMap;
-    let table = format!("{}.{}", q(&plan.target.schema), q(&plan.target.name));
-    let keys = plan.source_key().len();
-    let mapped = |rows: Vec<Vec<Option<String>>>| -> HashMap<Vec<Option<String>>, Option<Vec<Option<String>>>> {
-        rows.into_iter()
-            .map(|r| {
-                let key = r[..keys].to_vec();
-                let keep = r.get(keys).cloned().flatten().as_deref() == Some("true");
-                (key, keep.then(|| r[keys + 1..].to_vec()))
-            })
-            .collect()
-    };
-    let known: Vec<(Vec<Option<String>>, Before)> = ch
-        .before
-        .iter()
-        .filter_map(|(k, b)| b.clone().map(|b| (k.clone(), b)))
-        .collect();
-    if known.is_empty() {
+    use crate::conflict::{self, Candidates, Settle, Winner};
+    let c = Candidates::of(ch);
+    if c.keys.is_empty() {
         return Ok(0);
     }
-    let present: HashMap<&Vec<Option<String>>, &Vec<Option<String>>> =
-        ch.present.iter().map(|(k, v)| (k, v)).collect();
-    let incoming_rows: Vec<&Vec<Option<String>>> = known
-        .iter()
-        .filter_map(|(k, _)| present.get(k).copied())
-        .collect();
-    let incoming = if incoming_rows.is_empty() {
-        HashMap::new()
-    } else {
-        mapped(
-            eval_pg(
-                eval,
-                &plan.rows_text_sql,
-                &columns_of(plan.carried.len(), incoming_rows.into_iter()),
-            )
-            .await?,
-        )
-    };
-    let before_rows: Vec<&Vec<Option<String>>> = known
-        .iter()
-        .filter_map(|(_, b)| match b {
-            Before::Row(v) => Some(v),
-            Before::Absent => None,
-        })
-        .collect();
-    let expected = if before_rows.is_empty() {
-        HashMap::new()
-    } else {
-        mapped(
-            eval_pg(
-                eval,
-                &plan.rows_text_sql,
-                &columns_of(plan.carried.len(), before_rows.into_iter()),
-            )
-            .await?,
-        )
-    };
-    let key_pos: Vec<usize> = plan
-        .target
-        .key
-        .iter()
-        .filter_map(|k| plan.mapping.outputs.iter().position(|o| &o.column == k))
-        .collect();
+    let incoming = conflict::map_rows(eval, &plan.rows_text_sql, plan, &c.incoming).await?;
+    let expected = conflict::map_rows(eval, &plan.rows_text_sql, plan, &c.before).await?;
+    let table = format!("{}.{}", q(&plan.target.schema), q(&plan.target.name));
     let key_match = plan
         .target
         .key
@@ -1476,36 +1373,36 @@ async fn resolve_mysql(
         .collect::<Vec<_>>()
         .join(" AND ");
     let cols: Vec<String> = plan.mapping.outputs.iter().map(|o| q(&o.column)).collect();
+    let same_sql = format!(
+        "SELECT {} FROM {table} WHERE {key_match}",
+        cols.iter()
+            .map(|c| format!("{c} <=> ?"))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    );
     let mut skip = Vec::new();
     let mut found = 0u64;
-    for (k, _) in &known {
-        let was = expected.get(k).cloned().flatten();
-        let new = incoming.get(k).cloned().flatten();
+    for k in &c.keys {
+        let was = expected.get(*k).cloned().flatten();
+        let new = incoming.get(*k).cloned().flatten();
         let Some(basis) = was.as_ref().or(new.as_ref()) else {
             continue;
         };
-        let tkey: Vec<Value> = key_pos
+        let tkey = conflict::target_key(plan, basis);
+        let key_params: Vec<Value> = tkey
             .iter()
-            .map(|i| to_mysql(basis.get(*i).cloned().flatten().as_deref(), Render::Plain))
+            .map(|v| to_mysql(v.as_deref(), Render::Plain))
             .collect();
         let same = match &was {
             Some(row) => {
-                let test = cols
-                    .iter()
-                    .map(|c| format!("{c} <=> ?"))
-                    .collect::<Vec<_>>()
-                    .join(" AND ");
                 let mut params: Vec<Value> = row
                     .iter()
                     .zip(kinds)
                     .map(|(v, kind)| to_mysql(v.as_deref(), *kind))
                     .collect();
-                params.extend(tkey.iter().cloned());
+                params.extend(key_params.iter().cloned());
                 let r: Option<Option<i64>> = tx
-                    .exec_first(
-                        format!("SELECT {test} FROM {table} WHERE {key_match}"),
-                        params,
-                    )
+                    .exec_first(&same_sql, params)
                     .await
                     .map_err(|e| sink_error(&table, e))?;
                 r.flatten() == Some(1)
@@ -1514,7 +1411,7 @@ async fn resolve_mysql(
                 let r: Option<i64> = tx
                     .exec_first(
                         format!("SELECT 1 FROM {table} WHERE {key_match}"),
-                        tkey.clone(),
+                        key_params.clone(),
                     )
                     .await
                     .map_err(|e| sink_error(&table, e))?;
@@ -1525,137 +1422,50 @@ async fn resolve_mysql(
             continue;
         }
         found += 1;
-        let current: Option<mysql_async::Row> = tx
-            .exec_first(
+        let current: Option<Vec<Option<String>>> = tx
+            .exec_first::<mysql_async::Row, _, _>(
                 format!("SELECT {} FROM {table} WHERE {key_match}", cols.join(", ")),
-                tkey.clone(),
+                key_params.clone(),
             )
             .await
-            .map_err(|e| sink_error(&table, e))?;
-        let show = |row: Option<Vec<String>>| match row {
-            None => "no row".to_string(),
-            Some(vals) => format!(
-                "{{{}}}",
-                plan.mapping
-                    .outputs
+            .map_err(|e| sink_error(&table, e))?
+            .map(|r| {
+                r.unwrap()
                     .iter()
-                    .zip(vals)
-                    .map(|(o, v)| format!("{}={v}", o.column))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        };
-        let current_text = show(current.map(|r| {
-            r.unwrap()
-                .iter()
-                .map(|v| {
-                    if *v == Value::NULL {
-                        "NULL".into()
-                    } else {
-                        value_text(v)
-                    }
-                })
-                .collect()
-        }));
-        let incoming_text = show(new.as_ref().map(|r| {
-            r.iter()
-                .map(|v| v.clone().unwrap_or_else(|| "NULL".into()))
-                .collect()
-        }));
-        let key_text = plan
-            .target
-            .key
-            .iter()
-            .zip(&key_pos)
-            .map(|(c, i)| {
-                format!(
-                    "{c}={}",
-                    basis
-                        .get(*i)
-                        .cloned()
-                        .flatten()
-                        .unwrap_or_else(|| "NULL".into())
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
-        let winner = match &plan.conflict {
-            Policy::Off | Policy::Source => Winner::Source,
-            Policy::Target => Winner::Target,
-            Policy::Owner(owner) => owner.winner().map_err(ApplyError::Unsafe)?,
-            Policy::Newer(column) => {
-                let Some(i) = plan
-                    .mapping
-                    .outputs
-                    .iter()
-                    .position(|o| &o.column == column)
-                else {
-                    return Err(ApplyError::Unsafe(format!(
-                        "conflict = \"newer:{column}\": the mapping for {table} has no output column {column}"
-                    )));
-                };
-                match new.as_ref().and_then(|r| r.get(i).cloned().flatten()) {
-                    None => Winner::Source,
-                    Some(v) => {
-                        let mut params = vec![to_mysql(
-                            Some(&v),
-                            kinds.get(i).copied().unwrap_or(Render::Plain),
-                        )];
-                        params.extend(tkey.iter().cloned());
-                        let r: Option<Option<i64>> = tx
-                            .exec_first(
-                                format!("SELECT ? >= {} FROM {table} WHERE {key_match}", q(column)),
-                                params,
-                            )
-                            .await
-                            .map_err(|e| sink_error(&table, e))?;
-                        if r.flatten() == Some(0) {
-                            Winner::Target
-                        } else {
-                            Winner::Source
-                        }
-                    }
+                    .map(|v| (*v != Value::NULL).then(|| value_text(v)))
+                    .collect()
+            });
+        let winner = match conflict::settle(plan, &tkey, new.as_ref(), current.as_ref())? {
+            Settle::Winner(w) => w,
+            Settle::Newer(i) => {
+                // `newer:` on MySQL: the incoming value against the column, by MySQL's types.
+                let incoming_value = new.as_ref().and_then(|r| r.get(i).cloned().flatten());
+                let mut params = vec![to_mysql(
+                    incoming_value.as_deref(),
+                    kinds.get(i).copied().unwrap_or(Render::Plain),
+                )];
+                params.extend(key_params.iter().cloned());
+                let r: Option<Option<i64>> = tx
+                    .exec_first(
+                        format!("SELECT ? >= {} FROM {table} WHERE {key_match}", cols[i]),
+                        params,
+                    )
+                    .await
+                    .map_err(|e| sink_error(&table, e))?;
+                if r.flatten() == Some(0) {
+                    Winner::Target
+                } else {
+                    Winner::Source
                 }
             }
-            Policy::Stop => {
-                return Err(ApplyError::Conflict {
-                    table,
-                    key: key_text,
-                    incoming: incoming_text,
-                    current: current_text,
-                });
-            }
         };
-        tracing::warn!(
-            table = %table,
-            key = %key_text,
-            incoming = %incoming_text,
-            current = %current_text,
-            winner = ?winner,
-            "conflict: the row changed on both sides"
-        );
+        conflict::log(plan, &tkey, new.as_ref(), current.as_ref(), winner);
         if winner == Winner::Target {
-            skip.push(k.clone());
+            skip.push((*k).clone());
         }
     }
-    if !skip.is_empty() {
-        ch.present.retain(|(k, _)| !skip.contains(k));
-        ch.deleted.retain(|k| !skip.contains(k));
-    }
+    conflict::drop_changes(ch, &skip);
     Ok(found)
-}
-
-fn columns_of<'a>(
-    width: usize,
-    rows: impl Iterator<Item = &'a Vec<Option<String>>>,
-) -> Vec<Vec<Option<String>>> {
-    let mut out = vec![Vec::new(); width];
-    for r in rows {
-        for (i, v) in r.iter().enumerate().take(width) {
-            out[i].push(v.clone());
-        }
-    }
-    out
 }
 
 fn sink_error(table: &str, e: mysql_async::Error) -> crate::apply::ApplyError {
@@ -1702,14 +1512,15 @@ impl crate::sink::Sink for MySqlSink {
                 eval_pg(
                     eval,
                     &plan.delete_keys_sql,
-                    &columns_of(plan.source_key().len(), ch.deleted.iter()),
+                    &crate::apply::transpose(plan.source_key().len(), ch.deleted.iter()),
                 )
                 .await?
             };
             let (present, filtered_out) = if ch.present.is_empty() {
                 (Vec::new(), Vec::new())
             } else {
-                let carried = columns_of(plan.carried.len(), ch.present.iter().map(|(_, v)| v));
+                let carried =
+                    crate::apply::transpose(plan.carried.len(), ch.present.iter().map(|(_, v)| v));
                 let present = eval_pg(eval, &plan.values_sql, &carried).await?;
                 let gone = match &plan.filtered_out_keys_sql {
                     Some(sql) => eval_pg(eval, sql, &carried).await?,

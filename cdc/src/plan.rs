@@ -193,7 +193,8 @@ pub struct TablePlan {
     /// Target keys (text) of deleted rows (one text[] parameter per source key column).
     pub delete_keys_sql: String,
     /// For conflict detection: per carried row, its source key (text), whether the
-    /// filter keeps it, and the mapped target row (text, `mapping.outputs` order).
+    /// filter keeps it (`true`/`false`), and the mapped target row (text,
+    /// `mapping.outputs` order).
     pub rows_sql: String,
     /// [`TablePlan::rows_sql`] without the casts to the target's types (for a MySQL
     /// target, whose types PostgreSQL does not have).
@@ -209,6 +210,27 @@ impl TablePlan {
     /// The source key columns.
     pub fn source_key(&self) -> &[String] {
         &self.source.key
+    }
+
+    /// The plan with conflict policy `policy`; refused when the source does not send
+    /// each change's whole old row, which detecting a conflict compares with.
+    pub fn with_conflict(
+        mut self,
+        policy: Option<&crate::conflict::Policy>,
+    ) -> Result<Self, CheckError> {
+        let policy = policy.cloned().unwrap_or_default();
+        if policy.detects() && self.source.replica_identity != 'f' {
+            return Err(CheckError::Schema {
+                target: self.mapping.target.clone(),
+                message: format!(
+                    "a conflict policy compares the target with each change's old row; run \
+                     ALTER TABLE {} REPLICA IDENTITY FULL on the source so PostgreSQL sends it",
+                    self.source.quoted()
+                ),
+            });
+        }
+        self.conflict = policy;
+        Ok(self)
     }
 }
 
@@ -241,20 +263,33 @@ pub async fn check(
         ))
     })?;
     let plan = check_with(mapping, source, target_db).await?;
-    source_db
-        .prepare(&format!(
-            "SELECT * FROM ({}) AS m LIMIT 0",
-            select_on_source(&plan, None)
-        ))
-        .await
-        .map_err(|e| {
-            fail(format!(
-                "the source rejects the mapping: {}",
+    let snapshot = format!(
+        "SELECT * FROM ({}) AS m LIMIT 0",
+        select_on_source(&plan, None)
+    );
+    prepare_all(source_db, [&snapshot], mapping, "the source").await?;
+    Ok(plan)
+}
+
+/// Type-checks statements now rather than at the first row: `db` parses and plans
+/// each, and a refusal names `who` and the mapping's target.
+pub(crate) async fn prepare_all(
+    db: &Client,
+    statements: impl IntoIterator<Item = &String>,
+    mapping: &Mapping,
+    who: &str,
+) -> Result<(), CheckError> {
+    for sql in statements {
+        db.prepare(sql).await.map_err(|e| CheckError::Schema {
+            target: mapping.target.clone(),
+            message: format!(
+                "{who} rejects the mapping: {}",
                 e.as_db_error()
                     .map_or_else(|| e.to_string(), |d| d.message().to_string())
-            ))
+            ),
         })?;
-    Ok(plan)
+    }
+    Ok(())
 }
 
 /// The checks and SQL of [`check`] for a source table described elsewhere (a MySQL
@@ -273,23 +308,18 @@ pub async fn check_with(
         .await?
         .ok_or_else(|| fail(format!("target table {ts}.{tn} does not exist")))?;
     let plan = check_tables(mapping, source, target)?;
-    // Type check: the target parses and plans every statement now, not at the first row.
-    for sql in [
+    let statements = [
         Some(&plan.upsert_sql),
         plan.filtered_out_sql.as_ref(),
         Some(&plan.delete_sql),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        target_db.prepare(sql).await.map_err(|e| {
-            fail(format!(
-                "the target rejects the mapping: {}",
-                e.as_db_error()
-                    .map_or_else(|| e.to_string(), |d| d.message().to_string())
-            ))
-        })?;
-    }
+    ];
+    prepare_all(
+        target_db,
+        statements.into_iter().flatten(),
+        mapping,
+        "the target",
+    )
+    .await?;
     Ok(plan)
 }
 
@@ -613,7 +643,7 @@ fn build(mapping: Mapping, source: Table, target: Table, carried: Vec<Column>) -
         .collect::<Vec<_>>()
         .join(", ");
     let rows_sql = format!(
-        "SELECT {src_keys}, {keep} AS strangler_keep, {as_target_text} FROM {}",
+        "SELECT {src_keys}, ({keep})::text AS strangler_keep, {as_target_text} FROM {}",
         unnest(&all)
     );
     let rows_text_sql = format!(

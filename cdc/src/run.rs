@@ -574,19 +574,11 @@ async fn sink_and_plans(
     let target = connect(&config.target, "target").await?;
     let mut plans = Vec::new();
     for (m, policy) in config.mappings.iter().zip(&config.conflicts) {
-        let mut plan = crate::plan::check(m, source, &target).await?;
-        if policy.detects() && plan.source.replica_identity != 'f' {
-            return Err(CdcError::Check(crate::plan::CheckError::Schema {
-                target: m.target.clone(),
-                message: format!(
-                    "a conflict policy compares the target with each change's old row; run \
-                     ALTER TABLE {} REPLICA IDENTITY FULL on the source so PostgreSQL sends it",
-                    plan.source.quoted()
-                ),
-            }));
-        }
-        plan.conflict = policy.clone();
-        plans.push(plan);
+        plans.push(
+            crate::plan::check(m, source, &target)
+                .await?
+                .with_conflict(Some(policy))?,
+        );
     }
     crate::apply::tag_origin(&target, &config.origin).await?;
     ensure_checkpoint_table(&target).await?;
