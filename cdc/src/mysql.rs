@@ -325,6 +325,18 @@ impl Position {
     }
 }
 
+/// The end of the server's binlog now (`None` when binary logging is off).
+async fn binlog_end(conn: &mut Conn) -> Result<Option<Position>, CdcError> {
+    let row: Option<mysql_async::Row> = conn
+        .query_first("SHOW MASTER STATUS")
+        .await
+        .map_err(mysql_error)?;
+    Ok(row.map(|r| Position {
+        file: r.get(0).unwrap_or_default(),
+        offset: r.get(1).unwrap_or(4),
+    }))
+}
+
 async fn position_of(conn: &mut Conn, lsn: Lsn) -> Result<Position, CdcError> {
     let number = lsn.0 >> 32;
     let logs: Vec<mysql_async::Row> = conn.query("SHOW BINARY LOGS").await.map_err(mysql_error)?;
@@ -712,13 +724,9 @@ pub async fn run(
         },
         None if config.snapshot => snapshot(config, &mut conn, &mut target, &src).await?,
         None => {
-            let (file, offset): (String, u64) = conn
-                .query_first("SHOW MASTER STATUS")
-                .await
-                .map_err(mysql_error)?
-                .map(|r: mysql_async::Row| (r.get(0).unwrap_or_default(), r.get(1).unwrap_or(4)))
+            let p = binlog_end(&mut conn)
+                .await?
                 .ok_or_else(|| mysql_error("SHOW MASTER STATUS is empty: is log_bin on?"))?;
-            let p = Position { file, offset };
             write_checkpoint(&target, &config.slot, p.lsn()).await?;
             p
         }
@@ -763,14 +771,8 @@ pub async fn run(
         .iter()
         .map(|p| (p.source.schema.clone(), p.source.name.clone()))
         .collect();
-    // A server id of our own: derived from the stream's name, away from small ids.
-    let server_id = 1_000_000
-        + config
-            .slot
-            .bytes()
-            .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
-            % 1_000_000;
-    let request = BinlogStreamRequest::new(server_id)
+    // A server id of our own, derived from the stream's name.
+    let request = BinlogStreamRequest::new(server_id_for(&config.slot))
         .with_filename(position.file.as_bytes())
         .with_pos(position.offset);
     let mut stream_conn = mysql_conn(&config.source).await?;
@@ -1014,17 +1016,7 @@ pub async fn verify(
     let mut conn = mysql_conn(&config.source).await?;
     let target = connect(&config.target, "target").await?;
     let src = prepare(config, &mut conn, &target).await?;
-    let goal = {
-        let row: Option<mysql_async::Row> = conn
-            .query_first("SHOW MASTER STATUS")
-            .await
-            .map_err(mysql_error)?;
-        row.map(|r| Position {
-            file: r.get(0).unwrap_or_default(),
-            offset: r.get(1).unwrap_or(0),
-        })
-    };
-    if let Some(goal) = goal {
+    if let Some(goal) = binlog_end(&mut conn).await? {
         let deadline = Instant::now() + wait;
         loop {
             let at = read_checkpoint(&target, &config.slot).await?;

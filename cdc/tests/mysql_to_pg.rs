@@ -196,6 +196,39 @@ async fn seed(db: &mut mysql_async::Conn, customers: u32, orders: u32) {
     }
 }
 
+/// Both servers, the legacy schema seeded with `customers` and `orders`, and the new
+/// database with `target_schema`.
+struct Sides {
+    maria: MariaDb,
+    pg: Postgres,
+    db: String,
+    legacy: mysql_async::Conn,
+    new_db: String,
+    new: Client,
+}
+
+async fn sides(customers: u32, orders: u32, target_schema: &str) -> Sides {
+    let (maria, pg) = tokio::join!(MariaDb::start(), Postgres::start());
+    let (maria, pg) = (maria.expect("mariadb"), pg.expect("postgres"));
+    let db = maria.fresh_database("legacy").await.expect("database");
+    let mut legacy = maria.connect(&db).await.expect("connect");
+    for ddl in SOURCE_SCHEMA {
+        legacy.query_drop(*ddl).await.expect("legacy schema");
+    }
+    seed(&mut legacy, customers, orders).await;
+    let new_db = pg.fresh_database("orders").await.expect("new db");
+    let new = pg.connect(&new_db).await.expect("new");
+    new.batch_execute(target_schema).await.expect("new schema");
+    Sides {
+        maria,
+        pg,
+        db,
+        legacy,
+        new_db,
+        new,
+    }
+}
+
 /// Writes during the run: inserts, updates (including into and out of the filter),
 /// deletes, in multi-statement transactions.
 async fn churn(db: &mut mysql_async::Conn, round: u32) {
@@ -234,20 +267,14 @@ async fn churn(db: &mut mysql_async::Conn, round: u32) {
 
 #[tokio::test]
 async fn mariadb_snapshot_then_binlog_under_writes_resumes_and_stops_at_ddl() {
-    let (maria, pg) = tokio::join!(MariaDb::start(), Postgres::start());
-    let (maria, pg) = (maria.expect("mariadb"), pg.expect("postgres"));
-    let db = maria.fresh_database("shop").await.expect("database");
-    let mut src = maria.connect(&db).await.expect("connect");
-    for ddl in SOURCE_SCHEMA {
-        src.query_drop(*ddl).await.expect("source schema");
-    }
-    seed(&mut src, 20, 300).await;
-    let target_db = pg.fresh_database("orders").await.expect("target db");
-    let target = pg.connect(&target_db).await.expect("target");
-    target
-        .batch_execute(TARGET_SCHEMA)
-        .await
-        .expect("target schema");
+    let Sides {
+        maria,
+        pg,
+        db,
+        legacy: mut src,
+        new_db: target_db,
+        new: target,
+    } = sides(20, 300, TARGET_SCHEMA).await;
     let config = config(&maria.url(&db), &pg.url(&target_db));
     strangler_cdc::check(&config)
         .await
@@ -422,19 +449,14 @@ async fn both_directions_between_mariadb_and_postgres_converge_without_bouncing(
     use std::sync::atomic::Ordering::Relaxed;
     use strangler_cdc::run::{Progress, run_with};
 
-    let (maria, pg) = tokio::join!(MariaDb::start(), Postgres::start());
-    let (maria, pg) = (maria.expect("mariadb"), pg.expect("postgres"));
-    let db = maria.fresh_database("legacy").await.expect("database");
-    let mut legacy = maria.connect(&db).await.expect("connect");
-    for ddl in SOURCE_SCHEMA {
-        legacy.query_drop(*ddl).await.expect("legacy schema");
-    }
-    seed(&mut legacy, 10, 100).await;
-    let new_db = pg.fresh_database("orders").await.expect("new db");
-    let new = pg.connect(&new_db).await.expect("new");
-    new.batch_execute(REVERSE_TARGET_SCHEMA)
-        .await
-        .expect("new schema");
+    let Sides {
+        maria,
+        pg,
+        db,
+        mut legacy,
+        new_db,
+        new,
+    } = sides(10, 100, REVERSE_TARGET_SCHEMA).await;
 
     let forward = CdcConfig::parse(
         &format!(
@@ -614,23 +636,18 @@ async fn note(target: &Client, id: i64) -> Option<String> {
 
 #[tokio::test]
 async fn rows_changed_on_both_sides_follow_the_conflict_policy_and_are_counted() {
-    let (maria, pg) = tokio::join!(MariaDb::start(), Postgres::start());
-    let (maria, pg) = (maria.expect("mariadb"), pg.expect("postgres"));
-    let db = maria.fresh_database("legacy").await.expect("database");
-    let mut legacy = maria.connect(&db).await.expect("connect");
-    for ddl in SOURCE_SCHEMA {
-        legacy.query_drop(*ddl).await.expect("legacy schema");
-    }
-    seed(&mut legacy, 5, 30).await;
+    let Sides {
+        maria,
+        pg,
+        db,
+        mut legacy,
+        new_db,
+        new,
+    } = sides(5, 30, REVERSE_TARGET_SCHEMA).await;
     legacy
         .query_drop("UPDATE orders SET status = 'paid', updated = '2026-06-01 00:00:00'")
         .await
         .expect("baseline");
-    let new_db = pg.fresh_database("orders").await.expect("new db");
-    let new = pg.connect(&new_db).await.expect("new");
-    new.batch_execute(REVERSE_TARGET_SCHEMA)
-        .await
-        .expect("schema");
     let history = tempfile::NamedTempFile::new().expect("history");
     let config = |policy: &str| {
         CdcConfig::parse(
@@ -764,20 +781,14 @@ async fn rows_changed_on_both_sides_follow_the_conflict_policy_and_are_counted()
 
 #[tokio::test]
 async fn the_gtid_position_is_kept_and_resumes_the_stream_when_its_binlog_file_is_gone() {
-    let (maria, pg) = tokio::join!(MariaDb::start(), Postgres::start());
-    let (maria, pg) = (maria.expect("mariadb"), pg.expect("postgres"));
-    let db = maria.fresh_database("legacy").await.expect("database");
-    let mut legacy = maria.connect(&db).await.expect("connect");
-    for ddl in SOURCE_SCHEMA {
-        legacy.query_drop(*ddl).await.expect("schema");
-    }
-    seed(&mut legacy, 5, 50).await;
-    let target_db = pg.fresh_database("orders").await.expect("target db");
-    let target = pg.connect(&target_db).await.expect("target");
-    target
-        .batch_execute(TARGET_SCHEMA)
-        .await
-        .expect("target schema");
+    let Sides {
+        maria,
+        pg,
+        db,
+        mut legacy,
+        new_db: target_db,
+        new: target,
+    } = sides(5, 50, TARGET_SCHEMA).await;
     let config = config(&maria.url(&db), &pg.url(&target_db));
     let stop = strangler_cdc::CancellationToken::new();
     let (task, _) = spawn_run(&config, &stop);
@@ -838,23 +849,18 @@ async fn the_gtid_position_is_kept_and_resumes_the_stream_when_its_binlog_file_i
 
 #[tokio::test]
 async fn the_reverse_direction_into_mariadb_resolves_conflicts_by_policy_too() {
-    let (maria, pg) = tokio::join!(MariaDb::start(), Postgres::start());
-    let (maria, pg) = (maria.expect("mariadb"), pg.expect("postgres"));
-    let db = maria.fresh_database("legacy").await.expect("database");
-    let mut legacy = maria.connect(&db).await.expect("connect");
-    for ddl in SOURCE_SCHEMA {
-        legacy.query_drop(*ddl).await.expect("legacy schema");
-    }
-    seed(&mut legacy, 5, 20).await;
+    let Sides {
+        maria,
+        pg,
+        db,
+        mut legacy,
+        new_db,
+        new,
+    } = sides(5, 20, REVERSE_TARGET_SCHEMA).await;
     legacy
         .query_drop("UPDATE orders SET status = 'paid', updated = '2026-06-01 00:00:00'")
         .await
         .expect("baseline");
-    let new_db = pg.fresh_database("orders").await.expect("new db");
-    let new = pg.connect(&new_db).await.expect("new");
-    new.batch_execute(REVERSE_TARGET_SCHEMA)
-        .await
-        .expect("schema");
     new.batch_execute("ALTER TABLE orders_v2 REPLICA IDENTITY FULL")
         .await
         .expect("identity");
