@@ -273,6 +273,14 @@ impl Router {
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
+                // The admin port can answer a moment before the proxy listener accepts.
+                while Instant::now() < ready_by
+                    && tokio::net::TcpStream::connect(("127.0.0.1", self.port.port()))
+                        .await
+                        .is_err()
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
                 return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
