@@ -362,40 +362,6 @@ enum ConfigCommand {
     },
 }
 
-/// Asks the collector's route API; the token, if the collector needs one, comes from
-/// `STRANGLER_COLLECTOR_TOKEN`.
-async fn stored_compare(
-    collector: &str,
-    route: &str,
-    since: &str,
-) -> anyhow::Result<serde_json::Value> {
-    let base = collector.trim_end_matches('/');
-    let mut request = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(30))
-        .build()?
-        .get(format!("{base}/api/route"))
-        .query(&[("route", route), ("since", since)]);
-    if let Ok(token) = std::env::var(strangler_collector::config::DEFAULT_WEB_TOKEN_ENV) {
-        request = request.bearer_auth(token.trim());
-    }
-    let response = request
-        .send()
-        .await
-        .with_context(|| format!("asking the collector at {base} (is it running? --collector)"))?;
-    let status = response.status();
-    let doc: serde_json::Value = response
-        .json()
-        .await
-        .with_context(|| format!("the collector at {base} answered {status} with no JSON"))?;
-    if !status.is_success() {
-        anyhow::bail!(
-            "the collector at {base} answered {status}: {}",
-            doc["error"].as_str().unwrap_or("no reason given")
-        );
-    }
-    Ok(doc)
-}
-
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STRANGLER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -448,8 +414,11 @@ async fn rollout_all(
     dry_run: bool,
 ) -> anyhow::Result<ExitCode> {
     let controller = Controller::new(config, actor)?;
-    let source = rollout::Collector::new(&controller.config().control.collector_url)
-        .map_err(anyhow::Error::msg)?;
+    let source = rollout::Collector::new(
+        &controller.config().control.collector_url,
+        std::time::Duration::from_secs(15),
+    )
+    .map_err(anyhow::Error::msg)?;
     let plans: Vec<(String, strangler_router::plan::RolloutPlan)> = controller
         .config()
         .routes
@@ -558,8 +527,11 @@ async fn route_async(args: RouteArgs, config: RouterConfig) -> anyhow::Result<Ex
                     args.config.display()
                 )
             })?;
-            let source = rollout::Collector::new(&controller.config().control.collector_url)
-                .map_err(anyhow::Error::msg)?;
+            let source = rollout::Collector::new(
+                &controller.config().control.collector_url,
+                std::time::Duration::from_secs(15),
+            )
+            .map_err(anyhow::Error::msg)?;
             let end = rollout::run(&controller, &source, route, &plan, *dry_run).await?;
             return Ok(rollout_exit(&[end]));
         }
@@ -694,7 +666,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            let doc = runtime.block_on(stored_compare(&collector, &route, &since))?;
+            // Long windows aggregate days of spans: more time than a rollout's reads.
+            let client = rollout::Collector::new(&collector, std::time::Duration::from_secs(30))
+                .map_err(anyhow::Error::msg)?;
+            let doc = runtime
+                .block_on(client.route(&route, &since))
+                .map_err(anyhow::Error::msg)?;
             output::stored_compare(&doc, top, output == Output::Json)?;
             Ok(ExitCode::SUCCESS)
         }

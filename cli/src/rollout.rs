@@ -399,12 +399,13 @@ pub struct Collector {
 }
 
 impl Collector {
-    /// The collector at `base` (token from `STRANGLER_COLLECTOR_TOKEN`).
-    pub fn new(base: &str) -> Result<Self, String> {
+    /// The collector at `base` (token from `STRANGLER_COLLECTOR_TOKEN`), each call
+    /// bounded by `timeout`.
+    pub fn new(base: &str, timeout: Duration) -> Result<Self, String> {
         Ok(Self {
             base: base.trim_end_matches('/').to_string(),
             client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(15))
+                .timeout(timeout)
                 .build()
                 .map_err(|e| e.to_string())?,
             token: std::env::var(strangler_collector::config::DEFAULT_WEB_TOKEN_ENV)
@@ -419,22 +420,37 @@ impl Collector {
             Some(t) => request.bearer_auth(t),
             None => request,
         };
-        let response = request
-            .send()
-            .await
-            .map_err(|e| format!("collector at {} unreachable: {e}", self.base))?;
+        let response = request.send().await.map_err(|e| {
+            format!(
+                "the collector at {} is unreachable (is it running?): {e}",
+                self.base
+            )
+        })?;
         let status = response.status();
-        let doc: Value = response
-            .json()
-            .await
-            .map_err(|e| format!("collector answered {status} without JSON: {e}"))?;
+        let doc: Value = response.json().await.map_err(|e| {
+            format!(
+                "the collector at {} answered {status} without JSON: {e}",
+                self.base
+            )
+        })?;
         if !status.is_success() {
             return Err(format!(
-                "collector answered {status}: {}",
+                "the collector at {} answered {status}: {}",
+                self.base,
                 doc["error"].as_str().unwrap_or("no reason given")
             ));
         }
         Ok(doc)
+    }
+
+    /// The route page's numbers over the last `since` (`/api/route`).
+    pub async fn route(&self, route: &str, since: &str) -> Result<Value, String> {
+        self.send(
+            self.client
+                .get(format!("{}/api/route", self.base))
+                .query(&[("route", route), ("since", since)]),
+        )
+        .await
     }
 }
 

@@ -101,10 +101,10 @@ async fn rows(
     }
     let bytes = q
         .fetch_bytes("JSONEachRow")
-        .map_err(store_error)?
+        .map_err(crate::store::clickhouse::unavailable)?
         .collect()
         .await
-        .map_err(store_error)?;
+        .map_err(crate::store::clickhouse::unavailable)?;
     bytes
         .split(|b| *b == b'\n')
         .filter(|line| !line.is_empty())
@@ -126,11 +126,4 @@ pub async fn run_all(
         out.insert(answer.name.to_string(), Value::Array(answer.rows));
     }
     Ok(out)
-}
-
-fn store_error(e: clickhouse::error::Error) -> StoreError {
-    match e {
-        clickhouse::error::Error::BadResponse(m) => StoreError::Rejected(m),
-        other => StoreError::Unavailable(other.to_string()),
-    }
 }

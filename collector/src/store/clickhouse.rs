@@ -208,7 +208,8 @@ pub struct ClickHouseStore {
     database: String,
 }
 
-fn unavailable(e: clickhouse::error::Error) -> StoreError {
+/// A ClickHouse error as a store error: a refused statement is not worth retrying.
+pub(crate) fn unavailable(e: clickhouse::error::Error) -> StoreError {
     match &e {
         clickhouse::error::Error::BadResponse(message) => StoreError::Rejected(message.clone()),
         _ => StoreError::Unavailable(e.to_string()),
