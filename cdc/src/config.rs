@@ -5,50 +5,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::mapping::{Mapping, MappingError};
+use crate::mapping::Mapping;
 
-/// Why a config could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Not valid TOML or unknown keys.
-    #[error("{path}:{line}:{column}: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// 1-based line.
-        line: usize,
-        /// 1-based column.
-        column: usize,
-        /// What is wrong.
-        message: String,
-    },
-    /// A value that cannot work.
-    #[error("{path}: {message}")]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        message: String,
-    },
-    /// A mapping's SQL was refused.
-    #[error("{path}: {source}")]
-    Mapping {
-        /// The file.
-        path: PathBuf,
-        /// The mapping error, with its position in the SQL.
-        #[source]
-        source: MappingError,
-    },
-}
+/// Why a config could not be used (the error every strangler config shares).
+pub use strangler_model::ConfigError;
 
 /// Default replication slot and publication name.
 pub const DEFAULT_NAME: &str = "strangler_cdc";
@@ -183,24 +143,12 @@ struct RawMap {
 impl CdcConfig {
     /// Reads and validates a config file, mappings included.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(&text, path)
+        Self::parse(&ConfigError::read(path)?, path)
     }
 
     /// Validates config text; `path` names it in errors and anchors relative paths.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let raw: Raw = toml::from_str(text).map_err(|e| {
-            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((0, 0));
-            ConfigError::Parse {
-                path: path.to_path_buf(),
-                line,
-                column,
-                message: e.message().to_string(),
-            }
-        })?;
+        let raw: Raw = ConfigError::parse_toml(text, path)?;
         let invalid = |message: String| ConfigError::Invalid {
             path: path.to_path_buf(),
             message,
@@ -279,11 +227,10 @@ impl CdcConfig {
                     )));
                 }
             };
-            let mapping =
-                Mapping::parse(&m.target, &sql).map_err(|source| ConfigError::Mapping {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
+            let mapping = Mapping::parse(&m.target, &sql).map_err(|source| ConfigError::Part {
+                path: path.to_path_buf(),
+                source: Box::new(source),
+            })?;
             if mappings.iter().any(|o| o.target == mapping.target) {
                 return Err(invalid(format!("two mappings write {}", mapping.target)));
             }
@@ -336,13 +283,6 @@ impl CdcConfig {
             target_server_id: raw.target.server_id,
         })
     }
-}
-
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    (line, column)
 }
 
 #[cfg(test)]

@@ -5,9 +5,10 @@
 //! versions.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
+use strangler_model::{History, HistoryError, Invalid, State};
 use tokio_postgres::Transaction;
 
 use crate::apply::{ApplyError, Before, Key, TableChanges, Values, text_rows, transpose};
@@ -53,21 +54,21 @@ pub enum Winner {
 
 impl Policy {
     /// Parses `source`, `target`, `stop`, `owner` or `newer:<column>`.
-    pub fn parse(text: &str, owner: Option<&Arc<Owner>>) -> Result<Self, String> {
+    pub fn parse(text: &str, owner: Option<&Arc<Owner>>) -> Result<Self, Invalid> {
         Ok(match text.trim() {
             "off" | "" => Self::Off,
             "source" => Self::Source,
             "target" => Self::Target,
             "stop" => Self::Stop,
-            "owner" => Self::Owner(Arc::clone(owner.ok_or(
+            "owner" => Self::Owner(Arc::clone(owner.ok_or(Invalid::from(
                 "conflict = \"owner\" needs a [conflicts] section with route and history_file",
-            )?)),
+            ))?)),
             other => match other.strip_prefix("newer:") {
                 Some(col) if !col.trim().is_empty() => Self::Newer(col.trim().to_string()),
                 _ => {
-                    return Err(format!(
+                    return Err(Invalid(format!(
                         "conflict = {other:?}: expected \"source\", \"target\", \"stop\", \"owner\" or \"newer:<column>\""
-                    ));
+                    )));
                 }
             },
         })
@@ -82,34 +83,16 @@ impl Policy {
 impl Owner {
     /// The side that owns the route now: legacy until the route serves at least half
     /// of its users from the new service (canary ≥ 50 %, new, retired).
-    pub fn winner(&self) -> Result<Winner, String> {
-        let new_owns = route_on_new(&self.history_file, &self.route)?;
+    pub fn winner(&self) -> Result<Winner, HistoryError> {
+        let new_owns = History::new(&self.history_file)
+            .last_state(&self.route)?
+            .is_some_and(State::new_owns);
         Ok(if new_owns != self.legacy_is_source {
             Winner::Source
         } else {
             Winner::Target
         })
     }
-}
-
-fn route_on_new(history: &Path, route: &str) -> Result<bool, String> {
-    let text = match std::fs::read_to_string(history) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(format!("route history {}: {e}", history.display())),
-    };
-    let last = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .rfind(|e| e["route"] == route);
-    Ok(match last {
-        None => false,
-        Some(e) => match e["to"]["state"].as_str() {
-            Some("new" | "retired") => true,
-            Some("canary") => e["to"]["percent"].as_u64().is_some_and(|p| p >= 50),
-            _ => false,
-        },
-    })
 }
 
 type Mapped = Vec<Option<String>>;
@@ -247,7 +230,11 @@ pub(crate) fn settle(
     Ok(match &plan.conflict {
         Policy::Off | Policy::Source => Settle::Winner(Winner::Source),
         Policy::Target => Settle::Winner(Winner::Target),
-        Policy::Owner(owner) => Settle::Winner(owner.winner().map_err(ApplyError::Unsafe)?),
+        Policy::Owner(owner) => Settle::Winner(
+            owner
+                .winner()
+                .map_err(|e| ApplyError::Unsafe(e.to_string()))?,
+        ),
         Policy::Newer(column) => {
             let Some(i) = plan
                 .mapping
@@ -420,50 +407,70 @@ mod tests {
         assert!(
             Policy::parse("newest", None)
                 .expect_err("refused")
+                .to_string()
                 .contains("newer:<column>")
         );
     }
 
+    /// The history is written by the CLI (`strangler route …`) through
+    /// `strangler_model::History`; the policy reads it back through the same type.
     #[test]
-    fn the_owner_follows_the_routes_last_recorded_state() {
+    fn the_owner_follows_the_routes_last_state_in_the_history_the_cli_writes() {
+        use strangler_model::{Entry, Percent};
         let dir = tempfile::tempdir().expect("tempdir");
-        let history = dir.path().join("h.jsonl");
+        let history_file = dir.path().join("h.jsonl");
         let owner = Owner {
             route: "orders".into(),
-            history_file: history.clone(),
+            history_file: history_file.clone(),
             legacy_is_source: true,
         };
         assert_eq!(
-            owner.winner(),
-            Ok(Winner::Source),
+            owner.winner().ok(),
+            Some(Winner::Source),
             "no history: legacy owns"
         );
-        std::fs::write(
-            &history,
-            "{\"route\":\"orders\",\"to\":{\"state\":\"canary\",\"percent\":25}}\n\
-             {\"route\":\"other\",\"to\":{\"state\":\"new\"}}\n",
-        )
-        .expect("write");
-        assert_eq!(owner.winner(), Ok(Winner::Source));
-        std::fs::write(
-            &history,
-            "{\"route\":\"orders\",\"to\":{\"state\":\"new\"}}\n",
-        )
-        .expect("write");
+        let history = History::new(&history_file);
+        let write = |route: &str, from: State, to: State| {
+            history
+                .append(&Entry {
+                    number: 0,
+                    at: strangler_model::history::now_rfc3339(),
+                    actor: "alice".into(),
+                    route: route.into(),
+                    from,
+                    to,
+                    action: "test".into(),
+                    reason: None,
+                    evidence: None,
+                })
+                .expect("append");
+        };
+        let canary = |p: u8| State::Canary {
+            percent: Percent::try_from(p).expect("percent"),
+        };
+        write("orders", State::Shadow, canary(25));
+        write("other", State::Legacy, State::New);
         assert_eq!(
-            owner.winner(),
-            Ok(Winner::Target),
-            "new owns: the target (new) wins"
+            owner.winner().ok(),
+            Some(Winner::Source),
+            "25 %: legacy owns"
         );
-        std::fs::write(
-            &history,
-            "{\"route\":\"orders\",\"to\":{\"state\":\"new\"}}\n{\"route\":\"orders\",\"to\":{\"state\":\"legacy\"}}\n",
-        )
-        .expect("write");
+        write("orders", canary(25), canary(50));
         assert_eq!(
-            owner.winner(),
-            Ok(Winner::Source),
+            owner.winner().ok(),
+            Some(Winner::Target),
+            "half the users on new: new owns, the target (new) wins"
+        );
+        write("orders", canary(50), State::Legacy);
+        assert_eq!(
+            owner.winner().ok(),
+            Some(Winner::Source),
             "the last entry counts (rolled back)"
+        );
+        std::fs::write(&history_file, "{\"route\":\"orders\"}\n").expect("write");
+        assert!(
+            owner.winner().is_err(),
+            "a line that is not an entry is an error, not a silent legacy"
         );
     }
 }

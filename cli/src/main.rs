@@ -5,6 +5,7 @@
 //! and CDC libraries into long-running processes.
 
 mod control;
+#[cfg(feature = "demo")]
 mod demo;
 mod output;
 mod rollout;
@@ -90,6 +91,7 @@ enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
+    #[cfg(feature = "demo")]
     /// Run the example end to end: a monolith, a new service, traffic, a flip and a rollback.
     Demo {
         /// Only start the stack (no shadow/canary/promote/rollback walk-through).
@@ -362,9 +364,19 @@ enum ConfigCommand {
     },
 }
 
-fn init_logging(json: bool) {
+/// Services log strangler's own information (reloads, breaker changes, progress)
+/// and every crate's warnings and errors; dependencies' info lines stay out.
+const SERVICE_LOG: &str =
+    "warn,strangler=info,strangler_router=info,strangler_collector=info,strangler_cdc=info";
+/// One-shot commands and the demo: warnings and errors only, so their output is
+/// what the user asked for.
+const QUIET_LOG: &str = "warn";
+
+/// Logging to stderr: `STRANGLER_LOG`, else `RUST_LOG`, else `default`.
+fn init_logging(json: bool, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STRANGLER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -419,7 +431,7 @@ async fn rollout_all(
         std::time::Duration::from_secs(15),
     )
     .map_err(anyhow::Error::msg)?;
-    let plans: Vec<(String, strangler_router::plan::RolloutPlan)> = controller
+    let plans: Vec<(String, strangler_model::rollout::RolloutPlan)> = controller
         .config()
         .routes
         .iter()
@@ -619,7 +631,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: RouterCommand::Run { config, upgrade },
         } => {
             let parsed = RouterConfig::load(&config)?;
-            init_logging(parsed.telemetry.json_logs);
+            init_logging(parsed.telemetry.json_logs, SERVICE_LOG);
             strangler_router::run(&config, strangler_router::RunOptions { upgrade })
                 .with_context(|| format!("starting the router from {}", config.display()))?;
             Ok(ExitCode::SUCCESS)
@@ -679,7 +691,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: CollectorCommand::Run { config },
         } => {
             let config = strangler_collector::CollectorConfig::load(config.as_deref())?;
-            init_logging(false);
+            init_logging(false, SERVICE_LOG);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -706,11 +718,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        #[cfg(feature = "demo")]
         Command::Demo {
             no_walkthrough,
             exit,
         } => {
-            init_logging(false);
+            init_logging(false, QUIET_LOG);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -739,7 +752,7 @@ fn cdc_command(command: CdcCommand) -> anyhow::Result<ExitCode> {
     match command {
         CdcCommand::Run { config, resnapshot } => {
             let config = strangler_cdc::CdcConfig::load(&config)?;
-            init_logging(false);
+            init_logging(false, SERVICE_LOG);
             runtime.block_on(async {
                 let stop = strangler_cdc::CancellationToken::new();
                 let on_signal = stop.clone();

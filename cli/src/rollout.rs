@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use serde::Serialize;
 use serde_json::{Value, json};
-use strangler_router::plan::{OnFail, RolloutPlan, SqlGate, Step};
+use strangler_model::rollout::{OnFail, RolloutPlan, SqlGate, Step};
 
 use crate::control::Controller;
 use crate::control::lifecycle::{Percent, State};

@@ -37,27 +37,8 @@ pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 1 << 30;
 /// Larger than any sane exporter batch (the OTLP gRPC default limit is 4 MiB).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 16 << 20;
 
-/// A configuration error.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// Unreadable file.
-    #[error("cannot read {path}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Bad TOML or values.
-    #[error("{path}: {message}")]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// What, with line and column when known.
-        message: String,
-    },
-}
+/// A configuration error (the one shared by every strangler config file).
+pub use strangler_model::ConfigError;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -124,23 +105,8 @@ impl CollectorConfig {
                 PathBuf::from("(defaults)"),
             ),
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
-                let raw: Raw = toml::from_str(&text).map_err(|e| {
-                    let (line, col) = e.span().map_or((1, 1), |s| {
-                        let before = &text[..s.start.min(text.len())];
-                        (
-                            before.matches('\n').count() + 1,
-                            before.rsplit('\n').next().map_or(0, str::len) + 1,
-                        )
-                    });
-                    ConfigError::Invalid {
-                        path: path.to_path_buf(),
-                        message: format!("line {line}, column {col}: {}", e.message()),
-                    }
-                })?;
+                let text = ConfigError::read(path)?;
+                let raw: Raw = ConfigError::parse_toml(&text, path)?;
                 (
                     raw,
                     path.parent().unwrap_or(Path::new(".")).to_path_buf(),
@@ -283,6 +249,6 @@ mod tests {
     #[test]
     fn unknown_keys_are_refused_with_their_line() {
         let e = load("batch_size = 10\nwebb_listen = \"x\"\n").expect_err("refused");
-        assert!(e.to_string().contains("line 2"), "{e}");
+        assert!(e.to_string().contains(":2:1: "), "{e}");
     }
 }

@@ -5,6 +5,7 @@ use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 use serde::{Deserialize, Serialize};
+use strangler_model::names::attr;
 
 /// One span as a ClickHouse row. Field order is the column order of the `spans` table.
 #[derive(Debug, Clone, Default, PartialEq, clickhouse::Row, Serialize, Deserialize)]
@@ -266,15 +267,15 @@ pub fn rows_from_request(request: ExportTraceServiceRequest) -> Result<Vec<SpanR
                     status_code: status_code.into(),
                     status_message,
                     service: service.clone(),
-                    route: get("strangler.route"),
-                    backend: get("strangler.backend"),
-                    decision: get("strangler.decision"),
-                    diff: get("strangler.diff"),
-                    diff_paths: get("strangler.diff.paths"),
-                    pair_id: get("strangler.pair_id"),
-                    shadow: u8::from(get("strangler.shadow") == "true"),
-                    http_method: get("http.request.method"),
-                    http_status: get("http.response.status_code").parse().unwrap_or(0),
+                    route: get(attr::ROUTE),
+                    backend: get(attr::BACKEND),
+                    decision: get(attr::DECISION),
+                    diff: get(attr::DIFF),
+                    diff_paths: get(attr::DIFF_PATHS),
+                    pair_id: get(attr::PAIR_ID),
+                    shadow: u8::from(get(attr::SHADOW) == "true"),
+                    http_method: get(attr::HTTP_METHOD),
+                    http_status: get(attr::HTTP_STATUS).parse().unwrap_or(0),
                     resource_keys: resource_keys.clone(),
                     resource_values: resource_values.clone(),
                     attr_keys,
@@ -345,16 +346,10 @@ mod tests {
                 message: "boom".into(),
             }),
             attributes: vec![
-                kv(
-                    "strangler.route",
-                    any_value::Value::StringValue("orders".into()),
-                ),
-                kv(
-                    "strangler.backend",
-                    any_value::Value::StringValue("new".into()),
-                ),
-                kv("strangler.shadow", any_value::Value::BoolValue(true)),
-                kv("http.response.status_code", any_value::Value::IntValue(503)),
+                kv(attr::ROUTE, any_value::Value::StringValue("orders".into())),
+                kv(attr::BACKEND, any_value::Value::StringValue("new".into())),
+                kv(attr::SHADOW, any_value::Value::BoolValue(true)),
+                kv(attr::HTTP_STATUS, any_value::Value::IntValue(503)),
                 kv("bytes", any_value::Value::BytesValue(vec![0xde, 0xad])),
                 kv(
                     "list",

@@ -23,10 +23,11 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde::{Deserialize, Serialize};
 
-use crate::config::RouteConfig;
-use crate::decide::Backend;
 use crate::flags::{FlagState, Freshness};
+use crate::routing::Route;
+use crate::routing::breaker::BreakerState;
 use crate::state::RouterState;
+use strangler_model::Backend;
 
 /// Request bodies above this are refused: the API only takes tiny JSON documents.
 const MAX_BODY: usize = 64 * 1024;
@@ -69,7 +70,7 @@ pub struct RouteStatus {
     /// The toggle's state.
     pub flag_state: FlagState,
     /// The new service's circuit breaker.
-    pub breaker: crate::breaker::BreakerState,
+    pub breaker: BreakerState,
     /// Last-minute counts for legacy.
     pub legacy: Counts,
     /// Last-minute counts for new.
@@ -126,10 +127,11 @@ fn token_matches(given: &[u8], expected: &[u8]) -> bool {
 }
 
 impl AdminApi {
-    fn status_of(&self, route: &RouteConfig) -> RouteStatus {
+    fn status_of(&self, runtime: &Route) -> RouteStatus {
+        let route = &runtime.config;
         let name = route.name.as_str();
         let counts = |b: Backend| {
-            let (requests, errors) = self.state.windows.get(name, b).totals();
+            let (requests, errors) = runtime.state.window(b).totals();
             Counts { requests, errors }
         };
         RouteStatus {
@@ -139,7 +141,7 @@ impl AdminApi {
             flag: route.flag.clone(),
             override_backend: self.state.overrides.get(name),
             flag_state: self.state.flags.state(&route.flag),
-            breaker: self.state.breaker(route).state(),
+            breaker: runtime.state.breaker.state(),
             legacy: counts(Backend::Legacy),
             new: counts(Backend::New),
         }
@@ -165,7 +167,7 @@ impl AdminApi {
             }
             _ => {}
         }
-        if let Some(expected) = &self.state.config().admin.token {
+        if let Some(expected) = &self.state.admin_token {
             let given = session
                 .req_header()
                 .headers
@@ -189,12 +191,9 @@ impl AdminApi {
                 self.state
                     .metrics
                     .set_flag_freshness(f.last_success_age_ms, f.last_error.is_some());
-                for route in self.state.table().routes() {
-                    let open =
-                        self.state.breaker(route).state() != crate::breaker::BreakerState::Closed;
-                    self.state
-                        .metrics
-                        .set_breaker_open(route.name.as_str(), open);
+                for route in self.state.snapshot().table.routes() {
+                    let open = route.state.breaker.state() != BreakerState::Closed;
+                    self.state.metrics.set_breaker_open(route.name(), open);
                 }
                 respond(
                     StatusCode::OK,
@@ -203,7 +202,8 @@ impl AdminApi {
                 )
             }
             (&Method::GET, ["routes"]) => {
-                let table = self.state.table();
+                let snapshot = self.state.snapshot();
+                let table = &snapshot.table;
                 let mut routes: Vec<RouteStatus> =
                     table.routes().iter().map(|r| self.status_of(r)).collect();
                 routes.sort_by(|a, b| a.name.cmp(&b.name));
@@ -215,12 +215,13 @@ impl AdminApi {
                     },
                 )
             }
-            (&Method::GET, ["routes", name]) => match self.state.table().get(name) {
+            (&Method::GET, ["routes", name]) => match self.state.snapshot().table.get(name) {
                 Some(r) => json_response(StatusCode::OK, &self.status_of(r)),
                 None => error(StatusCode::NOT_FOUND, &format!("no route named {name:?}")),
             },
             (&Method::PUT, ["routes", name, "override"]) => {
-                let table = self.state.table();
+                let snapshot = self.state.snapshot();
+                let table = &snapshot.table;
                 let Some(route) = table.get(name) else {
                     return error(StatusCode::NOT_FOUND, &format!("no route named {name:?}"));
                 };
@@ -245,7 +246,8 @@ impl AdminApi {
                 }
             }
             (&Method::DELETE, ["routes", name, "override"]) => {
-                let table = self.state.table();
+                let snapshot = self.state.snapshot();
+                let table = &snapshot.table;
                 let Some(route) = table.get(name) else {
                     return error(StatusCode::NOT_FOUND, &format!("no route named {name:?}"));
                 };
@@ -254,10 +256,11 @@ impl AdminApi {
                 json_response(StatusCode::OK, &self.status_of(route))
             }
             (&Method::GET, ["routes", name, "shadow"]) => {
-                if self.state.table().get(name).is_none() {
+                let snapshot = self.state.snapshot();
+                let Some(route) = snapshot.table.get(name) else {
                     return error(StatusCode::NOT_FOUND, &format!("no route named {name:?}"));
-                }
-                let stats = self.state.shadows.stats(name);
+                };
+                let stats = route.state.shadow.stats();
                 let mut paths: Vec<(&String, &u64)> = stats.paths.iter().collect();
                 paths.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
                 json_response(
@@ -275,18 +278,19 @@ impl AdminApi {
                 )
             }
             (&Method::POST, ["routes", name, "calibrate"]) => {
-                if self.state.table().get(name).is_none() {
+                let snapshot = self.state.snapshot();
+                let Some(route) = snapshot.table.get(name) else {
                     return error(StatusCode::NOT_FOUND, &format!("no route named {name:?}"));
-                }
+                };
                 let body = match read_body(session).await {
                     Ok(b) => b,
                     Err(r) => return r,
                 };
                 match serde_json::from_slice::<CalibrateBody>(&body) {
                     Ok(c) if (1..=100_000).contains(&c.requests) => {
-                        self.state.shadows.start_calibration(name, c.requests);
+                        route.state.shadow.start_calibration(c.requests);
                         tracing::info!(route = name, requests = c.requests, "calibration started");
-                        json_response(StatusCode::ACCEPTED, &self.state.shadows.calibration(name))
+                        json_response(StatusCode::ACCEPTED, &route.state.shadow.calibration())
                     }
                     Ok(_) => error(StatusCode::BAD_REQUEST, "requests must be 1-100000"),
                     Err(e) => error(
@@ -296,7 +300,12 @@ impl AdminApi {
                 }
             }
             (&Method::GET, ["routes", name, "calibration"]) => {
-                match self.state.shadows.calibration(name) {
+                let snapshot = self.state.snapshot();
+                let calibration = snapshot
+                    .table
+                    .get(name)
+                    .and_then(|r| r.state.shadow.calibration());
+                match calibration {
                     Some(c) => {
                         let suggestions: Vec<serde_json::Value> = c
                         .suggestions()

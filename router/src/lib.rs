@@ -1,20 +1,18 @@
-//! The strangler router owns everything on the request path: the route table
-//! compiled from config, the per-request decision (override > flag > default),
-//! upstream selection, telemetry and the admin API. It is one pingora `ProxyHttp`
-//! implementation ([`proxy::StranglerProxy`]) that calls a module per concern, each
-//! testable without a socket.
+//! The strangler router owns everything on the request path. Read it top to bottom:
+//! [`config`] (TOML in, validated config out, secrets read once), [`routing`] (the
+//! route table and each route's runtime state, swapped whole on reload, and the
+//! decision override > flag > default), [`proxy`] (the pingora `ProxyHttp` phases,
+//! each short, delegating to headers, retry/fallback and span modules), [`shadow`]
+//! (pairs, copies, comparison, calibration), then [`telemetry`], [`metrics`],
+//! [`admin`] and [`server`].
 
 pub mod admin;
-pub mod breaker;
-pub mod compare;
 pub mod config;
-pub mod decide;
 pub mod flags;
 pub mod guard;
 pub mod metrics;
-pub mod plan;
 pub mod proxy;
-pub mod route;
+pub mod routing;
 pub mod server;
 pub mod shadow;
 pub mod state;

@@ -1,15 +1,11 @@
-//! Prometheus metrics and the per-route "last minute" counters the admin API shows.
-
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+//! Prometheus metrics (`/metrics` on the admin API).
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
 };
 
-use crate::decide::{Backend, Reason};
+use strangler_model::{Backend, Reason};
 
 /// Latency buckets in seconds: a proxy hop is sub-millisecond, a monolith page can take seconds.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -199,126 +195,9 @@ impl Metrics {
     }
 }
 
-const WINDOW_SECONDS: usize = 60;
-
-/// Requests and errors in the last 60 seconds, one slot per second, lock-free.
-#[derive(Debug)]
-pub struct MinuteWindow {
-    slots: [Slot; WINDOW_SECONDS],
-}
-
-#[derive(Debug, Default)]
-struct Slot {
-    second: AtomicU64,
-    requests: AtomicU64,
-    errors: AtomicU64,
-}
-
-impl Default for MinuteWindow {
-    fn default() -> Self {
-        Self {
-            slots: std::array::from_fn(|_| Slot::default()),
-        }
-    }
-}
-
-fn now_second() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-impl MinuteWindow {
-    /// Counts one request at second `now`.
-    pub fn record_at(&self, now: u64, failed: bool) {
-        let slot = &self.slots[(now % WINDOW_SECONDS as u64) as usize];
-        let seen = slot.second.load(Ordering::Acquire);
-        if seen != now
-            && slot
-                .second
-                .compare_exchange(seen, now, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        {
-            // First request in this second: the slot held an older second's counts.
-            slot.requests.store(0, Ordering::Release);
-            slot.errors.store(0, Ordering::Release);
-        }
-        slot.requests.fetch_add(1, Ordering::AcqRel);
-        if failed {
-            slot.errors.fetch_add(1, Ordering::AcqRel);
-        }
-    }
-
-    /// Counts one request now.
-    pub fn record(&self, failed: bool) {
-        self.record_at(now_second(), failed);
-    }
-
-    /// (requests, errors) in the 60 seconds up to `now`.
-    pub fn totals_at(&self, now: u64) -> (u64, u64) {
-        self.slots
-            .iter()
-            .filter(|s| {
-                now.saturating_sub(s.second.load(Ordering::Acquire)) < WINDOW_SECONDS as u64
-            })
-            .fold((0, 0), |(r, e), s| {
-                (
-                    r + s.requests.load(Ordering::Acquire),
-                    e + s.errors.load(Ordering::Acquire),
-                )
-            })
-    }
-
-    /// (requests, errors) in the last minute.
-    pub fn totals(&self) -> (u64, u64) {
-        self.totals_at(now_second())
-    }
-}
-
-/// Last-minute windows per route and backend.
-#[derive(Debug, Default)]
-pub struct RouteWindows {
-    windows: std::sync::RwLock<HashMap<String, [std::sync::Arc<MinuteWindow>; 2]>>,
-}
-
-impl RouteWindows {
-    /// The window for a route and backend, created on first use. Looked up by `&str`,
-    /// so the request path allocates nothing once a route has its windows.
-    pub fn get(&self, route: &str, backend: Backend) -> std::sync::Arc<MinuteWindow> {
-        let slot = match backend {
-            Backend::Legacy => 0,
-            Backend::New => 1,
-        };
-        if let Some(w) = self
-            .windows
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(route)
-        {
-            return std::sync::Arc::clone(&w[slot]);
-        }
-        let mut map = self.windows.write().unwrap_or_else(|p| p.into_inner());
-        std::sync::Arc::clone(&map.entry(route.to_string()).or_default()[slot])
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn minute_window_forgets_requests_older_than_a_minute() {
-        let w = MinuteWindow::default();
-        w.record_at(1_000, false);
-        w.record_at(1_000, true);
-        w.record_at(1_030, false);
-        assert_eq!(w.totals_at(1_030), (3, 1));
-        assert_eq!(w.totals_at(1_059), (3, 1));
-        assert_eq!(w.totals_at(1_061), (1, 0));
-        // Reusing a slot a minute later starts it from zero.
-        w.record_at(1_060, false);
-        assert_eq!(w.totals_at(1_060), (2, 0));
-    }
 
     #[test]
     fn metrics_render_in_prometheus_text_format() {

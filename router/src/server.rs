@@ -71,6 +71,8 @@ pub fn upgrade_socket(listen: std::net::SocketAddr) -> PathBuf {
 /// (pingora exits the process after a graceful shutdown).
 pub fn run(config_path: &Path, options: RunOptions) -> Result<(), StartError> {
     let config = RouterConfig::load(config_path)?;
+    // Credentials are read once, here; a reload does not re-read them.
+    let secrets = crate::config::Secrets::read(&config)?;
     if !options.upgrade {
         check_bindable(config.listen)?;
         check_bindable(config.admin.listen)?;
@@ -81,12 +83,11 @@ pub fn run(config_path: &Path, options: RunOptions) -> Result<(), StartError> {
         FlagsConfig::File { path } => Arc::new(FileFlagSource::new(path)),
         FlagsConfig::Unleash {
             url,
-            token,
             token_env,
             interval,
             app_name,
         } => {
-            let Some(token) = token else {
+            let Some(token) = &secrets.unleash_token else {
                 return Err(StartError::Config(ConfigError::Invalid {
                     path: config_path.to_path_buf(),
                     message: format!(
@@ -111,6 +112,7 @@ pub fn run(config_path: &Path, options: RunOptions) -> Result<(), StartError> {
         None => None,
     };
     let mut state = RouterState::new(config, Arc::clone(&flags), metrics, telemetry);
+    state.admin_token = secrets.admin_token;
     state.tls = tls;
     let state = Arc::new(state);
 
@@ -226,8 +228,10 @@ async fn health_checks(state: Arc<RouterState>) {
     let mut health: std::collections::HashMap<String, Health> = std::collections::HashMap::new();
     loop {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let table = state.table();
-        for route in table.routes() {
+        let snapshot = state.snapshot();
+        for runtime in snapshot.table.routes() {
+            let route = &runtime.config;
+            let breaker = &runtime.state.breaker;
             let Some(check) = &route.health else { continue };
             let h = health.entry(route.name.to_string()).or_default();
             let now = std::time::Instant::now();
@@ -251,11 +255,14 @@ async fn health_checks(state: Arc<RouterState>) {
             }
             if !h.down && h.failures >= check.threshold {
                 h.down = true;
-                state.breaker(route).set_health(false);
+                breaker.set_health(false);
                 tracing::warn!(route = %route.name, %url, "health check failing: the new service is bypassed");
+            } else if h.down && breaker.state() == crate::routing::breaker::BreakerState::Closed {
+                // A reload changed the route and gave it a fresh breaker: still down.
+                breaker.set_health(false);
             } else if h.down && h.successes >= check.threshold {
                 h.down = false;
-                state.breaker(route).set_health(true);
+                breaker.set_health(true);
                 tracing::info!(route = %route.name, %url, "health check passing again: traffic returns to the new service");
             }
         }

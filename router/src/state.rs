@@ -6,33 +6,32 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwap;
 
-use crate::config::{ConfigError, RouterConfig};
-use crate::decide::Overrides;
+use crate::config::{ConfigError, RouterConfig, Secret};
 use crate::flags::FlagEngine;
-use crate::metrics::{Metrics, RouteWindows};
-use crate::route::RouteTable;
+use crate::metrics::Metrics;
+use crate::routing::Snapshot;
+use crate::routing::decide::Overrides;
 use crate::telemetry::Telemetry;
 
 /// Everything a request, the admin API and reloads share.
 #[derive(Debug)]
 pub struct RouterState {
-    config: ArcSwap<RouterConfig>,
-    table: ArcSwap<RouteTable>,
+    /// The config and its route table, swapped together on reload.
+    snapshot: ArcSwap<Snapshot>,
+    /// The admin API's bearer token, read once at start-up ([`crate::config::Secrets`]).
+    pub admin_token: Option<Secret>,
     /// Per-route admin overrides.
     pub overrides: Overrides,
     /// Flag evaluation.
     pub flags: Arc<FlagEngine>,
     /// Prometheus metrics.
     pub metrics: Metrics,
-    /// Last-minute counts per route and backend.
-    pub windows: RouteWindows,
     /// Tracing.
     pub telemetry: Telemetry,
-    /// Shadow copies, comparison results and calibration.
+    /// Where shadow copies run and the client they use.
     pub shadows: crate::shadow::Shadows,
     /// The served certificate when the listener terminates TLS.
     pub tls: Option<Arc<crate::tls::CertStore>>,
-    breakers: std::sync::Mutex<std::collections::HashMap<String, Arc<crate::breaker::Breaker>>>,
     shutting_down: AtomicBool,
 }
 
@@ -44,30 +43,27 @@ impl RouterState {
         metrics: Metrics,
         telemetry: Telemetry,
     ) -> Self {
-        let table = RouteTable::new(&config.routes);
         Self {
-            config: ArcSwap::from_pointee(config),
-            table: ArcSwap::from_pointee(table),
+            snapshot: ArcSwap::from_pointee(Snapshot::build(config, None)),
+            admin_token: None,
             overrides: Overrides::default(),
             flags,
             metrics,
-            windows: RouteWindows::default(),
             telemetry,
             shadows: crate::shadow::Shadows::new(),
             tls: None,
-            breakers: std::sync::Mutex::new(std::collections::HashMap::new()),
             shutting_down: AtomicBool::new(false),
         }
     }
 
-    /// The current config.
-    pub fn config(&self) -> Arc<RouterConfig> {
-        self.config.load_full()
+    /// The current config and routes; requests in flight keep the one they started with.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
     }
 
-    /// The current route table; requests in flight keep the one they started with.
-    pub fn table(&self) -> Arc<RouteTable> {
-        self.table.load_full()
+    /// The current config.
+    pub fn config(&self) -> Arc<RouterConfig> {
+        Arc::clone(&self.snapshot.load().config)
     }
 
     /// Re-reads the config file and swaps the route table and upstreams atomically.
@@ -102,33 +98,13 @@ impl RouterState {
             _ => tracing::warn!("turning TLS on or off needs a restart"),
         }
         let routes = next.routes.len();
-        self.table.store(Arc::new(RouteTable::new(&next.routes)));
-        self.config.store(Arc::new(next));
+        // Routes whose settings did not change keep their breaker, windows and shadow
+        // results; the swap is one pointer, so a request sees the old or the new, whole.
+        let previous = self.snapshot.load_full();
+        self.snapshot
+            .store(Arc::new(Snapshot::build(next, Some(&previous))));
         tracing::info!(routes, "config reloaded from {}", path.display());
         Ok(())
-    }
-
-    /// The circuit breaker for a route's new service (a new one when its settings change).
-    pub fn breaker(&self, route: &crate::config::RouteConfig) -> Arc<crate::breaker::Breaker> {
-        let mut map = self.breakers.lock().unwrap_or_else(|p| p.into_inner());
-        // Looked up by &str: no allocation on the request path unless created or replaced.
-        if let Some(b) = map.get(route.name.as_str())
-            && b.settings()
-                == (
-                    route.breaker_failures,
-                    route.breaker_open,
-                    route.breaker_rate,
-                )
-        {
-            return Arc::clone(b);
-        }
-        let b = Arc::new(crate::breaker::Breaker::with_rate(
-            route.breaker_failures,
-            route.breaker_open,
-            route.breaker_rate,
-        ));
-        map.insert(route.name.to_string(), Arc::clone(&b));
-        b
     }
 
     /// Marks the router as draining: readiness turns false.

@@ -12,8 +12,9 @@ use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, spa
 
 use super::history::Entry;
 
+use strangler_model::names::attr;
 /// The span name the collector turns into a route event.
-pub const ROUTE_CHANGE_SPAN: &str = "strangler.route.change";
+pub use strangler_model::names::span::ROUTE_CHANGE as ROUTE_CHANGE_SPAN;
 
 fn kv(key: &str, value: &str) -> KeyValue {
     KeyValue {
@@ -35,19 +36,19 @@ pub fn request(entry: &Entry, service: &str, at: SystemTime) -> ExportTraceServi
     let mut span_id = rand::random::<[u8; 8]>();
     span_id[0] |= 1;
     let mut attributes = vec![
-        kv("strangler.change.route", &entry.route),
-        kv("strangler.change.from", &entry.from.to_string()),
-        kv("strangler.change.to", &entry.to.to_string()),
-        kv("strangler.change.action", &entry.action),
-        kv("strangler.change.actor", &entry.actor),
+        kv(attr::CHANGE_ROUTE, &entry.route),
+        kv(attr::CHANGE_FROM, &entry.from.to_string()),
+        kv(attr::CHANGE_TO, &entry.to.to_string()),
+        kv(attr::CHANGE_ACTION, &entry.action),
+        kv(attr::CHANGE_ACTOR, &entry.actor),
     ];
     if let Some(reason) = &entry.reason {
-        attributes.push(kv("strangler.change.reason", reason));
+        attributes.push(kv(attr::CHANGE_REASON, reason));
     }
     ExportTraceServiceRequest {
         resource_spans: vec![ResourceSpans {
             resource: Some(Resource {
-                attributes: vec![kv("service.name", service)],
+                attributes: vec![kv(attr::SERVICE_NAME, service)],
                 ..Default::default()
             }),
             scope_spans: vec![ScopeSpans {

@@ -3,8 +3,6 @@
 
 pub mod announce;
 pub mod flagstore;
-pub mod history;
-pub mod lifecycle;
 pub mod routers;
 
 use std::path::PathBuf;
@@ -16,6 +14,8 @@ use strangler_router::RouterConfig;
 use strangler_router::config::{FlagsConfig, RouteConfig};
 
 use flagstore::{FlagSnapshot, FlagStore, FlagsFile, UnleashAdmin};
+pub use strangler_model::{history, lifecycle};
+
 use history::{Entry, History, now_rfc3339};
 use lifecycle::State;
 use routers::{Fleet, RouterReply};
@@ -67,13 +67,11 @@ pub enum ControlError {
         message: String,
     },
     /// The history file could not be read or written.
-    #[error("history {path}: {message}")]
-    History {
-        /// The file.
-        path: PathBuf,
-        /// What happened.
-        message: String,
-    },
+    #[error(transparent)]
+    History(#[from] strangler_model::HistoryError),
+    /// The config names a credential that cannot be read.
+    #[error(transparent)]
+    Config(#[from] strangler_router::config::ConfigError),
     /// The history has no such entry for this route.
     #[error("route {route} has no history entry #{number} (see `strangler route history {route}`)")]
     NoSuchEntry {
@@ -222,9 +220,10 @@ impl Controller {
                 )?)
             }
         };
+        let secrets = strangler_router::config::Secrets::read(&config)?;
         let fleet = Fleet::new(
             control.routers.clone(),
-            config.admin.token.as_ref().map(|t| t.expose().to_string()),
+            secrets.admin_token.as_ref().map(|t| t.expose().to_string()),
             control.timeout,
         );
         let history = History::new(&control.history_file);

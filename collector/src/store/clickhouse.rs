@@ -184,7 +184,7 @@ GROUP BY minute, route",
     ),
 ];
 /// The name of the span the CLI sends for each route lifecycle change.
-pub const ROUTE_CHANGE_SPAN: &str = "strangler.route.change";
+pub use strangler_model::names::span::ROUTE_CHANGE as ROUTE_CHANGE_SPAN;
 
 /// The DDL of every migration for `database`, as `strangler collector schema` prints it.
 pub fn schema_sql(database: &str) -> String {
@@ -327,5 +327,33 @@ impl SpanStore for ClickHouseStore {
             .fetch_one::<u8>()
             .await
             .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod names_tests {
+    use strangler_model::names::attr;
+
+    use super::*;
+
+    /// Migrations are frozen SQL text, so the names they read are spelled there;
+    /// this keeps them equal to the one definition the CLI writes with.
+    #[test]
+    fn the_route_events_migration_reads_the_names_the_cli_writes() {
+        let sql = schema_sql("strangler");
+        assert!(sql.contains(&format!("name = '{ROUTE_CHANGE_SPAN}'")));
+        for key in [
+            attr::CHANGE_ROUTE,
+            attr::CHANGE_FROM,
+            attr::CHANGE_TO,
+            attr::CHANGE_ACTION,
+            attr::CHANGE_ACTOR,
+            attr::CHANGE_REASON,
+        ] {
+            assert!(
+                sql.contains(&format!("indexOf(attr_keys, '{key}')")),
+                "{key}"
+            );
+        }
     }
 }

@@ -1,8 +1,11 @@
 //! Route lifecycle: `legacy → shadow → canary N% → new → retired`, and rollback.
+//! The CLI moves routes along it; CDC reads it to know which side owns the data.
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+
+use crate::config_error::Invalid;
 
 /// A rollout percentage, 0 to 100.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -20,12 +23,12 @@ impl Percent {
 }
 
 impl TryFrom<u8> for Percent {
-    type Error = String;
-    fn try_from(v: u8) -> Result<Self, String> {
+    type Error = Invalid;
+    fn try_from(v: u8) -> Result<Self, Invalid> {
         if v <= 100 {
             Ok(Self(v))
         } else {
-            Err(format!("{v} is not a percentage (0-100)"))
+            Err(Invalid(format!("{v} is not a percentage (0-100)")))
         }
     }
 }
@@ -37,12 +40,12 @@ impl From<Percent> for u8 {
 }
 
 impl std::str::FromStr for Percent {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = Invalid;
+    fn from_str(s: &str) -> Result<Self, Invalid> {
         let n: u8 = s
             .trim_end_matches('%')
             .parse()
-            .map_err(|_| format!("{s:?} is not a percentage (0-100)"))?;
+            .map_err(|_| Invalid(format!("{s:?} is not a percentage (0-100)")))?;
         Self::try_from(n)
     }
 }
@@ -134,6 +137,17 @@ impl State {
         }
     }
 
+    /// Whether the new service owns the route's data in this state: it serves at
+    /// least half of the route's users (canary ≥ 50 %, new, retired). The CDC
+    /// `owner` conflict policy lets the owner's version win.
+    pub fn new_owns(self) -> bool {
+        match self {
+            Self::Legacy | Self::Shadow => false,
+            Self::Canary { percent } => percent.get() >= 50,
+            Self::New | Self::Retired => true,
+        }
+    }
+
     /// Whether moving from `self` to `to` skips a stage and so deserves a confirmation.
     /// Going back (toward legacy) never asks.
     pub fn skips_a_stage_to(self, to: State) -> bool {
@@ -159,8 +173,8 @@ mod tests {
 
     #[test]
     fn percent_accepts_0_to_100_with_or_without_sign() {
-        assert_eq!("10".parse::<Percent>().map(Percent::get), Ok(10));
-        assert_eq!("100%".parse::<Percent>().map(Percent::get), Ok(100));
+        assert_eq!("10".parse::<Percent>().map(Percent::get).ok(), Some(10));
+        assert_eq!("100%".parse::<Percent>().map(Percent::get).ok(), Some(100));
         assert!("101".parse::<Percent>().is_err());
         assert!("ten".parse::<Percent>().is_err());
     }

@@ -81,7 +81,7 @@ impl PointerPattern {
 }
 
 /// Per-route comparison rules.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Rules {
     /// JSON paths (and everything under them) left out of the comparison.
     pub ignore_paths: Vec<PointerPattern>,

@@ -1,5 +1,6 @@
 //! The route history: every lifecycle change, appended as one JSON line to a file
-//! next to the config. Entries are numbered from 1 in file order.
+//! next to the config. Entries are numbered from 1 in file order. The CLI writes it
+//! and reads it back; CDC's `owner` conflict policy reads it through the same type.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
@@ -7,8 +8,32 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::ControlError;
-use super::lifecycle::State;
+use crate::lifecycle::State;
+
+/// The history could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    /// Opening, reading, locking, writing or syncing the file failed.
+    #[error("route history {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A line is not an entry (written by something else, or cut short).
+    #[error("route history {path}: line {line}: {source}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// What serde said.
+        #[source]
+        source: serde_json::Error,
+    },
+}
 
 /// One recorded change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,20 +76,24 @@ impl History {
     }
 
     /// Every entry, numbered.
-    pub fn read(&self) -> Result<Vec<Entry>, ControlError> {
+    pub fn read(&self) -> Result<Vec<Entry>, HistoryError> {
         let file = match File::open(&self.path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(self.err(e.to_string())),
+            Err(e) => return Err(self.io(e)),
         };
         let mut entries = Vec::new();
         for (i, line) in BufReader::new(file).lines().enumerate() {
-            let line = line.map_err(|e| self.err(e.to_string()))?;
+            let line = line.map_err(|e| self.io(e))?;
             if line.trim().is_empty() {
                 continue;
             }
-            let mut entry: Entry = serde_json::from_str(&line)
-                .map_err(|e| self.err(format!("line {}: {e}", i + 1)))?;
+            let mut entry: Entry =
+                serde_json::from_str(&line).map_err(|source| HistoryError::Corrupt {
+                    path: self.path.clone(),
+                    line: i + 1,
+                    source,
+                })?;
             entry.number = entries.len() + 1;
             entries.push(entry);
         }
@@ -72,7 +101,7 @@ impl History {
     }
 
     /// Entries for one route.
-    pub fn for_route(&self, route: &str) -> Result<Vec<Entry>, ControlError> {
+    pub fn for_route(&self, route: &str) -> Result<Vec<Entry>, HistoryError> {
         Ok(self
             .read()?
             .into_iter()
@@ -81,29 +110,37 @@ impl History {
     }
 
     /// The route's last recorded state.
-    pub fn last_state(&self, route: &str) -> Result<Option<State>, ControlError> {
+    pub fn last_state(&self, route: &str) -> Result<Option<State>, HistoryError> {
         Ok(self.for_route(route)?.last().map(|e| e.to))
     }
 
     /// Appends an entry (one `write` of one line, under a lock, then fsync).
-    pub fn append(&self, entry: &Entry) -> Result<(), ControlError> {
-        let mut line = serde_json::to_string(entry).map_err(|e| self.err(e.to_string()))?;
+    pub fn append(&self, entry: &Entry) -> Result<(), HistoryError> {
+        let mut line = serde_json::to_string(entry).map_err(|source| HistoryError::Corrupt {
+            path: self.path.clone(),
+            line: 0,
+            source,
+        })?;
         line.push('\n');
         let mut file = File::options()
             .create(true)
             .append(true)
             .open(&self.path)
-            .map_err(|e| self.err(e.to_string()))?;
-        file.lock().map_err(|e| self.err(e.to_string()))?;
-        file.write_all(line.as_bytes())
-            .map_err(|e| self.err(e.to_string()))?;
-        file.sync_data().map_err(|e| self.err(e.to_string()))
+            .map_err(|e| self.io(e))?;
+        file.lock().map_err(|e| self.io(e))?;
+        file.write_all(line.as_bytes()).map_err(|e| self.io(e))?;
+        file.sync_data().map_err(|e| self.io(e))
     }
 
-    fn err(&self, message: String) -> ControlError {
-        ControlError::History {
+    /// Where it is kept.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn io(&self, source: std::io::Error) -> HistoryError {
+        HistoryError::Io {
             path: self.path.clone(),
-            message,
+            source,
         }
     }
 }
@@ -116,7 +153,7 @@ pub fn now_rfc3339() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::lifecycle::Percent;
+    use crate::lifecycle::Percent;
 
     fn entry(route: &str, from: State, to: State) -> Entry {
         Entry {

@@ -7,13 +7,17 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
-use crate::compare::{Captured, Verdict};
+pub mod compare;
+pub mod pair;
+
+use compare::{Captured, Verdict};
 
 /// The header every shadow copy carries.
 pub const SHADOW_HEADER: &str = "x-strangler-shadow";
@@ -22,20 +26,6 @@ const SAMPLES: usize = 20;
 /// Bytes of each body kept in a sample.
 const SAMPLE_BODY: usize = 4_096;
 
-/// Request headers a copy does not forward (hop-by-hop, or set per connection).
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
-    "content-length",
-    "traceparent",
-    "tracestate",
-];
-
 /// What a copy needs to be sent.
 #[derive(Debug, Clone)]
 pub struct CopyRequest {
@@ -43,7 +33,7 @@ pub struct CopyRequest {
     pub method: http::Method,
     /// Path and query.
     pub path_and_query: String,
-    /// Headers to send (hop-by-hop removed by [`copy_headers`]).
+    /// Headers to send (hop-by-hop removed by [`crate::proxy::headers::copy_headers`]).
     pub headers: Vec<(String, String)>,
     /// The request body.
     pub body: Vec<u8>,
@@ -53,15 +43,6 @@ pub struct CopyRequest {
     pub timeout: Duration,
     /// Largest response body kept for comparison.
     pub max_body_bytes: usize,
-}
-
-/// The headers of a request worth forwarding on a copy.
-pub fn copy_headers(headers: &http::HeaderMap) -> Vec<(String, String)> {
-    headers
-        .iter()
-        .filter(|(k, _)| !HOP_BY_HOP.contains(&k.as_str()))
-        .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
-        .collect()
 }
 
 /// Sends a copy and captures the answer (errors as text).
@@ -189,25 +170,16 @@ impl Calibration {
     }
 }
 
-#[derive(Debug, Default)]
-struct RouteState {
-    stats: RouteStats,
-    calibration: Option<Calibration>,
-    limit: Option<Arc<Semaphore>>,
-    consecutive_errors: u32,
-    paused_until: Option<std::time::Instant>,
-}
-
 /// After this many failed copies in a row the shadow target is left alone for
 /// [`PAUSE`]: a dead shadow must not cost the router a failed connect per request.
 const ERRORS_BEFORE_PAUSE: u32 = 20;
 /// How long copies pause before one is tried again.
 const PAUSE: Duration = Duration::from_secs(1);
 
-/// Shadow state for every route.
+/// Where copies and comparisons run, and the client they are sent with; shared by
+/// every route.
 #[derive(Debug)]
 pub struct Shadows {
-    routes: Mutex<HashMap<String, RouteState>>,
     /// The client copies are sent with (pooled keep-alive connections).
     pub client: reqwest::Client,
     /// Copies and comparisons run here, off the proxy's worker threads, so their
@@ -240,8 +212,8 @@ pub enum NoCopy {
 }
 
 impl Shadows {
-    /// Empty state, with a one-thread runtime for copies (or none if it cannot start,
-    /// in which case copies run on the caller's runtime).
+    /// A one-thread runtime for copies (or none if it cannot start, in which case
+    /// copies run on the caller's runtime).
     pub fn new() -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -265,7 +237,6 @@ impl Shadows {
             .map_err(|e| tracing::warn!("no separate runtime for shadow copies: {e}"))
             .ok();
         Self {
-            routes: Mutex::new(HashMap::new()),
             client: reqwest::Client::builder()
                 .pool_idle_timeout(Duration::from_secs(60))
                 .build()
@@ -288,125 +259,178 @@ impl Shadows {
             }
         }
     }
+}
 
-    fn with<T>(&self, route: &str, f: impl FnOnce(&mut RouteState) -> T) -> T {
-        let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
-        f(routes.entry(route.to_string()).or_default())
+/// Milliseconds since the process's first use of this clock: a pause deadline fits
+/// in an atomic.
+fn now_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(Instant::now);
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Results, samples and calibration that only the background comparison writes.
+#[derive(Debug, Default)]
+struct Findings {
+    paths: HashMap<String, u64>,
+    samples: VecDeque<Sample>,
+    calibration: Option<Calibration>,
+}
+
+/// One route's shadow state. What a request touches — the cap, the pause, the
+/// skip count, whether calibration wants a pair — is atomics; the differing paths,
+/// samples and calibration details sit behind a lock that only the comparison
+/// task (off the request path) and the admin API take.
+#[derive(Debug)]
+pub struct ShadowState {
+    limit: Arc<Semaphore>,
+    compared: AtomicU64,
+    matches: AtomicU64,
+    mismatches: AtomicU64,
+    shadow_errors: AtomicU64,
+    skipped: AtomicU64,
+    consecutive_errors: AtomicU32,
+    /// Copies pause until this [`now_ms`]; 0 when not paused.
+    paused_until_ms: AtomicU64,
+    /// Calibration pairs still wanted (target minus finished); 0 when not calibrating.
+    calibration_open: AtomicU64,
+    findings: Mutex<Findings>,
+}
+
+impl ShadowState {
+    /// Empty state with room for `max_concurrent` copies in flight.
+    pub fn new(max_concurrent: usize) -> Self {
+        Self {
+            limit: Arc::new(Semaphore::new(max_concurrent.max(1))),
+            compared: AtomicU64::new(0),
+            matches: AtomicU64::new(0),
+            mismatches: AtomicU64::new(0),
+            shadow_errors: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+            consecutive_errors: AtomicU32::new(0),
+            paused_until_ms: AtomicU64::new(0),
+            calibration_open: AtomicU64::new(0),
+            findings: Mutex::new(Findings::default()),
+        }
+    }
+
+    fn findings(&self) -> std::sync::MutexGuard<'_, Findings> {
+        self.findings.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A slot for one copy, or why not (counted as skipped).
-    pub fn acquire(
-        &self,
-        route: &str,
-        max_concurrent: usize,
-    ) -> Result<tokio::sync::OwnedSemaphorePermit, NoCopy> {
-        let limit = self.with(route, |s| {
-            if s.paused_until
-                .is_some_and(|t| std::time::Instant::now() < t)
-            {
-                s.stats.skipped += 1;
-                return None;
-            }
-            Some(Arc::clone(s.limit.get_or_insert_with(|| {
-                Arc::new(Semaphore::new(max_concurrent))
-            })))
-        });
-        let Some(limit) = limit else {
+    pub fn acquire(&self) -> Result<tokio::sync::OwnedSemaphorePermit, NoCopy> {
+        if now_ms() < self.paused_until_ms.load(Ordering::Acquire) {
+            self.skipped();
             return Err(NoCopy::TargetFailing);
-        };
-        limit.try_acquire_owned().map_err(|_| {
-            self.with(route, |s| s.stats.skipped += 1);
+        }
+        Arc::clone(&self.limit).try_acquire_owned().map_err(|_| {
+            self.skipped();
             NoCopy::AtCapacity
         })
     }
 
     /// Counts a pair that could not be compared.
-    pub fn skipped(&self, route: &str) {
-        self.with(route, |s| s.stats.skipped += 1);
+    pub fn skipped(&self) {
+        self.skipped.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Records a compared pair (or a failed copy, `verdict` = `None`).
-    pub fn record(&self, route: &str, verdict: Option<&Verdict>, sample: impl FnOnce() -> Sample) {
-        self.with(route, |s| {
-            if verdict.is_none() {
-                s.consecutive_errors += 1;
-                if s.consecutive_errors >= ERRORS_BEFORE_PAUSE {
-                    s.consecutive_errors = 0;
-                    s.paused_until = Some(std::time::Instant::now() + PAUSE);
-                }
-            } else {
-                s.consecutive_errors = 0;
+    pub fn record(&self, verdict: Option<&Verdict>, sample: impl FnOnce() -> Sample) {
+        if verdict.is_none() {
+            let errors = self.consecutive_errors.fetch_add(1, Ordering::AcqRel) + 1;
+            if errors >= ERRORS_BEFORE_PAUSE {
+                self.consecutive_errors.store(0, Ordering::Release);
+                self.paused_until_ms.store(
+                    now_ms() + u64::try_from(PAUSE.as_millis()).unwrap_or(1_000),
+                    Ordering::Release,
+                );
             }
-        });
-        self.with(route, |s| match verdict {
-            None => s.stats.shadow_errors += 1,
+        } else {
+            self.consecutive_errors.store(0, Ordering::Release);
+        }
+        match verdict {
+            None => {
+                self.shadow_errors.fetch_add(1, Ordering::Relaxed);
+            }
             Some(Verdict::Match) => {
-                s.stats.compared += 1;
-                s.stats.matches += 1;
+                self.compared.fetch_add(1, Ordering::Relaxed);
+                self.matches.fetch_add(1, Ordering::Relaxed);
             }
             Some(Verdict::Mismatch(paths)) => {
-                s.stats.compared += 1;
-                s.stats.mismatches += 1;
+                let sample = sample();
+                let mut f = self.findings();
                 for p in paths {
-                    *s.stats.paths.entry(p.clone()).or_default() += 1;
+                    *f.paths.entry(p.clone()).or_default() += 1;
                 }
-                if s.stats.samples.len() == SAMPLES {
-                    s.stats.samples.pop_front();
+                if f.samples.len() == SAMPLES {
+                    f.samples.pop_front();
                 }
-                s.stats.samples.push_back(sample());
+                f.samples.push_back(sample);
+                // Counted under the lock so a reader never sees a count without its paths.
+                self.compared.fetch_add(1, Ordering::Relaxed);
+                self.mismatches.fetch_add(1, Ordering::Relaxed);
             }
-            Some(Verdict::Skipped(_)) => s.stats.skipped += 1,
-        });
+            Some(Verdict::Skipped(_)) => self.skipped(),
+        }
     }
 
     /// The route's results.
-    pub fn stats(&self, route: &str) -> RouteStats {
-        self.with(route, |s| s.stats.clone())
+    pub fn stats(&self) -> RouteStats {
+        let f = self.findings();
+        RouteStats {
+            compared: self.compared.load(Ordering::Relaxed),
+            matches: self.matches.load(Ordering::Relaxed),
+            mismatches: self.mismatches.load(Ordering::Relaxed),
+            shadow_errors: self.shadow_errors.load(Ordering::Relaxed),
+            skipped: self.skipped.load(Ordering::Relaxed),
+            paths: f.paths.clone(),
+            samples: f.samples.clone(),
+        }
     }
 
     /// Starts (or restarts) calibration for `requests` pairs.
-    pub fn start_calibration(&self, route: &str, requests: u64) {
-        self.with(route, |s| {
-            s.calibration = Some(Calibration {
-                target: requests.max(1),
-                ..Calibration::default()
-            });
+    pub fn start_calibration(&self, requests: u64) {
+        let target = requests.max(1);
+        let mut f = self.findings();
+        f.calibration = Some(Calibration {
+            target,
+            ..Calibration::default()
         });
+        self.calibration_open.store(target, Ordering::Release);
     }
 
-    /// Whether this request should be a calibration pair (reserves its place).
-    pub fn take_calibration_slot(&self, route: &str) -> bool {
-        self.with(route, |s| match &mut s.calibration {
-            // `done` counts finished pairs; allow a few in flight beyond it.
-            Some(c) if c.done + c.errors < c.target => true,
-            _ => false,
-        })
+    /// Whether this request should be a calibration pair. Pairs in flight are not
+    /// reserved: a few beyond the target may run, and are not counted.
+    pub fn take_calibration_slot(&self) -> bool {
+        self.calibration_open.load(Ordering::Acquire) > 0
     }
 
     /// Records a calibration pair.
-    pub fn record_calibration(&self, route: &str, verdict: Option<&Verdict>) {
-        self.with(route, |s| {
-            if let Some(c) = &mut s.calibration {
-                if c.done + c.errors >= c.target {
-                    return;
-                }
-                match verdict {
-                    None | Some(Verdict::Skipped(_)) => c.errors += 1,
-                    Some(Verdict::Match) => c.done += 1,
-                    Some(Verdict::Mismatch(paths)) => {
-                        c.done += 1;
-                        for p in paths {
-                            *c.paths.entry(p.clone()).or_default() += 1;
-                        }
+    pub fn record_calibration(&self, verdict: Option<&Verdict>) {
+        let mut f = self.findings();
+        if let Some(c) = &mut f.calibration {
+            if c.done + c.errors >= c.target {
+                return;
+            }
+            match verdict {
+                None | Some(Verdict::Skipped(_)) => c.errors += 1,
+                Some(Verdict::Match) => c.done += 1,
+                Some(Verdict::Mismatch(paths)) => {
+                    c.done += 1;
+                    for p in paths {
+                        *c.paths.entry(p.clone()).or_default() += 1;
                     }
                 }
             }
-        });
+            self.calibration_open
+                .store(c.target - (c.done + c.errors), Ordering::Release);
+        }
     }
 
     /// The calibration, if one was started.
-    pub fn calibration(&self, route: &str) -> Option<Calibration> {
-        self.with(route, |s| s.calibration.clone())
+    pub fn calibration(&self) -> Option<Calibration> {
+        self.findings().calibration.clone()
     }
 }
 
@@ -433,33 +457,33 @@ mod tests {
 
     #[test]
     fn the_cap_skips_and_counts_instead_of_queueing() {
-        let s = Shadows::new();
-        let a = s.acquire("r", 2).expect("first");
-        let _b = s.acquire("r", 2).expect("second");
-        assert_eq!(s.acquire("r", 2).err(), Some(NoCopy::AtCapacity));
-        assert_eq!(s.stats("r").skipped, 1);
+        let s = ShadowState::new(2);
+        let a = s.acquire().expect("first");
+        let _b = s.acquire().expect("second");
+        assert_eq!(s.acquire().err(), Some(NoCopy::AtCapacity));
+        assert_eq!(s.stats().skipped, 1);
         drop(a);
-        assert!(s.acquire("r", 2).is_ok());
+        assert!(s.acquire().is_ok());
     }
 
     #[test]
     fn a_failing_shadow_target_pauses_copies_briefly() {
-        let s = Shadows::new();
+        let s = ShadowState::new(10);
         for _ in 0..ERRORS_BEFORE_PAUSE {
-            assert!(s.acquire("r", 10).is_ok());
-            s.record("r", None, || unreachable!());
+            assert!(s.acquire().is_ok());
+            s.record(None, || unreachable!());
         }
-        assert_eq!(s.acquire("r", 10).err(), Some(NoCopy::TargetFailing));
-        assert_eq!(s.stats("r").shadow_errors, u64::from(ERRORS_BEFORE_PAUSE));
+        assert_eq!(s.acquire().err(), Some(NoCopy::TargetFailing));
+        assert_eq!(s.stats().shadow_errors, u64::from(ERRORS_BEFORE_PAUSE));
     }
 
     #[test]
     fn calibration_collects_noise_rates_until_the_target() {
-        let s = Shadows::new();
-        assert!(!s.take_calibration_slot("r"));
-        s.start_calibration("r", 4);
+        let s = ShadowState::new(10);
+        assert!(!s.take_calibration_slot());
+        s.start_calibration(4);
         for i in 0..6 {
-            if s.take_calibration_slot("r") {
+            if s.take_calibration_slot() {
                 let paths = if i % 2 == 0 {
                     vec!["/generated_at".to_string()]
                 } else {
@@ -470,35 +494,34 @@ mod tests {
                 } else {
                     Verdict::Mismatch(paths)
                 };
-                s.record_calibration("r", Some(&v));
+                s.record_calibration(Some(&v));
             }
         }
-        let c = s.calibration("r").expect("calibration");
+        let c = s.calibration().expect("calibration");
+        assert!(!s.take_calibration_slot(), "done: no more pairs");
         assert_eq!((c.done, c.target), (4, 4));
         assert_eq!(c.suggestions(), vec![("/generated_at".to_string(), 0.5)]);
     }
 
     #[test]
     fn mismatches_keep_bounded_samples_and_path_counts() {
-        let s = Shadows::new();
+        let s = ShadowState::new(10);
         for i in 0..30 {
-            s.record("r", Some(&Verdict::Mismatch(vec!["/a".into()])), || {
-                Sample {
-                    at: i,
-                    request: format!("GET /{i}"),
-                    pair_id: String::new(),
-                    trace_id: String::new(),
-                    primary_backend: "legacy".into(),
-                    paths: vec!["/a".into()],
-                    primary_status: 200,
-                    primary_body: String::new(),
-                    shadow_status: 200,
-                    shadow_body: String::new(),
-                }
+            s.record(Some(&Verdict::Mismatch(vec!["/a".into()])), || Sample {
+                at: i,
+                request: format!("GET /{i}"),
+                pair_id: String::new(),
+                trace_id: String::new(),
+                primary_backend: "legacy".into(),
+                paths: vec!["/a".into()],
+                primary_status: 200,
+                primary_body: String::new(),
+                shadow_status: 200,
+                shadow_body: String::new(),
             });
         }
-        s.record("r", Some(&Verdict::Match), || unreachable!());
-        let st = s.stats("r");
+        s.record(Some(&Verdict::Match), || unreachable!());
+        let st = s.stats();
         assert_eq!((st.compared, st.matches, st.mismatches), (31, 1, 30));
         assert_eq!(st.paths.get("/a"), Some(&30));
         assert_eq!(st.samples.len(), SAMPLES);

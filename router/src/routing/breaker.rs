@@ -2,6 +2,7 @@
 //! served from legacy for a while, then one probe request tests the new service.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Consecutive failures that open the breaker: enough to ignore a blip.
@@ -28,39 +29,68 @@ pub struct ErrorRate {
 
 const BUCKETS: usize = 10;
 
-/// Outcomes over a sliding window, in ten buckets.
+/// Outcomes over a sliding window, in ten buckets of atomics: a success is counted
+/// without taking the breaker's lock.
 #[derive(Debug)]
 struct Window {
     origin: Instant,
-    /// (bucket number since `origin`, successes, failures)
-    buckets: [(u64, u32, u32); BUCKETS],
+    /// Per bucket: its number since `origin` (`u64::MAX`: empty), successes, failures.
+    buckets: [(AtomicU64, AtomicU32, AtomicU32); BUCKETS],
 }
 
 impl Window {
     fn new(now: Instant) -> Self {
         Self {
             origin: now,
-            buckets: [(u64::MAX, 0, 0); BUCKETS],
+            buckets: std::array::from_fn(|_| {
+                (
+                    AtomicU64::new(u64::MAX),
+                    AtomicU32::new(0),
+                    AtomicU32::new(0),
+                )
+            }),
+        }
+    }
+
+    /// Empties every bucket (after the breaker opened on the rate).
+    fn clear(&self) {
+        for (n, ok, fail) in &self.buckets {
+            n.store(u64::MAX, Ordering::Release);
+            ok.store(0, Ordering::Release);
+            fail.store(0, Ordering::Release);
         }
     }
 
     /// Adds an outcome and returns (requests, failures) over the window.
-    fn add(&mut self, rule: &ErrorRate, success: bool, now: Instant) -> (u32, u32) {
+    fn add(&self, rule: &ErrorRate, success: bool, now: Instant) -> (u32, u32) {
         let width = (rule.window.as_nanos() / BUCKETS as u128).max(1);
         let n = (now.saturating_duration_since(self.origin).as_nanos() / width) as u64;
-        let slot = &mut self.buckets[(n % BUCKETS as u64) as usize];
-        if slot.0 != n {
-            *slot = (n, 0, 0);
+        let (number, ok, fail) = &self.buckets[(n % BUCKETS as u64) as usize];
+        let seen = number.load(Ordering::Acquire);
+        if seen != n
+            && number
+                .compare_exchange(seen, n, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            // First outcome in this bucket: it held an older bucket's counts.
+            ok.store(0, Ordering::Release);
+            fail.store(0, Ordering::Release);
         }
         if success {
-            slot.1 += 1;
+            ok.fetch_add(1, Ordering::AcqRel);
         } else {
-            slot.2 += 1;
+            fail.fetch_add(1, Ordering::AcqRel);
         }
         self.buckets
             .iter()
-            .filter(|(b, _, _)| *b != u64::MAX && n.saturating_sub(*b) < BUCKETS as u64)
-            .fold((0, 0), |(r, f), (_, ok, fail)| (r + ok + fail, f + fail))
+            .filter(|(b, _, _)| {
+                let b = b.load(Ordering::Acquire);
+                b != u64::MAX && n.saturating_sub(b) < BUCKETS as u64
+            })
+            .fold((0, 0), |(r, f), (_, ok, fail)| {
+                let (ok, fail) = (ok.load(Ordering::Acquire), fail.load(Ordering::Acquire));
+                (r + ok + fail, f + fail)
+            })
     }
 }
 
@@ -76,23 +106,48 @@ pub enum BreakerState {
     HalfOpen,
 }
 
+impl BreakerState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Open,
+            2 => Self::HalfOpen,
+            _ => Self::Closed,
+        }
+    }
+
+    fn as_u8(self) -> u8 {
+        match self {
+            Self::Closed => 0,
+            Self::Open => 1,
+            Self::HalfOpen => 2,
+        }
+    }
+}
+
+/// What only changes when the breaker moves between states.
 #[derive(Debug)]
 struct Inner {
-    state: BreakerState,
-    failures: u32,
     opened_at: Option<Instant>,
     probe_in_flight: bool,
-    /// The active health check says the service is down: no requests, no probes.
-    health_down: bool,
-    window: Window,
 }
 
 /// One breaker.
+///
+/// A healthy route costs atomics only: admitting a request while closed and
+/// recording a success while closed never take the lock. The lock is taken for a
+/// failure, a probe, and every change of state.
 #[derive(Debug)]
 pub struct Breaker {
     threshold: u32,
     open_for: Duration,
     rate: Option<ErrorRate>,
+    /// [`BreakerState`] as a number; written under `inner`'s lock, read without it.
+    state: AtomicU8,
+    /// Consecutive failures while closed.
+    failures: AtomicU32,
+    /// The active health check says the service is down: no requests, no probes.
+    health_down: AtomicBool,
+    window: Window,
     inner: Mutex<Inner>,
 }
 
@@ -119,13 +174,13 @@ impl Breaker {
             threshold: threshold.max(1),
             open_for,
             rate,
+            state: AtomicU8::new(BreakerState::Closed.as_u8()),
+            failures: AtomicU32::new(0),
+            health_down: AtomicBool::new(false),
+            window: Window::new(Instant::now()),
             inner: Mutex::new(Inner {
-                state: BreakerState::Closed,
-                failures: 0,
                 opened_at: None,
                 probe_in_flight: false,
-                health_down: false,
-                window: Window::new(Instant::now()),
             }),
         }
     }
@@ -139,25 +194,32 @@ impl Breaker {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn set_state(&self, state: BreakerState) {
+        self.state.store(state.as_u8(), Ordering::Release);
+    }
+
     /// The current state.
     pub fn state(&self) -> BreakerState {
-        self.lock().state
+        BreakerState::from_u8(self.state.load(Ordering::Acquire))
     }
 
     /// Asks whether a request may go to the new service at `now`.
     pub fn admit_at(&self, now: Instant) -> Admit {
-        let mut inner = self.lock();
-        if inner.health_down {
+        if self.health_down.load(Ordering::Acquire) {
             return Admit::No;
         }
-        match inner.state {
+        if self.state() == BreakerState::Closed {
+            return Admit::Yes;
+        }
+        let mut inner = self.lock();
+        match self.state() {
             BreakerState::Closed => Admit::Yes,
             BreakerState::Open => {
                 if inner
                     .opened_at
                     .is_some_and(|t| now.duration_since(t) >= self.open_for)
                 {
-                    inner.state = BreakerState::HalfOpen;
+                    self.set_state(BreakerState::HalfOpen);
                     inner.probe_in_flight = true;
                     Admit::Probe
                 } else {
@@ -183,37 +245,59 @@ impl Breaker {
     /// Records how a request to the new service went, at `now`. Returns the new state
     /// when it changed.
     pub fn record_at(&self, success: bool, now: Instant) -> Option<BreakerState> {
+        let tripped = |rule: &ErrorRate, (requests, failures): (u32, u32)| {
+            requests >= rule.min_requests.max(1)
+                && u64::from(failures) * 100 >= u64::from(rule.percent) * u64::from(requests)
+        };
+        let mut counted = false;
+        if success && self.state() == BreakerState::Closed {
+            // The common case, counted without the lock. A success resets the
+            // consecutive count; it opens the breaker only when it is the request
+            // that fills the rate window past its error rate.
+            let over = self
+                .rate
+                .as_ref()
+                .is_some_and(|rule| tripped(rule, self.window.add(rule, true, now)));
+            self.failures.store(0, Ordering::Release);
+            if !over {
+                return None;
+            }
+            counted = true;
+        }
         let mut inner = self.lock();
-        let before = inner.state;
+        let before = self.state();
         let rate_tripped = match &self.rate {
-            Some(rule) if inner.state == BreakerState::Closed => {
-                let (requests, failures) = inner.window.add(rule, success, now);
-                requests >= rule.min_requests.max(1)
-                    && u64::from(failures) * 100 >= u64::from(rule.percent) * u64::from(requests)
+            Some(rule) if before == BreakerState::Closed => {
+                if counted {
+                    true
+                } else {
+                    tripped(rule, self.window.add(rule, success, now))
+                }
             }
             _ => false,
         };
-        if rate_tripped {
-            inner.state = BreakerState::Open;
+        let open = |inner: &mut Inner| {
+            self.set_state(BreakerState::Open);
             inner.opened_at = Some(now);
             inner.probe_in_flight = false;
-            inner.failures = 0;
-            inner.window = Window::new(now);
+            self.failures.store(0, Ordering::Release);
+        };
+        if rate_tripped {
+            open(&mut inner);
+            self.window.clear();
         } else if success {
-            inner.failures = 0;
-            inner.state = BreakerState::Closed;
+            self.failures.store(0, Ordering::Release);
+            self.set_state(BreakerState::Closed);
             inner.opened_at = None;
             inner.probe_in_flight = false;
         } else {
-            inner.failures += 1;
-            if inner.state == BreakerState::HalfOpen || inner.failures >= self.threshold {
-                inner.state = BreakerState::Open;
-                inner.opened_at = Some(now);
-                inner.probe_in_flight = false;
-                inner.failures = 0;
+            let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
+            if before == BreakerState::HalfOpen || failures >= self.threshold {
+                open(&mut inner);
             }
         }
-        (inner.state != before).then_some(inner.state)
+        let after = self.state();
+        (after != before).then_some(after)
     }
 
     /// Records now.
@@ -225,18 +309,19 @@ impl Breaker {
     /// until the check passes again; up closes it.
     pub fn set_health(&self, healthy: bool) -> Option<BreakerState> {
         let mut inner = self.lock();
-        let before = inner.state;
-        inner.health_down = !healthy;
+        let before = self.state();
+        self.health_down.store(!healthy, Ordering::Release);
         if healthy {
-            inner.state = BreakerState::Closed;
-            inner.failures = 0;
+            self.set_state(BreakerState::Closed);
+            self.failures.store(0, Ordering::Release);
             inner.opened_at = None;
             inner.probe_in_flight = false;
         } else {
-            inner.state = BreakerState::Open;
+            self.set_state(BreakerState::Open);
             inner.opened_at = Some(Instant::now());
         }
-        (inner.state != before).then_some(inner.state)
+        let after = self.state();
+        (after != before).then_some(after)
     }
 }
 

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use http::{HeaderMap, Method};
 
+use super::Route;
 use crate::config::{PathMatch, RouteConfig, Segment};
 
 /// A route's specificity; larger sorts first.
@@ -51,37 +52,31 @@ fn specificity(route: &RouteConfig) -> Specificity {
 /// Routes compiled for matching, in the order they are tried.
 #[derive(Debug, Default)]
 pub struct RouteTable {
-    routes: Vec<Arc<RouteConfig>>,
+    routes: Vec<Arc<Route>>,
 }
 
 impl RouteTable {
     /// Orders routes by specificity (then file order).
-    pub fn new(routes: &[RouteConfig]) -> Self {
-        let mut routes: Vec<Arc<RouteConfig>> = routes.iter().cloned().map(Arc::new).collect();
-        routes.sort_by_key(|r| (Reverse(specificity(r)), r.index));
+    pub fn new(mut routes: Vec<Arc<Route>>) -> Self {
+        routes.sort_by_key(|r| (Reverse(specificity(&r.config)), r.config.index));
         Self { routes }
     }
 
     /// Routes in match order.
-    pub fn routes(&self) -> &[Arc<RouteConfig>] {
+    pub fn routes(&self) -> &[Arc<Route>] {
         &self.routes
     }
 
     /// Finds the route for a request; `None` means legacy serves it.
-    pub fn find(
-        &self,
-        method: &Method,
-        path: &str,
-        headers: &HeaderMap,
-    ) -> Option<&Arc<RouteConfig>> {
+    pub fn find(&self, method: &Method, path: &str, headers: &HeaderMap) -> Option<&Arc<Route>> {
         self.routes
             .iter()
-            .find(|r| route_matches(r, method, path, headers))
+            .find(|r| route_matches(&r.config, method, path, headers))
     }
 
     /// A route by name.
-    pub fn get(&self, name: &str) -> Option<&Arc<RouteConfig>> {
-        self.routes.iter().find(|r| r.name.as_str() == name)
+    pub fn get(&self, name: &str) -> Option<&Arc<Route>> {
+        self.routes.iter().find(|r| r.config.name.as_str() == name)
     }
 }
 
@@ -153,12 +148,11 @@ mod tests {
     fn table(routes: &str) -> RouteTable {
         let text = format!("[legacy]\nupstream = \"127.0.0.1:1\"\n{routes}");
         let config = RouterConfig::parse(&text, Path::new("t.toml")).expect("valid");
-        RouteTable::new(&config.routes)
+        super::super::Snapshot::build(config, None).table
     }
 
     fn find<'a>(t: &'a RouteTable, method: Method, path: &str) -> Option<&'a str> {
-        t.find(&method, path, &HeaderMap::new())
-            .map(|r| r.name.as_str())
+        t.find(&method, path, &HeaderMap::new()).map(|r| r.name())
     }
 
     /// Random paths (odd characters, empty and repeated segments, huge inputs) against
@@ -182,7 +176,7 @@ mod tests {
                 .map(|_| pieces[rng.random_range(0..pieces.len())])
                 .collect();
             if let Some(r) = t.find(&Method::GET, &path, &HeaderMap::new())
-                && r.name.as_str() == "p"
+                && r.name() == "p"
             {
                 assert!(path.starts_with("/api/orders"), "{path}");
             }
@@ -260,8 +254,7 @@ new = "127.0.0.1:2"
         assert!(t.find(&Method::GET, "/a", &headers).is_none());
         headers.insert("x-beta", "1".parse().expect("value"));
         assert_eq!(
-            t.find(&Method::GET, "/a", &headers)
-                .map(|r| r.name.as_str()),
+            t.find(&Method::GET, "/a", &headers).map(|r| r.name()),
             Some("beta")
         );
     }

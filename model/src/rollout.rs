@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::config_error::Invalid;
+
 /// One step of a plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
@@ -25,16 +27,16 @@ impl std::fmt::Display for Step {
 }
 
 impl Step {
-    fn parse(text: &str) -> Result<Self, String> {
+    fn parse(text: &str) -> Result<Self, Invalid> {
         let t = text.trim();
         if t.eq_ignore_ascii_case("shadow") {
             return Ok(Self::Shadow);
         }
         match t.trim_end_matches('%').trim().parse::<u8>() {
             Ok(p) if (1..=100).contains(&p) => Ok(Self::Percent(p)),
-            _ => Err(format!(
+            _ => Err(Invalid(format!(
                 "step {text:?}: expected \"shadow\" or a percentage 1-100 such as \"25%\""
-            )),
+            ))),
         }
     }
 }
@@ -139,7 +141,7 @@ fn z_for(confidence: f64) -> Option<f64> {
 /// `[route.rollout]` as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawRollout {
+pub struct RawRollout {
     steps: Vec<String>,
     min_step_s: Option<u64>,
     min_requests: Option<u64>,
@@ -165,59 +167,67 @@ struct RawGate {
     on_fail: Option<String>,
 }
 
-fn fraction(name: &str, v: Option<f64>, default: f64) -> Result<f64, String> {
+fn fraction(name: &str, v: Option<f64>, default: f64) -> Result<f64, Invalid> {
     let v = v.unwrap_or(default);
     if (0.0..=1.0).contains(&v) {
         Ok(v)
     } else {
-        Err(format!("rollout.{name} = {v}: expected a fraction 0-1"))
+        Err(Invalid(format!(
+            "rollout.{name} = {v}: expected a fraction 0-1"
+        )))
     }
 }
 
 impl RawRollout {
     /// Validates the plan.
-    pub(crate) fn build(self) -> Result<RolloutPlan, String> {
+    pub fn build(self) -> Result<RolloutPlan, Invalid> {
         if self.steps.is_empty() {
-            return Err("rollout.steps is empty: list e.g. [\"shadow\", \"25%\", \"100%\"]".into());
+            return Err(Invalid(
+                "rollout.steps is empty: list e.g. [\"shadow\", \"25%\", \"100%\"]".into(),
+            ));
         }
         let steps = self
             .steps
             .iter()
-            .map(|s| Step::parse(s).map_err(|e| format!("rollout.steps: {e}")))
+            .map(|s| Step::parse(s).map_err(|e| e.context("rollout.steps")))
             .collect::<Result<Vec<_>, _>>()?;
         let rank = |s: &Step| match s {
             Step::Shadow => 0u16,
             Step::Percent(p) => 1 + u16::from(*p),
         };
         if steps.windows(2).any(|w| rank(&w[1]) <= rank(&w[0])) {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "rollout.steps must only move forward (shadow first, then rising percentages): {:?}",
                 self.steps
-            ));
+            )));
         }
         let confidence = self.confidence.unwrap_or(DEFAULT_CONFIDENCE);
         if z_for(confidence).is_none() {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "rollout.confidence = {confidence}: one of 0.80, 0.90, 0.95, 0.98, 0.99, 0.999"
-            ));
+            )));
         }
         let ratio = self.max_p99_ratio.unwrap_or(DEFAULT_MAX_P99_RATIO);
         if !(ratio >= 1.0 && ratio.is_finite()) {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "rollout.max_p99_ratio = {ratio}: must be at least 1"
-            ));
+            )));
         }
         let slack = self.p99_slack_ms.unwrap_or(DEFAULT_P99_SLACK_MS);
         if !(slack >= 0.0 && slack.is_finite()) {
-            return Err(format!("rollout.p99_slack_ms = {slack}: must be 0 or more"));
+            return Err(Invalid(format!(
+                "rollout.p99_slack_ms = {slack}: must be 0 or more"
+            )));
         }
         let interval = self.interval_s.unwrap_or(DEFAULT_INTERVAL_S as f64);
         if !(0.1..=3_600.0).contains(&interval) {
-            return Err(format!("rollout.interval_s = {interval}: 0.1 to 3600"));
+            return Err(Invalid(format!(
+                "rollout.interval_s = {interval}: 0.1 to 3600"
+            )));
         }
         let mut gates = Vec::new();
         for g in self.gate {
-            let ctx = |m: String| format!("rollout.gate {:?}: {m}", g.name);
+            let ctx = |m: String| Invalid(format!("rollout.gate {:?}: {m}", g.name));
             if g.min.is_none() && g.max.is_none() {
                 return Err(ctx("set min, max or both".into()));
             }
@@ -244,9 +254,9 @@ impl RawRollout {
         let min_step = self.min_step_s.unwrap_or(DEFAULT_MIN_STEP_S);
         let max_step = self.max_step_s.unwrap_or(DEFAULT_MAX_STEP_S);
         if max_step < min_step {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "rollout.max_step_s ({max_step}) is shorter than min_step_s ({min_step})"
-            ));
+            )));
         }
         Ok(RolloutPlan {
             steps,
@@ -281,6 +291,7 @@ mod tests {
         toml::from_str::<RawRollout>(text)
             .map_err(|e| e.to_string())?
             .build()
+            .map_err(|e| e.to_string())
     }
 
     #[test]

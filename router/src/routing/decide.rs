@@ -1,59 +1,14 @@
 //! The per-request decision: admin override > flag > default (legacy).
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use http::HeaderMap;
 
+pub use strangler_model::{Backend, Reason};
+
 use crate::config::{RouteConfig, Stickiness};
 use crate::flags::{FlagEngine, context_for};
-
-/// Which side serves a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Backend {
-    /// The monolith.
-    Legacy,
-    /// The new service.
-    New,
-}
-
-impl Backend {
-    /// The wire name (`strangler.backend`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Legacy => "legacy",
-            Self::New => "new",
-        }
-    }
-}
-
-/// Why a side was chosen (`strangler.decision`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Reason {
-    /// An admin override.
-    Override,
-    /// The route's flag.
-    Flag,
-    /// No route matched or the flag is unknown: legacy.
-    Default,
-    /// The new service failed to connect and the request was retried on legacy.
-    Fallback,
-}
-
-impl Reason {
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Override => "override",
-            Self::Flag => "flag",
-            Self::Default => "default",
-            Self::Fallback => "fallback",
-        }
-    }
-}
 
 /// A decision with what the span records about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +19,17 @@ pub struct Decision {
     pub reason: Reason,
     /// The variant the flag gave, if any.
     pub variant: Option<String>,
+}
+
+impl Decision {
+    /// Legacy, for `reason`.
+    pub fn legacy(reason: Reason) -> Self {
+        Self {
+            backend: Backend::Legacy,
+            reason,
+            variant: None,
+        }
+    }
 }
 
 /// Per-route admin overrides; read on every request without locking.
@@ -151,9 +117,6 @@ pub fn decide(
         variant: flag.variant,
     }
 }
-
-/// Shared handle type.
-pub type SharedOverrides = Arc<Overrides>;
 
 #[cfg(test)]
 mod tests {
