@@ -791,6 +791,120 @@ async fn killing_the_new_service_under_load_fails_no_read_and_traffic_returns_af
     );
 }
 
+/// 50 config rewrites under 4-way load, alternating two versions that disagree on
+/// every part of a request's path. Version A: the route's flag is on, its new
+/// service answers 500 (so each request falls back) and legacy is `legacy-a`.
+/// Version B: the route's flag is unknown (legacy by default) and legacy is
+/// `legacy-b`. A request that mixed them — the new service tried under A, then the
+/// fallback sent to B's legacy — would reach `legacy-b` after the failing service.
+#[tokio::test]
+async fn a_reload_storm_never_mixes_two_config_versions_in_one_request() {
+    let failing_saw: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
+    let seen = Arc::clone(&failing_saw);
+    let failing: Handler = Arc::new(move |parts| {
+        if let Some(id) = parts.headers.get("x-req-id").and_then(|v| v.to_str().ok()) {
+            seen.lock().expect("lock").insert(id.to_string());
+        }
+        Reply {
+            status: 500,
+            content_type: "text/plain",
+            body: "down".into(),
+            delay: Duration::ZERO,
+        }
+    });
+    let (new, _) = Upstream::start_with(failing).await;
+    let legacy_a = Upstream::start("legacy-a").await;
+    let legacy_b = Upstream::start("legacy-b").await;
+    let version = |legacy: std::net::SocketAddr, flag: &str| {
+        format!(
+            "[legacy]\nupstream = \"{legacy}\"\n\n[[route]]\nname = \"orders\"\nmatch = {{ prefix = \"/api/orders\" }}\nnew = \"{}\"\nflag = \"{flag}\"\nbreaker_failures = 1000000000\n",
+            new.addr
+        )
+    };
+    let a = version(legacy_a.addr, "strangler.orders");
+    let b = version(legacy_b.addr, "strangler.unknown");
+    let router = Router::start(
+        &a,
+        &[("flags.json", &flags_doc("strangler.orders", true, 100))],
+        &[],
+    )
+    .await;
+    let head = {
+        let current = std::fs::read_to_string(&router.config_path).expect("config");
+        current[..current.find("[legacy]").expect("legacy section")].to_string()
+    };
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let outcomes: Arc<Mutex<Vec<(String, u16, String)>>> = Arc::default();
+    let mut workers = Vec::new();
+    for w in 0..4 {
+        let (stop, outcomes, url) = (
+            Arc::clone(&stop),
+            Arc::clone(&outcomes),
+            router.url("/api/orders/1"),
+        );
+        workers.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                let id = format!("{w}-{n}");
+                let (status, side) = match client.get(&url).header("x-req-id", &id).send().await {
+                    Ok(r) => {
+                        let status = r.status().as_u16();
+                        let body: Value = r.json().await.unwrap_or(Value::Null);
+                        (status, body["side"].as_str().unwrap_or("").to_string())
+                    }
+                    Err(e) => (0, e.to_string()),
+                };
+                outcomes.lock().expect("lock").push((id, status, side));
+            }
+        }));
+    }
+    for i in 0..50 {
+        let next = if i % 2 == 0 { &b } else { &a };
+        replace_file(&router.config_path, &format!("{head}{next}# version {i}\n"));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(router.pid()),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .expect("sighup");
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in workers {
+        w.await.expect("worker");
+    }
+    let outcomes = outcomes.lock().expect("lock").clone();
+    let failing_saw = failing_saw.lock().expect("lock").clone();
+    let by_side = |side: &str| outcomes.iter().filter(|o| o.2 == side).count();
+    eprintln!(
+        "reload storm: {} requests, {} from legacy-a (version A, after the new service failed), {} from legacy-b (version B), {} reloads logged",
+        outcomes.len(),
+        by_side("legacy-a"),
+        by_side("legacy-b"),
+        router.log().matches("config reloaded").count()
+    );
+    for (id, status, side) in &outcomes {
+        assert_eq!(*status, 200, "request {id}: {side}");
+        match side.as_str() {
+            "legacy-a" => assert!(
+                failing_saw.contains(id),
+                "request {id} reached version A's legacy without version A's decision (new, then fallback)"
+            ),
+            "legacy-b" => assert!(
+                !failing_saw.contains(id),
+                "request {id} was decided by version A (new service tried) but served by version B's legacy"
+            ),
+            other => panic!("request {id} answered by {other:?}"),
+        }
+    }
+    assert!(
+        by_side("legacy-a") > 0 && by_side("legacy-b") > 0,
+        "both versions served"
+    );
+    assert!(router.log().matches("config reloaded").count() >= 25);
+}
+
 #[tokio::test]
 async fn reloads_under_load_lose_no_request() {
     let legacy = Upstream::start("legacy").await;
