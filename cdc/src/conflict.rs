@@ -432,17 +432,7 @@ mod tests {
         let history = History::new(&history_file);
         let write = |route: &str, from: State, to: State| {
             history
-                .append(&Entry {
-                    number: 0,
-                    at: strangler_model::history::now_rfc3339(),
-                    actor: "alice".into(),
-                    route: route.into(),
-                    from,
-                    to,
-                    action: "test".into(),
-                    reason: None,
-                    evidence: None,
-                })
+                .append(&Entry::now("alice", route, from, to, "test"))
                 .expect("append");
         };
         let canary = |p: u8| State::Canary {

@@ -716,19 +716,15 @@ async fn rows_changed_on_both_sides_follow_the_conflict_policy_and_are_counted()
 
     // owner: the route is on the new service, so the new side (this stream's target) wins.
     strangler_model::History::new(history.path())
-        .append(&strangler_model::Entry {
-            number: 0,
-            at: strangler_model::history::now_rfc3339(),
-            actor: "test".into(),
-            route: "orders".into(),
-            from: strangler_model::State::Canary {
+        .append(&strangler_model::Entry::now(
+            "test",
+            "orders",
+            strangler_model::State::Canary {
                 percent: strangler_model::Percent::try_from(25).expect("percent"),
             },
-            to: strangler_model::State::New,
-            action: "promote".into(),
-            reason: None,
-            evidence: None,
-        })
+            strangler_model::State::New,
+            "promote",
+        ))
         .expect("history");
     new.execute(
         "UPDATE orders_v2 SET note = 'owned by new' WHERE id = 4",

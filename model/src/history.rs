@@ -67,6 +67,24 @@ pub struct History {
     path: PathBuf,
 }
 
+impl Entry {
+    /// A change made now by `actor`, without a reason or evidence (set them on the
+    /// result when there are some); numbered when read back.
+    pub fn now(actor: &str, route: &str, from: State, to: State, action: &str) -> Self {
+        Self {
+            number: 0,
+            at: now_rfc3339(),
+            actor: actor.to_string(),
+            route: route.to_string(),
+            from,
+            to,
+            action: action.to_string(),
+            reason: None,
+            evidence: None,
+        }
+    }
+}
+
 impl History {
     /// The history at `path`.
     pub fn new(path: &Path) -> Self {
@@ -156,17 +174,7 @@ mod tests {
     use crate::lifecycle::Percent;
 
     fn entry(route: &str, from: State, to: State) -> Entry {
-        Entry {
-            number: 0,
-            at: now_rfc3339(),
-            actor: "alice".into(),
-            route: route.into(),
-            from,
-            to,
-            action: "test".into(),
-            reason: None,
-            evidence: None,
-        }
+        Entry::now("alice", route, from, to, "test")
     }
 
     #[test]

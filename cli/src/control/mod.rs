@@ -16,7 +16,7 @@ use strangler_router::config::{FlagsConfig, RouteConfig};
 use flagstore::{FlagSnapshot, FlagStore, FlagsFile, UnleashAdmin};
 pub use strangler_model::{history, lifecycle};
 
-use history::{Entry, History, now_rfc3339};
+use history::{Entry, History};
 use lifecycle::State;
 use routers::{Fleet, RouterReply};
 
@@ -368,15 +368,9 @@ impl Controller {
         let took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         if took_effect {
             let entry = Entry {
-                number: 0,
-                at: now_rfc3339(),
-                actor: self.actor.clone(),
-                route: route_name.to_string(),
-                from,
-                to,
-                action: action.to_string(),
                 reason,
                 evidence,
+                ..Entry::now(&self.actor, route_name, from, to, action)
             };
             self.history.append(&entry)?;
             if let Some(endpoint) = &self.config.telemetry.otlp_endpoint

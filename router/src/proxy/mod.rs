@@ -411,21 +411,18 @@ impl ProxyHttp for StranglerProxy {
             ctx.started.elapsed().as_secs_f64(),
         );
         self.record_outcome(ctx, failed);
-        let backend = ctx.backend();
-        match (ctx.span.take(), ctx.pair.take()) {
-            (Some(mut span), pair) => {
-                span::finish_attributes(&mut span, ctx, status, e);
-                match pair {
-                    // The client has its response; the comparison finishes the span later.
-                    Some(pair) => pair.finish(&self.state, status, backend, span),
-                    None => {
-                        use opentelemetry::trace::Span as _;
-                        span.end();
-                    }
+        // Every request has a span (started in request_filter, before any pair),
+        // so a pair always finishes with one.
+        if let Some(mut span) = ctx.span.take() {
+            span::finish_attributes(&mut span, ctx, status, e);
+            match ctx.pair.take() {
+                // The client has its response; the comparison finishes the span later.
+                Some(pair) => pair.finish(&self.state, status, ctx.backend(), span),
+                None => {
+                    use opentelemetry::trace::Span as _;
+                    span.end();
                 }
             }
-            (None, Some(pair)) => pair.finish_untraced(&self.state, status, backend),
-            (None, None) => {}
         }
     }
 }

@@ -239,38 +239,15 @@ impl Pair {
         }
         span.end();
     }
-
-    /// The pair without a span (the request was not traced): still compared and
-    /// counted.
-    pub fn finish_untraced(self, state: &Arc<RouterState>, status: u16, primary_backend: Backend) {
-        if status > 0 && self.result.is_some() {
-            state.shadows.spawn(async move {
-                let _ = record(self, None, primary_backend, String::new()).await;
-            });
-        } else if !self.calibration {
-            self.route.state.shadow.skipped();
-        }
-    }
 }
 
 /// Waits for the copy, compares, records, and ends the primary span.
 async fn compare_and_record(
     pair: Pair,
-    span: opentelemetry_sdk::trace::Span,
+    mut span: opentelemetry_sdk::trace::Span,
     primary_backend: Backend,
     trace_id: String,
 ) {
-    if let Some(mut span) = record(pair, Some(span), primary_backend, trace_id).await {
-        span.end();
-    }
-}
-
-async fn record(
-    pair: Pair,
-    mut span: Option<opentelemetry_sdk::trace::Span>,
-    primary_backend: Backend,
-    trace_id: String,
-) -> Option<opentelemetry_sdk::trace::Span> {
     let shadows = &pair.route.state.shadow;
     let wait = pair.route.config.shadow.timeout + std::time::Duration::from_secs(1);
     let shadow = match pair.result {
@@ -284,12 +261,11 @@ async fn record(
         .as_ref()
         .ok()
         .map(|s| compare(&pair.primary, s, &pair.route.config.shadow.rules));
-    if let Some(span) = span.as_mut() {
-        span.set_attribute(KeyValue::new(attr::PAIR_ID, pair.pair_id.clone()));
-    }
+    span.set_attribute(KeyValue::new(attr::PAIR_ID, pair.pair_id.clone()));
     if pair.calibration {
         shadows.record_calibration(verdict.as_ref());
-        return span;
+        span.end();
+        return;
     }
     let (label, paths) = match &verdict {
         None => (diff::ERROR, Vec::new()),
@@ -312,25 +288,23 @@ async fn record(
             Err(e) => e.clone(),
         },
     };
-    if let Some(span) = span.as_mut() {
-        span.set_attribute(KeyValue::new(attr::DIFF, label));
-        if !paths.is_empty() {
-            span.set_attribute(KeyValue::new(attr::DIFF_PATHS, paths.join(",")));
-        }
-        if label == diff::MISMATCH {
-            let s = sample();
-            span.add_event(
-                event::MISMATCH,
-                vec![
-                    KeyValue::new(mismatch::REQUEST, s.request.clone()),
-                    KeyValue::new(mismatch::PRIMARY_STATUS, i64::from(s.primary_status)),
-                    KeyValue::new(mismatch::PRIMARY_BODY, s.primary_body.clone()),
-                    KeyValue::new(mismatch::SHADOW_STATUS, i64::from(s.shadow_status)),
-                    KeyValue::new(mismatch::SHADOW_BODY, s.shadow_body.clone()),
-                ],
-            );
-        }
+    span.set_attribute(KeyValue::new(attr::DIFF, label));
+    if !paths.is_empty() {
+        span.set_attribute(KeyValue::new(attr::DIFF_PATHS, paths.join(",")));
+    }
+    if label == diff::MISMATCH {
+        let s = sample();
+        span.add_event(
+            event::MISMATCH,
+            vec![
+                KeyValue::new(mismatch::REQUEST, s.request.clone()),
+                KeyValue::new(mismatch::PRIMARY_STATUS, i64::from(s.primary_status)),
+                KeyValue::new(mismatch::PRIMARY_BODY, s.primary_body.clone()),
+                KeyValue::new(mismatch::SHADOW_STATUS, i64::from(s.shadow_status)),
+                KeyValue::new(mismatch::SHADOW_BODY, s.shadow_body.clone()),
+            ],
+        );
     }
     shadows.record(verdict.as_ref(), sample);
-    span
+    span.end();
 }
