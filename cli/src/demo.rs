@@ -84,10 +84,8 @@ fn show(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     print!("{text}");
-    let err = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() {
-        print!("{err}");
-    }
+    // Warnings are part of what a command says; show them whether or not it succeeded.
+    print!("{}", String::from_utf8_lossy(&out.stderr));
     Ok(text)
 }
 
@@ -206,9 +204,9 @@ pub async fn run(walkthrough: bool, exit: bool) -> anyhow::Result<()> {
 
     step("Starting the legacy shop and the new orders service (v1)");
     let (shop_at, orders_at) = (addr()?, addr()?);
-    let _shop = serve(strangler_example::legacy::app(legacy_db.clone()), shop_at).await?;
+    let shop = serve(strangler_example::legacy::app(legacy_db.clone()), shop_at).await?;
     let fixed = Arc::new(AtomicBool::new(false));
-    let _orders_task = serve(
+    let orders_task = serve(
         strangler_example::orders::switchable(orders_db.clone(), Arc::clone(&fixed)),
         orders_at,
     )
@@ -246,6 +244,21 @@ pub async fn run(walkthrough: bool, exit: bool) -> anyhow::Result<()> {
                 eprintln!("demo: collector stopped: {e}");
             }
         });
+        // Route changes are announced to the collector as they happen; wait until
+        // its schema is in place so the first one is stored like the rest.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while reqwest::get(format!("http://{web}/ready"))
+            .await
+            .map_or(true, |r| !r.status().is_success())
+        {
+            if Instant::now() > deadline {
+                println!(
+                    "the collector is not ready after 60 s; continuing (its spool keeps the traces)"
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         telemetry = format!("[telemetry]\notlp_endpoint = \"http://{grpc}\"\n");
         dashboard = Some(format!("http://{web}"));
     }
@@ -416,11 +429,21 @@ pub async fn run(walkthrough: bool, exit: bool) -> anyhow::Result<()> {
         }
     }
 
-    if exit {
+    // Stops in dependency order: traffic, CDC and the apps first, so every database
+    // connection is closed by its client before the databases go (a database that
+    // goes first makes each open connection end in an error).
+    let shutdown = async move {
         stop_traffic.store(true, Ordering::Relaxed);
         stop_cdc.cancel();
+        shop.abort();
+        orders_task.abort();
+        let _ = tokio::join!(shop, orders_task);
+        drop((legacy_db, orders_db));
         tokio::time::sleep(Duration::from_millis(300)).await;
         drop(stack);
+    };
+    if exit {
+        shutdown.await;
         println!("\ndone.");
         return Ok(());
     }
@@ -440,10 +463,7 @@ pub async fn run(walkthrough: bool, exit: bool) -> anyhow::Result<()> {
         r = tokio::signal::ctrl_c() => r?,
         _ = term.recv() => {}
     }
-    stop_traffic.store(true, Ordering::Relaxed);
-    stop_cdc.cancel();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    drop(stack);
+    shutdown.await;
     println!("stopped.");
     Ok(())
 }

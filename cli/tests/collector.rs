@@ -15,7 +15,7 @@ use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter as _, SpanLink
 use prost::Message;
 use serde_json::Value;
 use strangler_testkit::ClickHouse;
-use support::{Collector, ch_client, wait_for_schema};
+use support::{Collector, ch_client};
 
 /// A span as the SDK hands it to exporters.
 fn span(
@@ -102,7 +102,7 @@ struct Stored {
 async fn spans_from_the_otlp_exporter_over_grpc_and_http_arrive_with_all_fields() {
     let ch = ClickHouse::start().await.expect("clickhouse");
     let collector = Collector::start(&ch.http_url(), "").await;
-    wait_for_schema(&ch).await;
+    collector.wait_ready().await;
     let resource = opentelemetry_sdk::Resource::builder()
         .with_service_name("test-service")
         .build();
@@ -166,7 +166,7 @@ async fn spans_from_the_otlp_exporter_over_grpc_and_http_arrive_with_all_fields(
 async fn compare_reports_the_percentiles_of_a_known_distribution() {
     let ch = ClickHouse::start().await.expect("clickhouse");
     let collector = Collector::start(&ch.http_url(), "").await;
-    wait_for_schema(&ch).await;
+    collector.wait_ready().await;
     let exporter = grpc_exporter(&collector.grpc_url());
     // Legacy: 1..=1000 ms, every 10th a 500. New: twice as slow, no errors.
     let mut batch = Vec::new();
@@ -377,7 +377,7 @@ async fn a_full_queue_answers_with_retryable_errors_instead_of_dropping() {
     let mut collector = collector;
     collector.kill();
     collector.spawn().await;
-    wait_for_schema(&ch).await;
+    collector.wait_ready().await;
     let request = |first: u64| {
         let spans: Vec<_> = (0..5u64)
             .map(|i| opentelemetry_proto::tonic::trace::v1::Span {
@@ -506,7 +506,7 @@ async fn no_acknowledged_span_is_lost_or_stored_twice_across_a_clickhouse_outage
     );
     let mut ch = ClickHouse::start().await.expect("clickhouse");
     let mut collector = Collector::start(&ch.http_url(), "").await;
-    wait_for_schema(&ch).await;
+    collector.wait_ready().await;
     let acked = Arc::new(Mutex::new(HashSet::new()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut loader = tokio::spawn(load(

@@ -18,9 +18,7 @@ use serde_json::Value;
 use strangler_collector::query::now_secs;
 use strangler_dashboards::query::{Params, expand};
 use strangler_testkit::ClickHouse;
-use support::{
-    Collector, Router, Upstream, ch_client, flags_doc, strangler_bin, wait_for_schema, wait_until,
-};
+use support::{Collector, Router, Upstream, ch_client, flags_doc, strangler_bin, wait_until};
 
 fn kv(key: &str, value: any_value::Value) -> KeyValue {
     KeyValue {
@@ -307,7 +305,7 @@ fn playwright_core() -> Option<PathBuf> {
 async fn the_dashboards_show_known_traffic_in_the_api_grafana_cli_and_a_real_browser() {
     let ch = ClickHouse::start().await.expect("clickhouse");
     let collector = Collector::start(&ch.http_url(), "").await;
-    wait_for_schema(&ch).await;
+    collector.wait_ready().await;
     let client = ch_client(&ch);
 
     // Route changes come from the real CLI, flipping a real router and announcing

@@ -13,18 +13,49 @@ fn number_after<'a>(text: &'a str, marker: &str) -> Option<&'a str> {
         .and_then(|rest| rest.split_whitespace().next())
 }
 
+/// `(level, target)` of a `tracing` line (`2026-11-30T15:55:26.1Z  WARN target: …`).
+fn log_line(line: &str) -> Option<(&str, &str)> {
+    let mut words = line.split_whitespace();
+    let time = words.next()?;
+    let timestamp = time.len() > 10
+        && time.as_bytes()[..4].iter().all(u8::is_ascii_digit)
+        && time.as_bytes()[4] == b'-';
+    let level = words.next()?;
+    let target = words.next()?.trim_end_matches(':');
+    (timestamp && ["TRACE", "DEBUG", "INFO", "WARN", "ERROR"].contains(&level))
+        .then_some((level, target))
+}
+
 #[test]
 fn the_demo_finds_the_mismatch_splits_customers_and_rolls_back_without_losing_orders() {
+    // As a user runs it: the default log filter, stdout and stderr both read.
     let out = Command::new(strangler_bin())
         .args(["demo", "--exit"])
-        .env("STRANGLER_LOG", "warn")
+        .env_remove("STRANGLER_LOG")
+        .env_remove("RUST_LOG")
         .output()
         .expect("strangler demo");
     let text = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}\n{stderr}");
+    // Quiet: the steps and the commands' output, no log lines of dependencies, no
+    // errors (a clean shutdown included), and short enough to read.
+    for line in text.lines().chain(stderr.lines()) {
+        if let Some((level, target)) = log_line(line) {
+            assert!(
+                level == "WARN" && target.starts_with("strangler"),
+                "a {level} log line from {target}: {line}\n{text}\n{stderr}"
+            );
+        }
+        assert!(!line.starts_with("error:"), "a command failed: {line}");
+        assert!(!line.contains("warning:"), "a command warned: {line}");
+        assert!(!line.contains(" stopped: "), "a part stopped: {line}");
+    }
+    let walkthrough = &text[text.find("1. Shadow").expect("step 1")..];
+    let lines = walkthrough.lines().count();
     assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+        lines < 250,
+        "the walk-through is {lines} lines:\n{walkthrough}"
     );
     // 1. shadow finds the deliberate difference
     let shadow =

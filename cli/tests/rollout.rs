@@ -13,9 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use strangler_testkit::{ClickHouse, Unleash, unleash};
-use support::{
-    Collector, Handler, Reply, Router, Upstream, load_paced, strangler_bin, totals, wait_for_schema,
-};
+use support::{Collector, Handler, Reply, Router, Upstream, load_paced, strangler_bin, totals};
 
 /// How the new service behaves.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -75,7 +73,7 @@ impl Stack {
         let (ch, unleash) = tokio::join!(ClickHouse::start(), Unleash::start());
         let (ch, unleash) = (ch.expect("clickhouse"), unleash.expect("unleash"));
         let collector = Collector::start(&ch.http_url(), "").await;
-        wait_for_schema(&ch).await;
+        collector.wait_ready().await;
         let (legacy, _) = Upstream::start_with(legacy_handler()).await;
         let (new, _) = Upstream::start_with(new_handler(mode)).await;
         let body = format!(

@@ -11,7 +11,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use crate::metrics::Metrics;
 use crate::model::SpanRow;
 use crate::spool::Spool;
-use crate::store::SpanStore;
+use crate::store::{SpanStore, StoreError};
 
 /// Batching and queue settings.
 #[derive(Debug, Clone, Copy)]
@@ -211,6 +211,11 @@ async fn write_batch(
     let stored = if healthy.load(Ordering::Acquire) {
         match tokio::time::timeout(timeout, store.insert(&rows)).await {
             Ok(Ok(())) => true,
+            Ok(Err(StoreError::Migrating)) => {
+                tracing::debug!("the store is still migrating; spooling {n} spans");
+                healthy.store(false, Ordering::Release);
+                false
+            }
             Ok(Err(e)) => {
                 tracing::warn!("insert of {n} spans failed, spooling: {e}");
                 healthy.store(false, Ordering::Release);
@@ -304,5 +309,82 @@ async fn replayer(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+
+    use super::*;
+
+    /// A store that refuses everything until it is made ready, like ClickHouse
+    /// while the collector's migrations are still running.
+    #[derive(Default)]
+    struct NotReadyYet {
+        ready: AtomicBool,
+        rows: Mutex<Vec<SpanRow>>,
+    }
+
+    #[async_trait]
+    impl SpanStore for NotReadyYet {
+        async fn insert(&self, rows: &[SpanRow]) -> Result<(), StoreError> {
+            if !self.ready.load(Ordering::Acquire) {
+                return Err(StoreError::Migrating);
+            }
+            self.rows
+                .lock()
+                .map_err(|_| StoreError::Unavailable("poisoned".into()))?
+                .extend_from_slice(rows);
+            Ok(())
+        }
+        async fn ping(&self) -> bool {
+            self.ready.load(Ordering::Acquire)
+        }
+    }
+
+    #[tokio::test]
+    async fn spans_accepted_before_the_store_is_ready_are_spooled_and_replayed_once_it_is() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool = Arc::new(Spool::open(dir.path(), 1 << 20).expect("spool"));
+        let store = Arc::new(NotReadyYet::default());
+        let config = PipelineConfig {
+            batch_size: 100,
+            batch_timeout: Duration::from_millis(20),
+            batch_linger: Duration::from_millis(5),
+            queue_capacity: 1_000,
+            inserts_in_flight: 2,
+            insert_timeout: Duration::from_secs(5),
+        };
+        let pipeline = Pipeline::start(
+            Arc::clone(&store) as Arc<dyn SpanStore>,
+            Arc::clone(&spool),
+            config,
+            Metrics::new(),
+        );
+        let rows: Vec<SpanRow> = (0..3)
+            .map(|i| SpanRow {
+                name: format!("early-{i}"),
+                ..SpanRow::default()
+            })
+            .collect();
+        // Acknowledged (durable in the spool) although the store refuses writes.
+        pipeline.submit(rows.clone()).await.expect("accepted");
+        assert!(store.rows.lock().expect("lock").is_empty());
+        assert!(spool.used_bytes() > 0);
+
+        store.ready.store(true, Ordering::Release);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while store.rows.lock().expect("lock").len() < rows.len() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the spool was not replayed"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(*store.rows.lock().expect("lock"), rows);
+        assert_eq!(spool.used_bytes(), 0);
     }
 }

@@ -47,8 +47,22 @@ struct GateRequest {
     to: Option<u32>,
 }
 
+/// Why a time window (`since=`) was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadWindow {
+    /// No leading number.
+    #[error("window {0:?}: expected e.g. 15m, 1h, 7d")]
+    Number(String),
+    /// A unit other than s, m, h, d.
+    #[error("window {0:?}: unit must be s, m, h or d")]
+    Unit(String),
+    /// Zero, or too large to count in seconds.
+    #[error("window {0:?} is out of range")]
+    Range(String),
+}
+
 /// Parses `15m`, `1h`, `7d`, `90s` or plain seconds.
-pub fn parse_window(text: &str) -> Result<u64, String> {
+pub fn parse_window(text: &str) -> Result<u64, BadWindow> {
     let text = text.trim();
     let (number, unit) = text.split_at(
         text.find(|c: char| !c.is_ascii_digit())
@@ -56,17 +70,17 @@ pub fn parse_window(text: &str) -> Result<u64, String> {
     );
     let n: u64 = number
         .parse()
-        .map_err(|_| format!("window {text:?}: expected e.g. 15m, 1h, 7d"))?;
+        .map_err(|_| BadWindow::Number(text.to_string()))?;
     let factor = match unit {
         "" | "s" => 1,
         "m" => 60,
         "h" => 3_600,
         "d" => 86_400,
-        _ => return Err(format!("window {text:?}: unit must be s, m, h or d")),
+        _ => return Err(BadWindow::Unit(text.to_string())),
     };
     n.checked_mul(factor)
         .filter(|s| *s > 0)
-        .ok_or_else(|| format!("window {text:?} is out of range"))
+        .ok_or_else(|| BadWindow::Range(text.to_string()))
 }
 
 fn error(status: StatusCode, message: String) -> Response {
@@ -161,7 +175,11 @@ async fn ready(State(state): State<WebState>) -> Response {
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "ClickHouse unreachable (spans are being spooled)\n",
+            if state.store.is_migrated() {
+                "ClickHouse unreachable (spans are being spooled)\n"
+            } else {
+                "ClickHouse schema not migrated yet (spans are being spooled)\n"
+            },
         )
             .into_response()
     }
@@ -203,7 +221,7 @@ fn params(state: &WebState, p: &WindowParams) -> Result<Params, String> {
             }
             u64::from(to - from).max(1)
         }
-        None => parse_window(p.since.as_deref().unwrap_or("1h"))?,
+        None => parse_window(p.since.as_deref().unwrap_or("1h")).map_err(|e| e.to_string())?,
     };
     if since > 31 * 86_400 {
         return Err(format!("window of {since} s is longer than 31 days"));

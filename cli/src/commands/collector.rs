@@ -21,7 +21,7 @@ pub fn compare(
     top: usize,
     output: Output,
 ) -> anyhow::Result<ExitCode> {
-    strangler_collector::web::parse_window(since).map_err(anyhow::Error::msg)?;
+    strangler_collector::web::parse_window(since)?;
     let runtime = super::runtime(false)?;
     // Long windows aggregate days of spans: more time than a rollout's reads.
     let client = rollout::Collector::new(collector, std::time::Duration::from_secs(30))

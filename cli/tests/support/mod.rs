@@ -582,6 +582,27 @@ impl Collector {
         }
     }
 
+    /// Waits until the collector says it is ready: ClickHouse answers and every
+    /// migration has run, so an export acknowledged from now on is in the table.
+    pub async fn wait_ready(&self) {
+        let client = reqwest::Client::new();
+        let url = self.web_url("/ready");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !client
+            .get(&url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            assert!(
+                Instant::now() < deadline,
+                "collector never ready:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -625,27 +646,4 @@ pub fn ch_client(ch: &strangler_testkit::ClickHouse) -> clickhouse::Client {
     clickhouse::Client::default()
         .with_url(ch.http_url())
         .with_validation(false)
-}
-
-/// Waits until a collector has applied every migration.
-pub async fn wait_for_schema(ch: &strangler_testkit::ClickHouse) {
-    let client = ch_client(ch);
-    let last = strangler_collector::store::clickhouse::MIGRATIONS
-        .last()
-        .map_or(0, |m| m.0);
-    wait_until(
-        Duration::from_secs(20),
-        "the collector's migrations",
-        || {
-            let client = client.clone();
-            async move {
-                client
-                    .query("SELECT max(version) FROM strangler.schema_migrations")
-                    .fetch_one::<u32>()
-                    .await
-                    .is_ok_and(|v| v >= last)
-            }
-        },
-    )
-    .await;
 }

@@ -4,6 +4,9 @@
 //! DateTime64, Map, LowCardinality, TTL or codecs; times as `DateTime` plus
 //! nanosecond integers; attributes as parallel `Array(String)` columns.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use async_trait::async_trait;
 
 use super::{SpanStore, StoreError};
@@ -206,6 +209,11 @@ pub struct ClickHouseStore {
     /// quotes `db.table` as one name, so the database goes in the session instead).
     in_database: clickhouse::Client,
     database: String,
+    /// Set once every migration has run. Until then inserts are refused as
+    /// retryable (so they go to the spool): a span written before a materialized
+    /// view exists never reaches that view's table, and would be missing from the
+    /// route events and minute aggregates for good.
+    migrated: Arc<AtomicBool>,
 }
 
 /// A ClickHouse error as a store error: a refused statement is not worth retrying.
@@ -244,7 +252,13 @@ impl ClickHouseStore {
             in_database: client.clone().with_database(database),
             client,
             database: database.to_string(),
+            migrated: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Whether every migration has been applied by this process.
+    pub fn is_migrated(&self) -> bool {
+        self.migrated.load(Ordering::Acquire)
     }
 
     /// The database name.
@@ -303,6 +317,7 @@ impl ClickHouseStore {
             tracing::info!(version, description, "applied ClickHouse migration");
             applied.push(*version);
         }
+        self.migrated.store(true, Ordering::Release);
         Ok(applied)
     }
 }
@@ -310,6 +325,9 @@ impl ClickHouseStore {
 #[async_trait]
 impl SpanStore for ClickHouseStore {
     async fn insert(&self, rows: &[SpanRow]) -> Result<(), StoreError> {
+        if !self.is_migrated() {
+            return Err(StoreError::Migrating);
+        }
         let mut insert = self
             .in_database
             .insert::<SpanRow>("spans")
@@ -322,11 +340,13 @@ impl SpanStore for ClickHouseStore {
     }
 
     async fn ping(&self) -> bool {
-        self.client
-            .query("SELECT 1")
-            .fetch_one::<u8>()
-            .await
-            .is_ok()
+        self.is_migrated()
+            && self
+                .client
+                .query("SELECT 1")
+                .fetch_one::<u8>()
+                .await
+                .is_ok()
     }
 }
 
@@ -355,5 +375,23 @@ mod names_tests {
                 "{key}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod readiness_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_unmigrated_store_refuses_inserts_as_retryable_and_is_not_ready() {
+        // Nothing listens on port 9 of loopback; the refusal must come before any request.
+        let store = ClickHouseStore::new("http://127.0.0.1:9", "strangler", None, None, false);
+        let err = store
+            .insert(&[SpanRow::default()])
+            .await
+            .expect_err("refused before migration");
+        assert!(err.is_retryable(), "{err}");
+        assert!(matches!(err, StoreError::Migrating), "{err}");
+        assert!(!store.ping().await);
     }
 }

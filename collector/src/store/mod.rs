@@ -12,6 +12,10 @@ pub enum StoreError {
     /// The store could not be reached or refused the write; try again later.
     #[error("span store unavailable: {0}")]
     Unavailable(String),
+    /// The store is reachable but its schema is still being created; try again
+    /// shortly (expected for a moment after every start, so not worth a warning).
+    #[error("span store not ready: the schema is still being migrated")]
+    Migrating,
     /// A query or schema statement is wrong; retrying will not help.
     #[error("span store rejected the statement: {0}")]
     Rejected(String),
@@ -20,7 +24,7 @@ pub enum StoreError {
 impl StoreError {
     /// Whether the same call may succeed later.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Unavailable(_))
+        matches!(self, Self::Unavailable(_) | Self::Migrating)
     }
 }
 

@@ -50,15 +50,20 @@ impl Captured {
     }
 }
 
+/// A pointer pattern that is not a JSON pointer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("JSON pointer {0:?} must start with '/'")]
+pub struct BadPointer(pub String);
+
 /// A JSON pointer pattern: `/items/*/price`; `*` matches any one segment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PointerPattern(Vec<String>);
 
 impl PointerPattern {
     /// Parses `/a/*/b` (an empty string or `/` is the whole document).
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, BadPointer> {
         if !(text.is_empty() || text.starts_with('/')) {
-            return Err(format!("JSON pointer {text:?} must start with '/'"));
+            return Err(BadPointer(text.to_string()));
         }
         Ok(Self(
             text.split('/')
