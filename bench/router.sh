@@ -1,100 +1,78 @@
 #!/usr/bin/env bash
-# Router throughput and latency, side by side with nginx and haproxy, in one run.
+# Router throughput and latency, side by side with nginx, haproxy and bare pingora
+# (pingora with no strangler logic), in one run, for each worker count asked for.
 #
-# Same load generator (wrk), same connection count and the same upstream for every
-# target; each proxy gets 2 workers/threads. Prints requests/s, p50 and p99 for
-# each, and the ratios router/nginx and router/haproxy.
+# Same load generator (wrk), same connections, same upstream (nginx, 1 worker) for
+# every target. The router runs a matched route whose flag is evaluated for a
+# different user on every request (50 % rollout), with telemetry exported to an
+# OTLP sink. Prints req/s, p50, p99 per target and the ratios, and ends with one
+# line: `strangler/bare_pingora=… strangler/nginx=…` (suffixed `@Nw` per worker
+# count when several are measured).
 #
-#   bench/router.sh              # 10 s per target, 50 connections
-#   DURATION=30 CONNECTIONS=100 bench/router.sh
+#   bench/router.sh                          # 2 workers, 10 s per target
+#   WORKERS="1 2 4 8" DURATION=20 bench/router.sh
+#   BIN_DIR=/path/bench-bin bench/router.sh  # prebuilt binaries, no cargo
+#   BASELINE_BIN=/path/old/strangler bench/router.sh   # adds a "before" row
+#   SAMPLE_RATIO=1.0 bench/router.sh         # the router's telemetry.sample_ratio
+#
+# BIN_DIR holds `strangler`, `otlp_sink` and `bare_pingora` (and, if they are not on
+# the machine, nginx/haproxy/wrk are looked up on PATH). On a machine with at least
+# 12 cores the load generator, the upstream and the proxy under test get their own
+# cores (taskset), so the many-core table is measured the same way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DURATION="${DURATION:-10}"
 CONNECTIONS="${CONNECTIONS:-50}"
-THREADS="${WRK_THREADS:-2}"
+WORKERS="${WORKERS:-2}"
+SAMPLE_RATIO="${SAMPLE_RATIO:-}"
 
-STRANGLER_BENCH=1 ./scripts/install-deps.sh
-cargo build --release --locked -p strangler-cli >&2
-cargo build --release --locked -p strangler-router --example otlp_sink --example bare_pingora >&2
-TARGET="${CARGO_TARGET_DIR:-target}/release"
+if [ -z "${BIN_DIR:-}" ]; then
+  STRANGLER_BENCH=1 ./scripts/install-deps.sh
+  cargo build --release --locked -p strangler-cli >&2
+  cargo build --release --locked -p strangler-router --example otlp_sink --example bare_pingora >&2
+  TARGET="${CARGO_TARGET_DIR:-target}/release"
+  STRANGLER="${STRANGLER_BIN:-$TARGET/strangler}"
+  OTLP_SINK="$TARGET/examples/otlp_sink"
+  BARE_PINGORA="$TARGET/examples/bare_pingora"
+else
+  STRANGLER="${STRANGLER_BIN:-$BIN_DIR/strangler}"
+  OTLP_SINK="$BIN_DIR/otlp_sink"
+  BARE_PINGORA="$BIN_DIR/bare_pingora"
+  [ -d "$BIN_DIR/lib" ] && export LD_LIBRARY_PATH="$BIN_DIR/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+for tool in nginx haproxy wrk; do
+  command -v "$tool" >/dev/null || { echo "$tool not found (STRANGLER_BENCH=1 scripts/install-deps.sh installs it)" >&2; exit 1; }
+done
 
 source bench/lib.sh strangler-bench
 
-UP=$(free_port); NGX=$(free_port); HAP=$(free_port); RTR=$(free_port); ADM=$(free_port); OTLP=$(free_port); BARE=$(free_port)
+# Core layout: on a big machine wrk gets 4 cores, the upstream 2, each proxy the next
+# WORKERS cores; on a small one everything shares.
+CORES=$(nproc)
+# `$(pin FIRST COUNT) command` runs command on those cores (nothing on a small
+# machine); a prefix, not a wrapper function, so `$!` is the command's own pid.
+pin() { if [ "$CORES" -ge 12 ]; then echo "taskset -c $1-$(($1 + $2 - 1))"; fi; }
+if [ "$CORES" -ge 12 ]; then WRK_THREADS="${WRK_THREADS:-4}"; else WRK_THREADS="${WRK_THREADS:-1}"; fi
+PROXY_CORE=6
 
-# The upstream: nginx answering a small JSON body, 1 worker, the same for every target.
-mkdir -p "$WORK/up" "$WORK/ngx"
+UP=$(free_port); OTLP=$(free_port)
+mkdir -p "$WORK/up"
 cat > "$WORK/up/nginx.conf" <<CONF
-worker_processes 1; daemon off; pid $WORK/up/nginx.pid; error_log $WORK/up/error.log; user root;
+worker_processes 2; daemon off; pid $WORK/up/nginx.pid; error_log $WORK/up/error.log; user root;
 events { worker_connections 4096; }
 http { access_log off; client_body_temp_path $WORK/up; proxy_temp_path $WORK/up; fastcgi_temp_path $WORK/up; uwsgi_temp_path $WORK/up; scgi_temp_path $WORK/up;
   server { listen 127.0.0.1:$UP; keepalive_requests 1000000;
     location / { default_type application/json; return 200 '{"side":"upstream","ok":true}'; } } }
 CONF
-nginx -p "$WORK/up" -c "$WORK/up/nginx.conf" & PIDS+=($!)
+if [ "$CORES" -ge 12 ]; then sed -i 's/worker_processes 2;/worker_processes 2; worker_cpu_affinity 010000 100000;/' "$WORK/up/nginx.conf"; else sed -i 's/worker_processes 2;/worker_processes 1;/' "$WORK/up/nginx.conf"; fi
+nginx -p "$WORK/up" -c "$WORK/up/nginx.conf" >"$WORK/up/nginx.out" 2>&1 & PIDS+=($!)
+"$OTLP_SINK" "127.0.0.1:$OTLP" >"$WORK/otlp.log" 2>&1 & PIDS+=($!)
+wait_port "$UP"; wait_port "$OTLP"
 
-cat > "$WORK/ngx/nginx.conf" <<CONF
-worker_processes 2; daemon off; pid $WORK/ngx/nginx.pid; error_log $WORK/ngx/error.log; user root;
-events { worker_connections 4096; }
-http { access_log off; client_body_temp_path $WORK/ngx; proxy_temp_path $WORK/ngx; fastcgi_temp_path $WORK/ngx; uwsgi_temp_path $WORK/ngx; scgi_temp_path $WORK/ngx;
-  upstream up { server 127.0.0.1:$UP; keepalive 128; }
-  server { listen 127.0.0.1:$NGX; keepalive_requests 1000000;
-    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection "";
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for; } } }
-CONF
-nginx -p "$WORK/ngx" -c "$WORK/ngx/nginx.conf" & PIDS+=($!)
-
-cat > "$WORK/haproxy.cfg" <<CONF
-global
-  nbthread 2
-  maxconn 4000
-defaults
-  mode http
-  timeout connect 1s
-  timeout client 30s
-  timeout server 30s
-  http-reuse always
-  option forwardfor
-frontend fe
-  bind 127.0.0.1:$HAP
-  default_backend be
-backend be
-  server s1 127.0.0.1:$UP
-CONF
-haproxy -f "$WORK/haproxy.cfg" -db >"$WORK/haproxy.log" 2>&1 & PIDS+=($!)
-
-"$TARGET/examples/otlp_sink" "127.0.0.1:$OTLP" 2>"$WORK/otlp.log" & PIDS+=($!)
-# pingora with no strangler logic at all: the floor the router is built on.
-"$TARGET/examples/bare_pingora" "127.0.0.1:$BARE" "127.0.0.1:$UP" 2>"$WORK/bare.log" & PIDS+=($!)
-
-# The router: the benchmarked path is a matched route whose flag is evaluated per
-# request (50 % rollout, sticky by x-user-id) with a span exported per request.
 cat > "$WORK/flags.json" <<JSON
 {"version":2,"features":[{"name":"strangler.orders","enabled":true,"strategies":[{"name":"flexibleRollout","parameters":{"rollout":"50","stickiness":"default","groupId":"strangler.orders"}}]}]}
 JSON
-cat > "$WORK/strangler.toml" <<TOML
-[server]
-listen = "127.0.0.1:$RTR"
-threads = 2
-[admin]
-listen = "127.0.0.1:$ADM"
-[flags]
-file = "flags.json"
-[telemetry]
-otlp_endpoint = "http://127.0.0.1:$OTLP"
-[legacy]
-upstream = "127.0.0.1:$UP"
-[[route]]
-name = "orders"
-match = { prefix = "/api/orders" }
-new = "127.0.0.1:$UP"
-sticky = "header:x-user-id"
-TOML
-STRANGLER_LOG=warn "$TARGET/strangler" router run --config "$WORK/strangler.toml" 2>"$WORK/router.log" & PIDS+=($!)
-
-for p in $UP $NGX $HAP $RTR $OTLP $BARE; do wait_port "$p"; done
-
 # Every request carries a different user id so the flag is really evaluated.
 cat > "$WORK/users.lua" <<'LUA'
 local n = 0
@@ -104,43 +82,111 @@ request = function()
 end
 LUA
 
-run() { # name port
-  wrk -t"$THREADS" -c"$CONNECTIONS" -d2s -s "$WORK/users.lua" "http://127.0.0.1:$2/" >/dev/null 2>&1 || true
-  wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$WORK/users.lua" "http://127.0.0.1:$2/" > "$WORK/$1.txt"
+start_target() { # name workers -> sets PORT, TPID
+  local name=$1 w=$2 dir="$WORK/$1-$2"
+  PORT=$(free_port); mkdir -p "$dir"
+  case $name in
+    nginx)
+      cat > "$dir/nginx.conf" <<CONF
+worker_processes $w; daemon off; pid $dir/nginx.pid; error_log $dir/error.log; user root;
+events { worker_connections 4096; }
+http { access_log off; client_body_temp_path $dir; proxy_temp_path $dir; fastcgi_temp_path $dir; uwsgi_temp_path $dir; scgi_temp_path $dir;
+  upstream up { server 127.0.0.1:$UP; keepalive 128; }
+  server { listen 127.0.0.1:$PORT; keepalive_requests 1000000;
+    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for; } } }
+CONF
+      $(pin $PROXY_CORE "$w") nginx -p "$dir" -c "$dir/nginx.conf" >"$dir/nginx.out" 2>&1 & TPID=$! ;;
+    haproxy)
+      cat > "$dir/haproxy.cfg" <<CONF
+global
+  nbthread $w
+  maxconn 4000
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+  option forwardfor
+frontend fe
+  bind 127.0.0.1:$PORT
+  default_backend be
+backend be
+  server s1 127.0.0.1:$UP
+CONF
+      $(pin $PROXY_CORE "$w") haproxy -f "$dir/haproxy.cfg" -db >"$dir/haproxy.log" 2>&1 & TPID=$! ;;
+    pingora)
+      $(pin $PROXY_CORE "$w") "$BARE_PINGORA" "127.0.0.1:$PORT" "127.0.0.1:$UP" "$w" >"$dir/bare.log" 2>&1 & TPID=$! ;;
+    strangler|before)
+      local bin=$STRANGLER admin; admin=$(free_port)
+      [ "$name" = before ] && bin=$BASELINE_BIN
+      cp "$WORK/flags.json" "$dir/flags.json"
+      {
+        printf '[server]\nlisten = "127.0.0.1:%s"\nthreads = %s\n[admin]\nlisten = "127.0.0.1:%s"\n' "$PORT" "$w" "$admin"
+        printf '[flags]\nfile = "flags.json"\n[telemetry]\notlp_endpoint = "http://127.0.0.1:%s"\n' "$OTLP"
+        [ -n "$SAMPLE_RATIO" ] && [ "$name" = strangler ] && printf 'sample_ratio = %s\n' "$SAMPLE_RATIO"
+        printf '[legacy]\nupstream = "127.0.0.1:%s"\n' "$UP"
+        printf '[[route]]\nname = "orders"\nmatch = { prefix = "/api/orders" }\nnew = "127.0.0.1:%s"\nsticky = "header:x-user-id"\n' "$UP"
+      } > "$dir/strangler.toml"
+      STRANGLER_LOG=warn $(pin $PROXY_CORE "$w") "$bin" router run --config "$dir/strangler.toml" >"$dir/router.log" 2>&1 & TPID=$! ;;
+  esac
+  wait_port "$PORT"
 }
-run direct "$UP"
-run strangler "$RTR"
-run nginx "$NGX"
-run haproxy "$HAP"
-run pingora "$BARE"
 
-RSS_KB=$(ps -o rss= -p "$(pgrep -f "strangler router run --config $WORK" | head -1)" | tr -d ' ')
-python3 - "$WORK" "$DURATION" "$CONNECTIONS" "$RSS_KB" <<'PY'
+measure() { # name workers
+  start_target "$1" "$2"
+  local out="$WORK/$1-$2.txt"
+  $(pin 0 4) wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d2s -s "$WORK/users.lua" "http://127.0.0.1:$PORT/" >/dev/null 2>&1 || true
+  $(pin 0 4) wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$WORK/users.lua" "http://127.0.0.1:$PORT/" > "$out"
+  if [ "$1" = strangler ]; then ps -o rss= -p "$TPID" | tr -d ' ' > "$WORK/rss-$2"; fi
+  # SIGKILL: a graceful drain would only make the next target wait.
+  kill -KILL "$TPID" 2>/dev/null || true; wait "$TPID" 2>/dev/null || true
+}
+
+TARGETS="strangler nginx haproxy pingora"
+[ -n "${BASELINE_BIN:-}" ] && TARGETS="strangler before nginx haproxy pingora"
+for w in $WORKERS; do
+  for t in $TARGETS; do measure "$t" "$w"; done
+done
+$(pin 0 4) wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$WORK/users.lua" "http://127.0.0.1:$UP/" > "$WORK/direct.txt"
+
+python3 - "$WORK" "$DURATION" "$CONNECTIONS" "$WORKERS" "$TARGETS" "$CORES" "${SAMPLE_RATIO:-default}" <<'PY'
 import re, sys
-work, duration, conns, rss = sys.argv[1:5]
-def parse(name):
-    text = open(f"{work}/{name}.txt").read()
+work, duration, conns, workers, targets, cores, ratio = sys.argv[1:8]
+workers, targets = workers.split(), targets.split()
+def parse(path):
+    text = open(path).read()
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
     def lat(p):
         m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
-        v, u = float(m.group(1)), m.group(2)
-        return v * {"us": 1, "ms": 1000, "s": 1_000_000}[u]
-    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
-    errors = re.search(r"Socket errors:.*", text)
-    return rps, lat(50), lat(99), int(non2xx.group(1)) if non2xx else 0, errors.group(0) if errors else ""
-rows = {n: parse(n) for n in ["direct", "strangler", "nginx", "haproxy", "pingora"]}
-print(f"wrk, {conns} connections, {duration}s per target, 2 proxy workers each, same upstream (nginx, 1 worker)\n")
-print(f"{'target':<10} {'req/s':>10} {'p50 us':>9} {'p99 us':>9}  notes")
-for n, (rps, p50, p99, bad, err) in rows.items():
-    note = (f"{bad} non-2xx " if bad else "") + err
-    print(f"{n:<10} {rps:>10.0f} {p50:>9.0f} {p99:>9.0f}  {note}")
-s, g, h, d = rows["strangler"], rows["nginx"], rows["haproxy"], rows["direct"]
-print()
-print(f"router / nginx   throughput {s[0]/g[0]:.2f}x   p50 {s[1]/g[1]:.2f}x   p99 {s[2]/g[2]:.2f}x")
-print(f"router / haproxy throughput {s[0]/h[0]:.2f}x   p50 {s[1]/h[1]:.2f}x   p99 {s[2]/h[2]:.2f}x")
-b = rows["pingora"]
-print(f"router / bare pingora throughput {s[0]/b[0]:.2f}x   (what strangler's routing, flags, metrics and spans cost)")
-print(f"router p50 added over direct: {s[1]-d[1]:.0f} us   (nginx {g[1]-d[1]:.0f} us, haproxy {h[1]-d[1]:.0f} us)")
-print(f"router RSS after the run: {int(rss)/1024:.1f} MiB")
+        return float(m.group(1)) * {"us": 1, "ms": 1000, "s": 1_000_000}[m.group(2)]
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    err = re.search(r"Socket errors:.*", text)
+    return rps, lat(50), lat(99), (f"{bad.group(1)} non-2xx " if bad else "") + (err.group(0) if err else "")
+direct = parse(f"{work}/direct.txt")
+print(f"wrk, {conns} connections, {duration}s per target, {cores} cores, same upstream (nginx); strangler sample_ratio={ratio}")
+print(f"direct to the upstream: {direct[0]:.0f} req/s, p50 {direct[1]:.0f} us\n")
+final = []
+for w in workers:
+    rows = {t: parse(f"{work}/{t}-{w}.txt") for t in targets}
+    print(f"-- {w} proxy worker(s)")
+    print(f"{'target':<10} {'req/s':>10} {'p50 us':>9} {'p99 us':>9}  notes")
+    for t, (rps, p50, p99, note) in rows.items():
+        print(f"{t:<10} {rps:>10.0f} {p50:>9.0f} {p99:>9.0f}  {note}")
+    s, b, g = rows["strangler"], rows["pingora"], rows["nginx"]
+    print(f"strangler / bare pingora {s[0]/b[0]:.2f}x  (p50 +{s[1]-b[1]:.0f} us)   / nginx {s[0]/g[0]:.2f}x   / haproxy {s[0]/rows['haproxy'][0]:.2f}x")
+    if "before" in rows:
+        print(f"strangler / before {s[0]/rows['before'][0]:.2f}x   before / bare pingora {rows['before'][0]/b[0]:.2f}x")
+    try:
+        rss = int(open(f"{work}/rss-{w}").read().strip())
+        print(f"strangler RSS after the run: {rss/1024:.1f} MiB")
+    except (OSError, ValueError):
+        pass
+    print()
+    suffix = "" if len(workers) == 1 else f"@{w}w"
+    final.append(f"strangler/bare_pingora{suffix}={s[0]/b[0]:.2f} strangler/nginx{suffix}={s[0]/g[0]:.2f}")
+    if "before" in rows:
+        final.append(f"strangler/before{suffix}={s[0]/rows['before'][0]:.2f}")
+print(" ".join(final))
 PY
-echo "(otlp sink: $(tail -1 "$WORK/otlp.log" 2>/dev/null))"

@@ -1307,3 +1307,252 @@ fn config_check_reports_what_is_wrong_with_line_numbers() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok (0 routes"));
 }
+
+/// Splits a byte stream of HTTP/1.1 responses into (status, body) pairs
+/// (Content-Length or chunked bodies).
+fn split_responses(mut raw: &[u8]) -> Vec<(u16, String)> {
+    let mut out = Vec::new();
+    while let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+        let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+        let status: u16 = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let mut rest = &raw[end + 4..];
+        let mut body = Vec::new();
+        if let Some(len) = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+        {
+            let len = len.min(rest.len());
+            body.extend_from_slice(&rest[..len]);
+            rest = &rest[len..];
+        } else if head.contains("transfer-encoding: chunked") {
+            while let Some(line_end) = rest.windows(2).position(|w| w == b"\r\n") {
+                let size =
+                    usize::from_str_radix(String::from_utf8_lossy(&rest[..line_end]).trim(), 16)
+                        .unwrap_or(0);
+                rest = &rest[line_end + 2..];
+                if size == 0 {
+                    rest = rest.get(2..).unwrap_or_default();
+                    break;
+                }
+                let size = size.min(rest.len());
+                body.extend_from_slice(&rest[..size]);
+                rest = rest.get(size + 2..).unwrap_or_default();
+            }
+        }
+        out.push((status, String::from_utf8_lossy(&body).into_owned()));
+        raw = rest;
+    }
+    out
+}
+
+/// Writes `bytes` in one write and reads until the router closes the connection.
+async fn one_write(port: u16, bytes: Vec<u8>) -> Vec<u8> {
+    tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        s.write_all(&bytes).expect("write");
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        out
+    })
+    .await
+    .expect("join")
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_all_answered_in_order() {
+    let legacy = Upstream::start("legacy").await;
+    let new = Upstream::start("new").await;
+    let router = Router::start(
+        &route_config(legacy.addr, new.addr, ""),
+        &[("flags.json", &flags_doc("strangler.orders", true, 50))],
+        &[],
+    )
+    .await;
+    for n in [2usize, 10] {
+        // n GETs in one write, the last one closing the connection; users alternate
+        // so both sides answer within one burst.
+        let mut burst = Vec::new();
+        for i in 0..n {
+            let close = if i + 1 == n {
+                "connection: close\r\n"
+            } else {
+                ""
+            };
+            burst.extend_from_slice(
+                format!("GET /api/orders/{i} HTTP/1.1\r\nhost: shop\r\nx-user-id: user-{i}\r\n{close}\r\n")
+                    .as_bytes(),
+            );
+        }
+        let responses = split_responses(&one_write(router.port.port(), burst).await);
+        assert_eq!(responses.len(), n, "{n} pipelined GETs: {responses:?}");
+        for (i, (status, body)) in responses.iter().enumerate() {
+            assert_eq!(*status, 200, "{body}");
+            let doc: Value = serde_json::from_str(body).expect("json");
+            assert_eq!(
+                doc["path"],
+                format!("/api/orders/{i}"),
+                "response {i} out of order"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_post_and_a_get_in_one_write_get_two_answers() {
+    let legacy = Upstream::start("legacy").await;
+    let new = Upstream::start("new").await;
+    let router = Router::start(
+        &route_config(legacy.addr, new.addr, ""),
+        &[("flags.json", &flags_doc("strangler.orders", false, 0))],
+        &[],
+    )
+    .await;
+    let burst = b"POST /api/orders HTTP/1.1\r\nhost: shop\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"qty\": 12}GET /api/orders/7 HTTP/1.1\r\nhost: shop\r\nconnection: close\r\n\r\n".to_vec();
+    let responses = split_responses(&one_write(router.port.port(), burst).await);
+    assert_eq!(responses.len(), 2, "{responses:?}");
+    let first: Value = serde_json::from_str(&responses[0].1).expect("json");
+    let second: Value = serde_json::from_str(&responses[1].1).expect("json");
+    assert_eq!(
+        (first["method"].as_str(), first["path"].as_str()),
+        (Some("POST"), Some("/api/orders"))
+    );
+    assert_eq!(first["body"], "{\"qty\": 12}");
+    assert_eq!(
+        (second["method"].as_str(), second["path"].as_str()),
+        (Some("GET"), Some("/api/orders/7"))
+    );
+}
+
+/// Sums the samples of one Prometheus metric whose labels contain every `labels` pair.
+fn metric_sum(text: &str, name: &str, labels: &[&str]) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| labels.iter().all(|kv| l.contains(kv)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn unsampled_requests_get_no_span_unless_they_fall_back_or_the_caller_sampled_them() {
+    let receiver = Receiver::default();
+    let otlp_port = free_port().expect("port");
+    let addr = format!("127.0.0.1:{}", otlp_port.port())
+        .parse()
+        .expect("addr");
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(receiver.clone()))
+            .serve(addr),
+    );
+    let legacy = Upstream::start("legacy").await;
+    // Half the users go to a new service nobody listens on: their reads fall back.
+    let dead = free_port().expect("port");
+    let dead_addr = format!("127.0.0.1:{}", dead.port()).parse().expect("addr");
+    let telemetry = format!("[telemetry]\notlp_endpoint = \"http://{addr}\"\nsample_ratio = 0.0\n");
+    let router = Router::start(
+        &route_config(legacy.addr, dead_addr, &telemetry),
+        &[("flags.json", &flags_doc("strangler.orders", true, 50))],
+        &[],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let mut unsampled_parents = Vec::new();
+    for u in 0..40 {
+        let echoed: Value = client
+            .get(router.url(&format!("/api/orders/{u}")))
+            .header("x-user-id", format!("user-{u}"))
+            .send()
+            .await
+            .expect("request")
+            .json()
+            .await
+            .expect("json");
+        // Unsampled requests still carry a traceparent upstream, flagged unsampled.
+        let tp = echoed["headers"]["traceparent"]
+            .as_str()
+            .expect("a traceparent upstream")
+            .to_string();
+        assert!(tp.starts_with("00-") && tp.ends_with("-00"), "{tp}");
+        unsampled_parents.push(tp);
+    }
+    let sampled_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let r = client
+        .get(router.url("/api/orders/sampled"))
+        .header("x-user-id", "user-0")
+        .header(
+            "traceparent",
+            format!("00-{sampled_trace}-00f067aa0ba902b7-01"),
+        )
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status().as_u16(), 200);
+
+    // The router's numbers count every request, whatever was sampled.
+    let metrics = client
+        .get(router.admin_url("/metrics"))
+        .bearer_auth(&router.token)
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert_eq!(
+        metric_sum(&metrics, "strangler_requests_total", &[r#"route="orders""#]),
+        41,
+        "{metrics}"
+    );
+    let fallbacks = metric_sum(
+        &metrics,
+        "strangler_decisions_total",
+        &[r#"route="orders""#, r#"reason="fallback""#],
+    );
+    assert!(
+        fallbacks > 5 && fallbacks < 35,
+        "{fallbacks} of 41 fell back at 50 %"
+    );
+
+    // Spans: one per fallback and the caller-sampled one, nothing else.
+    let expected = usize::try_from(fallbacks).expect("small") + 1;
+    let route_spans = |spans: &[Span]| -> Vec<Span> {
+        spans
+            .iter()
+            .filter(|s| attr(s, "strangler.route").as_deref() == Some("orders"))
+            .cloned()
+            .collect()
+    };
+    wait_until(Duration::from_secs(10), "the kept spans", || {
+        let spans = Arc::clone(&receiver.spans);
+        async move { route_spans(&spans.lock().expect("lock")).len() >= expected }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let spans = route_spans(&receiver.spans.lock().expect("lock"));
+    assert_eq!(spans.len(), expected, "{spans:#?}");
+    let (caller, fell_back): (Vec<&Span>, Vec<&Span>) = spans
+        .iter()
+        .partition(|s| hex(&s.trace_id) == sampled_trace);
+    assert_eq!(caller.len(), 1);
+    for span in fell_back {
+        assert_eq!(
+            attr(span, "strangler.decision").as_deref(),
+            Some("fallback")
+        );
+        // The late span has the ids the upstream was given, and its real start.
+        let tp = format!("00-{}-{}-00", hex(&span.trace_id), hex(&span.span_id));
+        assert!(
+            unsampled_parents.contains(&tp),
+            "{tp} was never sent upstream"
+        );
+        assert!(span.end_time_unix_nano >= span.start_time_unix_nano);
+    }
+    server.abort();
+}

@@ -1,7 +1,8 @@
 //! The floor for `bench/router.sh`: a pingora proxy with no routing, flags, metrics
-//! or spans, configured like the router (2 single-threaded workers, pooled
+//! or spans, configured like the router (single-threaded workers, pooled
 //! upstream connections), so the benchmark can say what strangler's own logic costs.
-//! Usage: `bare_pingora LISTEN UPSTREAM`, e.g. `bare_pingora 127.0.0.1:8081 127.0.0.1:3000`.
+//! Usage: `bare_pingora LISTEN UPSTREAM [THREADS]` (2 by default), e.g.
+//! `bare_pingora 127.0.0.1:8081 127.0.0.1:3000 4`.
 
 use async_trait::async_trait;
 use pingora::prelude::*;
@@ -29,8 +30,12 @@ fn main() {
         .unwrap_or_else(|| "127.0.0.1:3000".into())
         .parse()
         .unwrap_or_else(|e| panic!("bad upstream address: {e}"));
+    let threads = args
+        .next()
+        .map_or(Ok(2), |t| t.parse())
+        .unwrap_or_else(|e| panic!("bad thread count: {e}"));
     let conf = ServerConf {
-        threads: 2,
+        threads,
         work_stealing: false,
         pid_file: "/tmp/strangler-bare-pingora.pid".into(),
         upgrade_sock: "/tmp/strangler-bare-pingora.sock".into(),

@@ -1,9 +1,13 @@
 //! Feature flags: where they come from ([`FlagSource`]) and how they are evaluated ([`FlagEngine`]).
 //!
-//! Evaluation goes through `unleash-api-client` (the Unleash Yggdrasil engine), so a
-//! user lands on the same side here as in an application using an Unleash SDK with
-//! the same toggle and context. Sources only deliver client-features documents; a
-//! source that fails leaves the last good document in force.
+//! Evaluation uses Unleash's Yggdrasil engine, the one inside every Unleash SDK
+//! (`unleash-api-client` included), so a user lands on the same side here as in an
+//! application using an SDK with the same toggle and context. It is called directly
+//! rather than through `unleash-api-client`, whose client takes a mutex around the
+//! engine and counts every evaluation in a shared map: Yggdrasil's state is an
+//! `ArcSwap` inside, so a request evaluates without a lock and without allocating.
+//! Sources only deliver client-features documents; a source that fails leaves the
+//! last good document in force.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use unleash_api_client::client::{Client, ClientBuilder, FeatureKey};
-use unleash_api_client::context::{Context, IPAddress};
 use unleash_types::client_features::ClientFeatures;
+use unleash_yggdrasil::state::{EnrichedContext, PropertiesRef};
+use unleash_yggdrasil::{EngineState, UpdateMessage};
 
 /// Why flags could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -93,15 +97,16 @@ pub fn parse_features(bytes: &[u8], origin: &str) -> Result<ClientFeatures, Flag
     })
 }
 
-// unleash-api-client wants a compile-time enum of feature names; routes name their
-// flags in config, so we only ever use the string API.
-#[derive(Debug, Clone, Copy)]
-enum NoStaticFeatures {}
-
-impl FeatureKey for NoStaticFeatures {
-    fn name(self) -> &'static str {
-        match self {}
-    }
+/// Who a flag is evaluated for: the request's stickiness key in the Unleash context
+/// field the route's stickiness names. Borrowed from the request, so free to build.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlagContext<'a> {
+    /// `userId` (header stickiness, client IP).
+    pub user_id: Option<&'a str>,
+    /// `sessionId` (cookie stickiness).
+    pub session_id: Option<&'a str>,
+    /// `remoteAddress` (client IP stickiness), as the SDK prints a parsed address.
+    pub remote_address: Option<String>,
 }
 
 /// What the engine decided for one request.
@@ -141,7 +146,7 @@ pub struct Freshness {
 
 /// Evaluates toggles against the last good document.
 pub struct FlagEngine {
-    client: Client<NoStaticFeatures>,
+    engine: EngineState,
     document: ArcSwap<ClientFeatures>,
     source: String,
     status: Mutex<SourceStatus>,
@@ -164,17 +169,6 @@ impl std::fmt::Debug for FlagEngine {
 impl FlagEngine {
     /// An engine with no toggles yet: every flag evaluates to off.
     pub fn new(source: impl Into<String>) -> Result<Self, FlagError> {
-        let client = ClientBuilder::default()
-            .enable_string_features()
-            .disable_metric_submission()
-            .into_client_with_transport::<NoStaticFeatures>(
-                "http://127.0.0.1/",
-                "strangler-router",
-                "strangler-router",
-                None,
-                unleash_api_client::http::default_transport(),
-            )
-            .map_err(|e| FlagError::Engine(e.to_string()))?;
         let empty = ClientFeatures {
             version: 2,
             features: vec![],
@@ -183,7 +177,7 @@ impl FlagEngine {
             meta: None,
         };
         Ok(Self {
-            client,
+            engine: EngineState::default(),
             document: ArcSwap::from_pointee(empty),
             source: source.into(),
             status: Mutex::new(SourceStatus::default()),
@@ -192,9 +186,14 @@ impl FlagEngine {
 
     /// Installs a new document.
     pub fn apply(&self, features: ClientFeatures) -> Result<(), FlagError> {
-        self.client
-            .memoize(features.clone())
-            .map_err(|e| FlagError::Engine(e.to_string()))?;
+        if let Some(warnings) = self
+            .engine
+            .take_state(UpdateMessage::FullResponse(features.clone()))
+        {
+            for w in warnings {
+                tracing::warn!(toggle = w.toggle_name, "flag document: {}", w.message);
+            }
+        }
         self.document.store(Arc::new(features));
         self.mark_success();
         Ok(())
@@ -228,19 +227,34 @@ impl FlagEngine {
     }
 
     /// Evaluates `flag` for `context`.
-    pub fn evaluate(&self, flag: &str, context: &Context) -> FlagDecision {
-        let known = self.document.load().features.iter().any(|f| f.name == flag);
-        if !known {
+    pub fn evaluate(&self, flag: &str, context: &FlagContext<'_>) -> FlagDecision {
+        // The same context `unleash-api-client` hands the engine for a default
+        // SDK context carrying these fields (empty environment, app name, properties).
+        let no_properties = std::collections::HashMap::new();
+        let enriched = EnrichedContext {
+            user_id: context.user_id,
+            session_id: context.session_id,
+            environment: Some(""),
+            app_name: Some(""),
+            current_time: None,
+            remote_address: context.remote_address.as_deref(),
+            properties: Some(PropertiesRef::Strings(&no_properties)),
+            external_results: None,
+            toggle_name: flag,
+            runtime_hostname: None,
+        };
+        let Some(enabled) = self.engine.check_enabled(&enriched) else {
             return FlagDecision {
                 known: false,
                 enabled: false,
                 variant: None,
             };
-        }
-        let enabled = self.client.is_enabled_str(flag, Some(context), false);
+        };
         let variant = if enabled {
-            let v = self.client.get_variant_str(flag, context);
-            (v.enabled && v.name != "disabled").then_some(v.name)
+            self.engine
+                .check_variant(&enriched)
+                .filter(|v| v.enabled && v.name != "disabled")
+                .map(|v| v.name)
         } else {
             None
         };
@@ -288,18 +302,24 @@ impl FlagEngine {
 }
 
 /// Builds the Unleash context for a request from its stickiness key.
-pub fn context_for(sticky: &crate::config::Stickiness, key: Option<&str>) -> Context {
+pub fn context_for<'a>(
+    sticky: &crate::config::Stickiness,
+    key: Option<&'a str>,
+) -> FlagContext<'a> {
     use crate::config::Stickiness;
-    let mut ctx = Context::default();
+    let mut ctx = FlagContext::default();
     let Some(key) = key else {
         return ctx;
     };
     match sticky {
-        Stickiness::Header(_) => ctx.user_id = Some(key.to_string()),
-        Stickiness::Cookie(_) => ctx.session_id = Some(key.to_string()),
+        Stickiness::Header(_) => ctx.user_id = Some(key),
+        Stickiness::Cookie(_) => ctx.session_id = Some(key),
         Stickiness::ClientIp => {
-            ctx.user_id = Some(key.to_string());
-            ctx.remote_address = key.parse().ok().map(IPAddress);
+            ctx.user_id = Some(key);
+            ctx.remote_address = key
+                .parse::<std::net::IpAddr>()
+                .ok()
+                .map(|ip| ip.to_string());
         }
     }
     ctx
@@ -513,10 +533,8 @@ mod tests {
     fn share_enabled(engine: &FlagEngine, users: usize) -> usize {
         (0..users)
             .filter(|u| {
-                let ctx = context_for(
-                    &Stickiness::Header("x-user-id".into()),
-                    Some(&format!("user-{u}")),
-                );
+                let user = format!("user-{u}");
+                let ctx = context_for(&Stickiness::Header("x-user-id".into()), Some(&user));
                 engine.evaluate("strangler.orders", &ctx).enabled
             })
             .count()
@@ -550,7 +568,7 @@ mod tests {
         assert_eq!(share_enabled(&engine, 100), 0);
         assert!(
             !engine
-                .evaluate("strangler.orders", &Context::default())
+                .evaluate("strangler.orders", &FlagContext::default())
                 .known
         );
         engine.apply(doc(100, false)).expect("apply");

@@ -3,7 +3,7 @@
 //! route table and each route's runtime state, swapped whole on reload, and the
 //! decision override > flag > default), [`proxy`] (the pingora `ProxyHttp` phases,
 //! each short, delegating to headers, retry/fallback and span modules), [`shadow`]
-//! (pairs, copies, comparison, calibration), then [`telemetry`], [`metrics`],
+//! (pairs, copies, comparison, calibration), then [`stats`] (exact per-route aggregates), [`telemetry`], [`metrics`],
 //! [`admin`] and [`server`].
 
 pub mod admin;
@@ -16,6 +16,7 @@ pub mod routing;
 pub mod server;
 pub mod shadow;
 pub mod state;
+pub mod stats;
 pub mod telemetry;
 pub mod tls;
 

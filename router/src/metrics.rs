@@ -1,25 +1,18 @@
-//! Prometheus metrics (`/metrics` on the admin API).
+//! Prometheus metrics (`/metrics` on the admin API): the router's own counters and
+//! gauges in a registry, and the per-route request aggregates of [`crate::stats`].
 
-use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
-};
+use std::sync::Arc;
 
-use strangler_model::{Backend, Reason};
+use prometheus::{Encoder, IntCounter, IntGauge, Opts, Registry, TextEncoder};
 
-/// Latency buckets in seconds: a proxy hop is sub-millisecond, a monolith page can take seconds.
-const LATENCY_BUCKETS: &[f64] = &[
-    0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
+use crate::stats::Stats;
 
 /// The router's Prometheus metrics in their own registry.
 #[derive(Debug, Clone)]
 pub struct Metrics {
     registry: Registry,
-    requests: IntCounterVec,
-    errors: IntCounterVec,
-    latency: HistogramVec,
-    decisions: IntCounterVec,
+    /// Per-route request aggregates, recorded lock-free by requests.
+    pub stats: Arc<Stats>,
     /// Spans dropped because the export queue was full.
     pub spans_dropped: IntCounter,
     /// Spans handed to the exporter.
@@ -51,32 +44,6 @@ impl Metrics {
     /// Creates and registers all metrics.
     pub fn new() -> Self {
         let registry = Registry::new();
-        let requests = must(IntCounterVec::new(
-            Opts::new(
-                "strangler_requests_total",
-                "Requests by route, backend and status class",
-            ),
-            &["route", "backend", "status_class"],
-        ));
-        let errors = must(IntCounterVec::new(
-            Opts::new(
-                "strangler_upstream_errors_total",
-                "Requests that failed at the upstream (no response or 5xx)",
-            ),
-            &["route", "backend"],
-        ));
-        let latency = must(HistogramVec::new(
-            HistogramOpts::new(
-                "strangler_request_duration_seconds",
-                "Time from request to end of response",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-            &["route", "backend"],
-        ));
-        let decisions = must(IntCounterVec::new(
-            Opts::new("strangler_decisions_total", "Routing decisions by reason"),
-            &["route", "backend", "reason"],
-        ));
         let spans_dropped = must(IntCounter::new(
             "strangler_spans_dropped_total",
             "Spans dropped because the export queue was full",
@@ -109,11 +76,7 @@ impl Metrics {
             &["route"],
         ));
         for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(errors.clone()),
-            Box::new(latency.clone()),
-            Box::new(decisions.clone()),
-            Box::new(spans_dropped.clone()),
+            Box::new(spans_dropped.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(spans_exported.clone()),
             Box::new(spans_failed.clone()),
             Box::new(slow_clients.clone()),
@@ -125,10 +88,7 @@ impl Metrics {
         }
         Self {
             registry,
-            requests,
-            errors,
-            latency,
-            decisions,
+            stats: Arc::new(Stats::default()),
             spans_dropped,
             spans_exported,
             spans_failed,
@@ -136,40 +96,6 @@ impl Metrics {
             flag_age,
             flag_errors,
             breaker_open,
-        }
-    }
-
-    /// Records one finished request.
-    pub fn observe(
-        &self,
-        route: &str,
-        backend: Backend,
-        reason: Reason,
-        status: u16,
-        failed: bool,
-        seconds: f64,
-    ) {
-        let class = match status {
-            0 => "none",
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        };
-        self.requests
-            .with_label_values(&[route, backend.as_str(), class])
-            .inc();
-        self.latency
-            .with_label_values(&[route, backend.as_str()])
-            .observe(seconds);
-        self.decisions
-            .with_label_values(&[route, backend.as_str(), reason.as_str()])
-            .inc();
-        if failed {
-            self.errors
-                .with_label_values(&[route, backend.as_str()])
-                .inc();
         }
     }
 
@@ -191,6 +117,9 @@ impl Metrics {
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        let mut aggregates = String::new();
+        self.stats.render_prometheus(&mut aggregates);
+        out.extend_from_slice(aggregates.as_bytes());
         out
     }
 }
@@ -200,19 +129,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn metrics_render_in_prometheus_text_format() {
+    fn metrics_render_in_prometheus_text_format_with_the_route_aggregates() {
+        use std::time::Duration;
+
+        use strangler_model::{Backend, Reason};
+
+        use crate::stats::{Key, Role};
+
         let m = Metrics::new();
-        m.observe("orders", Backend::New, Reason::Flag, 200, false, 0.003);
-        m.observe("orders", Backend::Legacy, Reason::Default, 502, true, 0.001);
+        m.spans_dropped.inc();
+        m.stats.route("orders").record(
+            Key {
+                backend: Backend::New,
+                reason: Reason::Flag,
+                role: Role::Primary,
+                status: 200,
+            },
+            false,
+            Duration::from_millis(3),
+        );
         let text = String::from_utf8(m.render()).expect("utf8");
+        assert!(text.contains("strangler_spans_dropped_total 1"), "{text}");
         assert!(
             text.contains(
                 r#"strangler_requests_total{backend="new",route="orders",status_class="2xx"} 1"#
             ),
-            "{text}"
-        );
-        assert!(
-            text.contains(r#"strangler_upstream_errors_total{backend="legacy",route="orders"} 1"#),
             "{text}"
         );
         assert!(

@@ -44,7 +44,7 @@ impl RouterState {
         telemetry: Telemetry,
     ) -> Self {
         Self {
-            snapshot: ArcSwap::from_pointee(Snapshot::build(config, None)),
+            snapshot: ArcSwap::from_pointee(Snapshot::build(config, None, &metrics.stats)),
             admin_token: None,
             overrides: Overrides::default(),
             flags,
@@ -101,8 +101,11 @@ impl RouterState {
         // Routes whose settings did not change keep their breaker, windows and shadow
         // results; the swap is one pointer, so a request sees the old or the new, whole.
         let previous = self.snapshot.load_full();
-        self.snapshot
-            .store(Arc::new(Snapshot::build(next, Some(&previous))));
+        self.snapshot.store(Arc::new(Snapshot::build(
+            next,
+            Some(&previous),
+            &self.metrics.stats,
+        )));
         tracing::info!(routes, "config reloaded from {}", path.display());
         Ok(())
     }

@@ -1,23 +1,35 @@
-//! OpenTelemetry: one server span per request, exported over OTLP/gRPC without
-//! ever blocking the request path.
+//! OpenTelemetry: sampled server spans, exported over OTLP/gRPC without ever
+//! blocking the request path.
+//!
+//! Whether a request is traced is decided when it arrives ([`Telemetry::head`]): a
+//! sampled request records a span from the start; any other gets only a trace id
+//! and span id (for `traceparent` to the upstream) and its start time — no span, no
+//! attribute strings, no protobuf. If its outcome calls for a span after all (an
+//! error, a fallback, a slow answer, a shadow mismatch) the span is built at the end
+//! with those same ids and start time ([`Telemetry::start_deferred`]).
 //!
 //! Spans go into a bounded lock-free queue; a dedicated thread batches them to the exporter.
 //! When the queue is full a span is dropped and counted
 //! (`strangler_spans_dropped_total`), never waited for.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
-use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer, TracerProvider as _};
+use opentelemetry::trace::{
+    SpanContext, SpanId, SpanKind, TraceContextExt, TraceFlags, TraceId, Tracer,
+    TracerProvider as _,
+};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
-    SdkTracer, SdkTracerProvider, Span, SpanData, SpanExporter, SpanProcessor,
+    IdGenerator, RandomIdGenerator, Sampler, SdkTracer, SdkTracerProvider, Span, SpanData,
+    SpanExporter, SpanProcessor,
 };
 use prometheus::IntCounter;
 
@@ -45,6 +57,53 @@ pub enum TelemetryError {
     /// The export thread could not start.
     #[error("cannot start the span export thread: {0}")]
     Thread(#[source] std::io::Error),
+}
+
+thread_local! {
+    /// Ids the next span built on this thread must have (a deferred span keeps the
+    /// ids its request already sent upstream in `traceparent`).
+    static PRESET_IDS: Cell<Option<(TraceId, SpanId)>> = const { Cell::new(None) };
+}
+
+/// Random ids, unless [`PRESET_IDS`] holds the ones to use.
+#[derive(Debug, Default)]
+struct PresetOrRandomIds(RandomIdGenerator);
+
+impl IdGenerator for PresetOrRandomIds {
+    fn new_trace_id(&self) -> TraceId {
+        PRESET_IDS
+            .with(Cell::get)
+            .map_or_else(|| self.0.new_trace_id(), |(t, _)| t)
+    }
+
+    fn new_span_id(&self) -> SpanId {
+        PRESET_IDS
+            .with(Cell::get)
+            .map_or_else(|| self.0.new_span_id(), |(_, s)| s)
+    }
+}
+
+/// What is kept of a request that was not sampled on arrival: enough to build its
+/// span later with the ids the upstream already saw.
+#[derive(Debug, Clone)]
+pub struct Deferred {
+    /// The caller's span, when it sent a valid `traceparent`.
+    pub parent: Option<SpanContext>,
+    /// This request's trace (the caller's, or a new one).
+    pub trace_id: TraceId,
+    /// This request's span id.
+    pub span_id: SpanId,
+    /// When the request arrived.
+    pub start: SystemTime,
+}
+
+/// The decision made when a request arrives.
+#[derive(Debug)]
+pub enum Head {
+    /// Record a span from the start; the context holds the caller's span, if any.
+    Sample(Context),
+    /// No span unless the outcome asks for one.
+    Defer(Deferred),
 }
 
 /// The router's tracer, its provider (for flush at shutdown) and the propagator.
@@ -165,7 +224,12 @@ impl Telemetry {
         let resource = Resource::builder()
             .with_service_name(config.service_name.clone())
             .build();
-        let mut builder = SdkTracerProvider::builder().with_resource(resource.clone());
+        // The router makes the sampling decision itself (see [`Telemetry::head`]);
+        // the SDK records every span it is asked to start.
+        let mut builder = SdkTracerProvider::builder()
+            .with_resource(resource.clone())
+            .with_sampler(Sampler::AlwaysOn)
+            .with_id_generator(PresetOrRandomIds::default());
         if let Some(endpoint) = &config.otlp_endpoint {
             let err = |message: String| TelemetryError::Exporter {
                 endpoint: endpoint.clone(),
@@ -219,19 +283,81 @@ impl Telemetry {
         self.exporting
     }
 
-    /// Starts a server span whose parent is the caller's `traceparent`, if any.
+    /// Decides whether a request is traced from the start: when the caller's
+    /// `traceparent` is sampled, or with probability `ratio`. Without a
+    /// `traceparent` and unsampled, this draws two random ids and allocates nothing.
+    pub fn head(&self, headers: &http::HeaderMap, ratio: f64) -> Head {
+        let parent = headers
+            .contains_key("traceparent")
+            .then(|| self.propagator.extract(&HeaderExtractor(headers)));
+        let parent_span = parent
+            .as_ref()
+            .map(|cx| cx.span().span_context().clone())
+            .filter(SpanContext::is_valid);
+        let sampled = parent_span.as_ref().is_some_and(SpanContext::is_sampled)
+            || ratio >= 1.0
+            || (ratio > 0.0 && rand::random::<f64>() < ratio);
+        if sampled {
+            return Head::Sample(parent.unwrap_or_default());
+        }
+        let trace_id = parent_span.as_ref().map_or_else(
+            || TraceId::from(rand::random::<u128>() | 1),
+            SpanContext::trace_id,
+        );
+        Head::Defer(Deferred {
+            parent: parent_span,
+            trace_id,
+            span_id: SpanId::from(rand::random::<u64>() | 1),
+            start: SystemTime::now(),
+        })
+    }
+
+    /// Starts a server span under `parent` (the caller's span, if any).
     pub fn start_server_span(
         &self,
         name: String,
-        headers: &http::HeaderMap,
+        parent: &Context,
         attributes: Vec<KeyValue>,
     ) -> Span {
-        let parent = self.propagator.extract(&HeaderExtractor(headers));
         self.tracer
             .span_builder(name)
             .with_kind(SpanKind::Server)
             .with_attributes(attributes)
-            .start_with_context(&self.tracer, &parent)
+            .start_with_context(&self.tracer, parent)
+    }
+
+    /// Builds, at the end of a request, the span it was not given on arrival: the
+    /// same trace and span ids its upstream saw, started when the request arrived.
+    pub fn start_deferred(
+        &self,
+        deferred: &Deferred,
+        name: String,
+        attributes: Vec<KeyValue>,
+    ) -> Span {
+        let parent = deferred.parent.clone().map_or_else(Context::new, |sc| {
+            Context::new().with_remote_span_context(sc)
+        });
+        PRESET_IDS.with(|ids| ids.set(Some((deferred.trace_id, deferred.span_id))));
+        let span = self
+            .tracer
+            .span_builder(name)
+            .with_kind(SpanKind::Server)
+            .with_start_time(deferred.start)
+            .with_attributes(attributes)
+            .start_with_context(&self.tracer, &parent);
+        PRESET_IDS.with(|ids| ids.set(None));
+        span
+    }
+
+    /// The `traceparent` that makes an unsampled request's (future) span the
+    /// upstream's parent, flagged unsampled.
+    pub fn deferred_traceparent(deferred: &Deferred) -> String {
+        format!(
+            "00-{}-{}-{:02x}",
+            deferred.trace_id,
+            deferred.span_id,
+            TraceFlags::default().to_u8()
+        )
     }
 
     /// Starts a span whose parent is `parent` (same trace), e.g. a shadow copy's client span.
@@ -290,6 +416,9 @@ mod tests {
             service_name: "t".into(),
             json_logs: false,
             queue_size: 4,
+            sample_ratio: 1.0,
+            slow: Duration::from_secs(1),
+            mismatch_spans_per_minute: 60,
         }
     }
 
@@ -303,7 +432,10 @@ mod tests {
                 .parse()
                 .expect("v"),
         );
-        let span = t.start_server_span("GET /x".into(), &headers, vec![]);
+        let Head::Sample(parent) = t.head(&headers, 0.0) else {
+            panic!("a sampled traceparent is always traced");
+        };
+        let span = t.start_server_span("GET /x".into(), &parent, vec![]);
         assert_eq!(
             span.span_context().trace_id().to_string(),
             "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -321,13 +453,47 @@ mod tests {
     }
 
     #[test]
+    fn an_unsampled_request_is_deferred_and_its_late_span_keeps_the_ids_sent_upstream() {
+        let t = Telemetry::new(&config(None), &Metrics::new()).expect("telemetry");
+        let mut headers = http::HeaderMap::new();
+        assert!(matches!(t.head(&headers, 1.0), Head::Sample(_)));
+        let Head::Defer(d) = t.head(&headers, 0.0) else {
+            panic!("ratio 0 defers");
+        };
+        assert!(d.parent.is_none());
+        let tp = Telemetry::deferred_traceparent(&d);
+        assert_eq!(tp, format!("00-{}-{}-00", d.trace_id, d.span_id));
+        let span = t.start_deferred(&d, "GET /x".into(), vec![]);
+        assert_eq!(span.span_context().trace_id(), d.trace_id);
+        assert_eq!(span.span_context().span_id(), d.span_id);
+        assert!(span.span_context().is_sampled(), "a late span is exported");
+        // The next span gets fresh ids again.
+        let other = t.start_server_span("GET /y".into(), &Context::new(), vec![]);
+        assert_ne!(other.span_context().span_id(), d.span_id);
+
+        // An unsampled caller: its trace continues, deferred.
+        headers.insert(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+                .parse()
+                .expect("v"),
+        );
+        let Head::Defer(d) = t.head(&headers, 0.0) else {
+            panic!("unsampled caller, ratio 0: deferred");
+        };
+        assert_eq!(d.trace_id.to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        let span = t.start_deferred(&d, "GET /z".into(), vec![]);
+        assert_eq!(span.span_context().trace_id(), d.trace_id);
+    }
+
+    #[test]
     fn a_full_queue_drops_and_counts_instead_of_blocking() {
         let metrics = Metrics::new();
         // Nothing listens on port 9: exports fail, and the queue of 4 fills.
         let t = Telemetry::new(&config(Some("http://127.0.0.1:9")), &metrics).expect("telemetry");
         let started = Instant::now();
         for i in 0..2_000 {
-            let mut span = t.start_server_span(format!("s{i}"), &http::HeaderMap::new(), vec![]);
+            let mut span = t.start_server_span(format!("s{i}"), &Context::new(), vec![]);
             span.end();
         }
         assert!(

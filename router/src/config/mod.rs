@@ -343,7 +343,21 @@ pub struct TelemetryConfig {
     pub json_logs: bool,
     /// Spans buffered before new ones are dropped (and counted).
     pub queue_size: usize,
+    /// Share of ordinary requests that get a span (0..=1), decided when the request
+    /// arrives. Errors, fallbacks, slow requests, shadow mismatches and requests
+    /// whose caller sampled its trace always get one.
+    pub sample_ratio: f64,
+    /// A request slower than this always gets a span.
+    pub slow: std::time::Duration,
+    /// Spans kept for shadow mismatches per route and minute beyond the sampled ones,
+    /// so a route whose every pair differs cannot flood the collector.
+    pub mismatch_spans_per_minute: u32,
 }
+
+/// The default `telemetry.sample_ratio`. Every request's span is kept for now: the
+/// old-vs-new views and the rollout evidence still count requests from spans. Once
+/// they read the router's aggregates it drops (see docs/router.md).
+pub const DEFAULT_SAMPLE_RATIO: f64 = 1.0;
 
 /// Where a credential comes from. Read once, at start-up, by [`Secrets::read`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -566,7 +580,9 @@ sticky = "cookie:session"
             };
             if let Ok(config) = RouterConfig::parse(&text, Path::new("fuzz.toml")) {
                 parsed += 1;
-                let table = crate::routing::Snapshot::build(config, None).table;
+                let table =
+                    crate::routing::Snapshot::build(config, None, &crate::stats::Stats::default())
+                        .table;
                 let _ = table.find(
                     &http::Method::GET,
                     "/api/orders/1/x",

@@ -79,6 +79,9 @@ pub(super) struct RawTelemetry {
     pub(super) service_name: Option<String>,
     pub(super) log_format: Option<String>,
     pub(super) queue_size: Option<usize>,
+    pub(super) sample_ratio: Option<f64>,
+    pub(super) slow_ms: Option<u64>,
+    pub(super) mismatch_spans_per_minute: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -423,7 +423,16 @@ fn telemetry(raw: RawTelemetry) -> Result<TelemetryConfig, String> {
             ));
         }
     };
+    let sample_ratio = raw.sample_ratio.unwrap_or(super::DEFAULT_SAMPLE_RATIO);
+    if !(0.0..=1.0).contains(&sample_ratio) {
+        return Err(format!(
+            "telemetry.sample_ratio = {sample_ratio}: expected a share between 0.0 and 1.0"
+        ));
+    }
     Ok(TelemetryConfig {
+        sample_ratio,
+        slow: std::time::Duration::from_millis(raw.slow_ms.unwrap_or(1_000)),
+        mismatch_spans_per_minute: raw.mismatch_spans_per_minute.unwrap_or(60),
         otlp_endpoint: raw.otlp_endpoint,
         service_name: raw
             .service_name

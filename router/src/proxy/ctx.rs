@@ -64,8 +64,8 @@ pub struct RequestCtx {
     pub decision: Decision,
     /// Where the request goes now.
     pub attempt: Attempt,
-    /// The request's span, when sampled.
-    pub span: Option<opentelemetry_sdk::trace::Span>,
+    /// The request's span, or what it is built from if the outcome asks for one.
+    pub trace: Option<Trace>,
     /// The shadow pair, when this request is copied.
     pub pair: Option<Pair>,
     /// Delays for retrying connect failures, created at the first failure.
@@ -84,7 +84,7 @@ impl RequestCtx {
             client: Client::default(),
             decision: Decision::legacy(Reason::Default),
             attempt: Attempt::Legacy,
-            span: None,
+            trace: None,
             pair: None,
             backoff: None,
             retry_delay: None,
@@ -112,6 +112,33 @@ impl RequestCtx {
             (Some(route), Backend::New) => (&route.config.new_upstream, route.config.new_timeouts),
             _ => (&config.legacy, config.legacy_timeouts),
         })
+    }
+}
+
+/// A request's tracing: a span recording since it arrived, or, for a request not
+/// sampled on arrival, the ids and start time a span can be built from at the end.
+pub enum Trace {
+    /// Sampled: the span.
+    Live(opentelemetry_sdk::trace::Span),
+    /// Not sampled (yet).
+    Deferred(crate::telemetry::Deferred),
+}
+
+impl Trace {
+    /// The span, when the request was sampled.
+    pub fn live(&self) -> Option<&opentelemetry_sdk::trace::Span> {
+        match self {
+            Self::Live(span) => Some(span),
+            Self::Deferred(_) => None,
+        }
+    }
+
+    /// The span, mutably, when the request was sampled.
+    pub fn live_mut(&mut self) -> Option<&mut opentelemetry_sdk::trace::Span> {
+        match self {
+            Self::Live(span) => Some(span),
+            Self::Deferred(_) => None,
+        }
     }
 }
 

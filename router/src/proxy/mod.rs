@@ -24,12 +24,14 @@ use pingora::prelude::*;
 use pingora::upstreams::peer::HttpPeer;
 use strangler_model::Backend;
 
-pub use ctx::{Attempt, RequestCtx};
+pub use ctx::{Attempt, RequestCtx, Trace};
 
 use crate::routing::breaker::Admit;
 use crate::routing::decide::decide;
-use crate::shadow::pair::{self, Plan};
+use crate::shadow::pair::{self, Plan, PrimarySpan};
 use crate::state::RouterState;
+use crate::stats::{Key, Role};
+use crate::telemetry::{Head, Telemetry};
 
 /// The router's proxy logic.
 pub struct StranglerProxy {
@@ -137,6 +139,19 @@ impl ProxyHttp for StranglerProxy {
         RequestCtx::new()
     }
 
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        _ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        // HTTP/1.1 pipelining (RFC 9112 §9.3.2): answer every request of a pipelined
+        // burst, in order, one after the other. Without this pingora answers the
+        // first and drops the rest when the connection closes. pingora carries the
+        // setting over to the next request on a reused connection.
+        session.as_downstream_mut().set_pipelining_enabled(true);
+        Ok(())
+    }
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         let snapshot = self.state.snapshot();
         if let Some((status, why)) =
@@ -155,30 +170,30 @@ impl ProxyHttp for StranglerProxy {
         let req = session.req_header();
         self.route_and_decide(req, ctx);
         let route = ctx.route.as_deref();
-        let mut span = self.state.telemetry.start_server_span(
-            span::name(req, route),
-            &req.headers,
-            span::request_attributes(req, route, ctx.client.ip.as_deref(), self.scheme()),
-        );
+        // Sampled or not is decided now, before any span, attribute or id string exists.
+        let mut trace = match self
+            .state
+            .telemetry
+            .head(&req.headers, snapshot.config.telemetry.sample_ratio)
+        {
+            Head::Sample(parent) => Trace::Live(self.state.telemetry.start_server_span(
+                span::name(req, route),
+                &parent,
+                span::request_attributes(req, route, ctx.client.ip.as_deref(), self.scheme()),
+            )),
+            Head::Defer(deferred) => Trace::Deferred(deferred),
+        };
         if let Some(route) = &ctx.route {
-            match pair::plan(
-                &self.state,
-                &snapshot,
-                route,
-                req,
-                ctx.backend(),
-                ctx.client.ip.as_deref(),
-                Some(&mut span),
-            ) {
+            match pair::plan(&self.state, &snapshot, route, req, ctx, trace.live_mut()) {
                 Plan::None => {}
                 Plan::AwaitBody(p) => ctx.pair = Some(p),
                 Plan::SendNow(mut p) => {
-                    p.send(&self.state, Some(&span));
+                    p.send(&self.state, trace.live());
                     ctx.pair = Some(p);
                 }
             }
         }
-        ctx.span = Some(span);
+        ctx.trace = Some(trace);
         Ok(false)
     }
 
@@ -203,7 +218,7 @@ impl ProxyHttp for StranglerProxy {
             return Ok(());
         }
         if end_of_stream {
-            pair.send(&self.state, ctx.span.as_ref());
+            pair.send(&self.state, ctx.trace.as_ref().and_then(Trace::live));
         }
         Ok(())
     }
@@ -391,10 +406,20 @@ impl ProxyHttp for StranglerProxy {
             ctx.client.peer_trusted,
             self.scheme(),
         )?;
-        if let Some(span) = &ctx.span {
-            for (k, v) in self.state.telemetry.propagation_headers(span) {
-                upstream_request.insert_header(k, v)?;
+        match &ctx.trace {
+            Some(Trace::Live(span)) => {
+                for (k, v) in self.state.telemetry.propagation_headers(span) {
+                    // W3C: an empty `tracestate` is left out, not sent blank.
+                    if !v.is_empty() {
+                        upstream_request.insert_header(k, v)?;
+                    }
+                }
             }
+            Some(Trace::Deferred(deferred)) => {
+                upstream_request
+                    .insert_header("traceparent", Telemetry::deferred_traceparent(deferred))?;
+            }
+            None => {}
         }
         Ok(())
     }
@@ -402,22 +427,88 @@ impl ProxyHttp for StranglerProxy {
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let failed = e.is_some() || status >= 500 || status == 0;
-        self.state.metrics.observe(
-            ctx.route.as_ref().map_or("(legacy)", |r| r.name()),
-            ctx.backend(),
-            ctx.reason(),
+        let key = Key {
+            backend: ctx.backend(),
+            reason: ctx.reason(),
+            role: Role::Primary,
             status,
-            failed,
-            ctx.started.elapsed().as_secs_f64(),
-        );
+        };
+        let latency = ctx.started.elapsed();
+        match (&ctx.route, &ctx.snapshot) {
+            (Some(route), _) => route.stats.record(key, failed, latency),
+            (None, Some(snapshot)) => snapshot.unrouted.record(key, failed, latency),
+            // Refused before routing (over a limit).
+            (None, None) => self.state.snapshot().unrouted.record(key, failed, latency),
+        }
         self.record_outcome(ctx, failed);
-        // Every request has a span (started in request_filter, before any pair),
-        // so a pair always finishes with one.
-        if let Some(mut span) = ctx.span.take() {
-            span::finish_attributes(&mut span, ctx, status, e);
+        let Some(trace) = ctx.trace.take() else {
+            return;
+        };
+        let telemetry = &self.state.telemetry;
+        let span = match trace {
+            Trace::Live(span) => Some(span),
+            Trace::Deferred(deferred) => {
+                let config = ctx
+                    .snapshot
+                    .as_ref()
+                    .map_or_else(|| self.state.config(), |s| Arc::clone(&s.config));
+                // Not sampled on arrival; these outcomes get a span regardless.
+                let keep = failed
+                    || matches!(ctx.attempt, Attempt::Fallback | Attempt::BreakerOpen)
+                    || latency >= config.telemetry.slow;
+                let req = session.req_header();
+                let route = ctx.route.as_deref();
+                if keep {
+                    Some(telemetry.start_deferred(
+                        &deferred,
+                        span::name(req, route),
+                        span::request_attributes(
+                            req,
+                            route,
+                            ctx.client.ip.as_deref(),
+                            self.scheme(),
+                        ),
+                    ))
+                } else if let Some(pair) = ctx.pair.take() {
+                    // Only a differing pair makes this request worth a span now.
+                    let name = span::name(req, route);
+                    let attributes = span::request_attributes(
+                        req,
+                        route,
+                        ctx.client.ip.as_deref(),
+                        self.scheme(),
+                    );
+                    let finish = span::finish_values(ctx, status, e);
+                    let state = Arc::clone(&self.state);
+                    let trace_id = deferred.trace_id;
+                    let build = Box::new(move || {
+                        let mut span = state.telemetry.start_deferred(&deferred, name, attributes);
+                        span::apply(&mut span, finish);
+                        span
+                    });
+                    pair.finish(
+                        &self.state,
+                        status,
+                        ctx.backend(),
+                        PrimarySpan::Deferred {
+                            trace_id,
+                            build,
+                            per_minute: config.telemetry.mismatch_spans_per_minute,
+                        },
+                    );
+                    None
+                } else {
+                    None
+                }
+            }
+        };
+        if let Some(mut span) = span {
+            span::apply(&mut span, span::finish_values(ctx, status, e));
             match ctx.pair.take() {
-                // The client has its response; the comparison finishes the span later.
-                Some(pair) => pair.finish(&self.state, status, ctx.backend(), span),
+                // The client has its answer; the comparison finishes the span later.
+                Some(pair) => {
+                    pair.finish(&self.state, status, ctx.backend(), PrimarySpan::Live(span))
+                }
                 None => {
                     use opentelemetry::trace::Span as _;
                     span.end();

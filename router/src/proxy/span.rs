@@ -72,35 +72,46 @@ pub fn skipped(span: &mut opentelemetry_sdk::trace::Span) {
     span.set_attribute(KeyValue::new(attr::DIFF, diff::SKIPPED));
 }
 
-/// Attributes known when the response is written (or the request failed).
-pub fn finish_attributes(
-    span: &mut opentelemetry_sdk::trace::Span,
+/// Attributes (and the status) known when the response is written or the request
+/// failed; values, so a span built later gets them too.
+pub fn finish_values(
     ctx: &RequestCtx,
     status: u16,
     error: Option<&Error>,
-) {
-    span.set_attribute(KeyValue::new(attr::BACKEND, ctx.backend().as_str()));
+) -> (Vec<KeyValue>, Option<Status>) {
+    let mut values = vec![KeyValue::new(attr::BACKEND, ctx.backend().as_str())];
     if ctx.attempt == Attempt::BreakerOpen {
-        span.set_attribute(KeyValue::new(attr::BREAKER, "open"));
+        values.push(KeyValue::new(attr::BREAKER, "open"));
     }
-    span.set_attribute(KeyValue::new(attr::DECISION, ctx.reason().as_str()));
+    values.push(KeyValue::new(attr::DECISION, ctx.reason().as_str()));
     if let Some(v) = &ctx.decision.variant {
-        span.set_attribute(KeyValue::new(attr::FLAG_VARIANT, v.clone()));
+        values.push(KeyValue::new(attr::FLAG_VARIANT, v.clone()));
     }
     if let Some((u, _)) = ctx.upstream() {
-        span.set_attribute(KeyValue::new(attr::UPSTREAM, u.authority.clone()));
+        values.push(KeyValue::new(attr::UPSTREAM, u.authority.clone()));
     }
     if status > 0 {
-        span.set_attribute(KeyValue::new(attr::HTTP_STATUS, i64::from(status)));
+        values.push(KeyValue::new(attr::HTTP_STATUS, i64::from(status)));
     }
+    let mut outcome = None;
     if let Some(e) = error {
-        span.set_attribute(KeyValue::new(
+        values.push(KeyValue::new(
             attr::ERROR_TYPE,
             e.etype().as_str().to_string(),
         ));
-        span.set_status(Status::error(e.to_string()));
+        outcome = Some(Status::error(e.to_string()));
     } else if status >= 500 {
-        span.set_attribute(KeyValue::new(attr::ERROR_TYPE, status.to_string()));
-        span.set_status(Status::error(format!("HTTP {status}")));
+        values.push(KeyValue::new(attr::ERROR_TYPE, status.to_string()));
+        outcome = Some(Status::error(format!("HTTP {status}")));
+    }
+    (values, outcome)
+}
+
+/// Sets [`finish_values`] on a span.
+pub fn apply(span: &mut opentelemetry_sdk::trace::Span, values: (Vec<KeyValue>, Option<Status>)) {
+    let (attributes, status) = values;
+    span.set_attributes(attributes);
+    if let Some(status) = status {
+        span.set_status(status);
     }
 }

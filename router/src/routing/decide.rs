@@ -41,7 +41,12 @@ pub struct Overrides {
 impl Overrides {
     /// The override for a route.
     pub fn get(&self, route: &str) -> Option<Backend> {
-        self.map.load().get(route).copied()
+        let map = self.map.load();
+        // The usual case: no override anywhere, nothing to hash.
+        if map.is_empty() {
+            return None;
+        }
+        map.get(route).copied()
     }
 
     /// Sets (`Some`) or clears (`None`) a route's override.

@@ -12,11 +12,13 @@ pub mod table;
 pub mod window;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use strangler_model::Backend;
 
 use crate::config::{RouteConfig, RouterConfig};
 use crate::shadow::ShadowState;
+use crate::stats::{RouteStats, Stats, UNROUTED};
 pub use breaker::Breaker;
 pub use table::RouteTable;
 pub use window::MinuteWindow;
@@ -31,6 +33,29 @@ pub struct RouteState {
     windows: [MinuteWindow; 2],
     /// Shadow pairs: capacity, results, samples, calibration.
     pub shadow: ShadowState,
+    /// Spans kept for unsampled requests whose shadow pair differed, this minute.
+    pub mismatch_spans: PerMinute,
+}
+
+/// A per-minute allowance, lock-free (a new minute starts a new count; two threads
+/// crossing the minute together may each let one extra through).
+#[derive(Debug, Default)]
+pub struct PerMinute {
+    minute: AtomicU64,
+    used: AtomicU32,
+}
+
+impl PerMinute {
+    /// Takes one of `limit` for the current minute; `false` when they are spent.
+    pub fn take(&self, limit: u32) -> bool {
+        let minute = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() / 60);
+        if self.minute.swap(minute, Ordering::AcqRel) != minute {
+            self.used.store(0, Ordering::Release);
+        }
+        self.used.fetch_add(1, Ordering::AcqRel) < limit
+    }
 }
 
 impl RouteState {
@@ -44,6 +69,7 @@ impl RouteState {
             ),
             windows: [MinuteWindow::default(), MinuteWindow::default()],
             shadow: ShadowState::new(route.shadow.max_concurrent),
+            mismatch_spans: PerMinute::default(),
         }
     }
 
@@ -63,6 +89,8 @@ pub struct Route {
     pub config: RouteConfig,
     /// Breaker, windows, shadow state.
     pub state: Arc<RouteState>,
+    /// The route's aggregates (kept across every reload: counters never go back).
+    pub stats: Arc<RouteStats>,
 }
 
 impl Route {
@@ -79,12 +107,15 @@ pub struct Snapshot {
     pub config: Arc<RouterConfig>,
     /// Its routes, compiled for matching, each with its runtime state.
     pub table: RouteTable,
+    /// Where requests no route matches are counted.
+    pub unrouted: Arc<RouteStats>,
 }
 
 impl Snapshot {
     /// Builds the routes of `config`; a route whose settings equal its namesake's in
     /// `previous` keeps that route's state (breaker, windows, shadow results).
-    pub fn build(config: RouterConfig, previous: Option<&Snapshot>) -> Self {
+    /// Each route's aggregates come from `stats`, by name.
+    pub fn build(config: RouterConfig, previous: Option<&Snapshot>, stats: &Stats) -> Self {
         let routes = config
             .routes
             .iter()
@@ -96,12 +127,14 @@ impl Snapshot {
                 Arc::new(Route {
                     config: route.clone(),
                     state: kept.unwrap_or_else(|| Arc::new(RouteState::new(route))),
+                    stats: stats.route(route.name.as_str()),
                 })
             })
             .collect();
         Self {
             config: Arc::new(config),
             table: RouteTable::new(routes),
+            unrouted: stats.route(UNROUTED),
         }
     }
 }
@@ -123,6 +156,15 @@ mod tests {
     }
 
     #[test]
+    fn a_per_minute_allowance_lets_the_limit_through_and_no_more() {
+        let cap = PerMinute::default();
+        let allowed = (0..100).filter(|_| cap.take(7)).count();
+        // Within one minute (a minute boundary in the loop allows at most one more set).
+        assert!(allowed == 7 || allowed == 14, "{allowed}");
+        assert!(!PerMinute::default().take(0));
+    }
+
+    #[test]
     fn route_state_survives_a_reload_that_leaves_the_route_alone_and_resets_when_it_changes() {
         let first = Snapshot::build(
             config(&format!(
@@ -131,6 +173,7 @@ mod tests {
                 route("users", "127.0.0.1:5000")
             )),
             None,
+            &Stats::default(),
         );
         let orders = first.table.get("orders").expect("orders");
         let users = first.table.get("users").expect("users");
@@ -154,6 +197,7 @@ mod tests {
                 route("users", "127.0.0.1:5001")
             )),
             Some(&first),
+            &Stats::default(),
         );
         let orders2 = second.table.get("orders").expect("orders");
         let users2 = second.table.get("users").expect("users");

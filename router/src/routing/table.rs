@@ -148,7 +148,7 @@ mod tests {
     fn table(routes: &str) -> RouteTable {
         let text = format!("[legacy]\nupstream = \"127.0.0.1:1\"\n{routes}");
         let config = RouterConfig::parse(&text, Path::new("t.toml")).expect("valid");
-        super::super::Snapshot::build(config, None).table
+        super::super::Snapshot::build(config, None, &crate::stats::Stats::default()).table
     }
 
     fn find<'a>(t: &'a RouteTable, method: Method, path: &str) -> Option<&'a str> {

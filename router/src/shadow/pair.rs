@@ -7,8 +7,8 @@ use std::sync::Arc;
 use opentelemetry::KeyValue;
 use opentelemetry::trace::{Span as _, Status};
 use pingora::http::RequestHeader;
-use strangler_model::Backend;
 use strangler_model::names::{attr, diff, event, mismatch, span as span_name};
+use strangler_model::{Backend, Reason};
 
 use super::compare::{Captured, Verdict, compare};
 use super::{CopyRequest, SHADOW_HEADER, Sample, now_secs, sample_body, send_copy};
@@ -16,6 +16,7 @@ use crate::proxy::headers::copy_headers;
 use crate::routing::decide::sticky_key;
 use crate::routing::{Route, Snapshot};
 use crate::state::RouterState;
+use crate::stats::{Key, PairOutcome, Role};
 
 /// A primary request paired with a copy to the other side (or, when calibrating,
 /// to legacy again).
@@ -23,6 +24,8 @@ pub struct Pair {
     route: Arc<Route>,
     calibration: bool,
     shadow_backend: Backend,
+    /// Why the primary went where it went (the copy counts under the same reason).
+    reason: Reason,
     /// Waiting for the request body; `None` once the copy is on its way.
     copy: Option<CopyRequest>,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
@@ -31,6 +34,34 @@ pub struct Pair {
     pub primary: Captured,
     pair_id: String,
     request_line: String,
+}
+
+/// The primary request's span as the comparison gets it.
+// Moved once per pair, into the comparison task; boxing the span would cost an
+// allocation on every traced request with a pair instead.
+#[allow(clippy::large_enum_variant)]
+pub enum PrimarySpan {
+    /// The request was traced: the comparison adds its result and ends the span.
+    Live(opentelemetry_sdk::trace::Span),
+    /// The request was not sampled: a span is built only if the pair differs and
+    /// the route's mismatch allowance (`per_minute`) is not spent.
+    Deferred {
+        /// The trace the request would have had, for samples.
+        trace_id: opentelemetry::trace::TraceId,
+        /// Builds the span with the request's ids, start and attributes.
+        build: Box<dyn FnOnce() -> opentelemetry_sdk::trace::Span + Send>,
+        /// Mismatch spans allowed per route and minute.
+        per_minute: u32,
+    },
+}
+
+impl PrimarySpan {
+    fn trace_id(&self) -> String {
+        match self {
+            Self::Live(span) => span.span_context().trace_id().to_string(),
+            Self::Deferred { trace_id, .. } => trace_id.to_string(),
+        }
+    }
 }
 
 /// Whether a request gets a copy.
@@ -49,8 +80,7 @@ pub fn plan(
     snapshot: &Snapshot,
     route: &Arc<Route>,
     req: &RequestHeader,
-    primary: Backend,
-    client_ip: Option<&str>,
+    ctx: &crate::proxy::RequestCtx,
     span: Option<&mut opentelemetry_sdk::trace::Span>,
 ) -> Plan {
     let shadow = &route.config.shadow;
@@ -58,6 +88,7 @@ pub fn plan(
     if !shadow.methods.contains(&req.method) || req.headers.contains_key(SHADOW_HEADER) {
         return Plan::None;
     }
+    let (primary, reason, client_ip) = (ctx.backend(), ctx.reason(), ctx.client.ip.as_deref());
     let calibration = primary == Backend::Legacy && shadows.take_calibration_slot();
     let shadow_backend = if calibration {
         Backend::Legacy
@@ -111,6 +142,7 @@ pub fn plan(
         route: Arc::clone(route),
         calibration,
         shadow_backend,
+        reason,
         copy: Some(CopyRequest {
             method: req.method.clone(),
             path_and_query: path_and_query.clone(),
@@ -201,9 +233,23 @@ impl Pair {
             .map(|s| state.telemetry.propagation_headers(s).into_iter().collect())
             .unwrap_or_default();
         let client = state.shadows.client.clone();
+        // Calibration copies (legacy against itself) are not traffic of the route.
+        let stats = (!self.calibration).then(|| Arc::clone(&self.route.stats));
+        let key = Key {
+            backend: self.shadow_backend,
+            reason: self.reason,
+            role: Role::Shadow,
+            status: 0,
+        };
         state.shadows.spawn(async move {
             let _permit = permit;
+            let started = std::time::Instant::now();
             let result = send_copy(&client, copy, trace_headers).await;
+            if let Some(stats) = stats {
+                let status = result.as_ref().map_or(0, |r| r.status);
+                let key = Key { status, ..key };
+                stats.record(key, status == 0 || status >= 500, started.elapsed());
+            }
             if let Some(mut span) = span {
                 match &result {
                     Ok(r) => {
@@ -224,30 +270,31 @@ impl Pair {
         state: &Arc<RouterState>,
         status: u16,
         primary_backend: Backend,
-        mut span: opentelemetry_sdk::trace::Span,
+        span: PrimarySpan,
     ) {
         if status > 0 && self.result.is_some() {
-            let trace_id = span.span_context().trace_id().to_string();
             state
                 .shadows
-                .spawn(compare_and_record(self, span, primary_backend, trace_id));
+                .spawn(compare_and_record(self, span, primary_backend));
             return;
         }
         if !self.calibration {
             self.route.state.shadow.skipped();
-            crate::proxy::span::skipped(&mut span);
+            self.route.stats.record_pair(PairOutcome::Skipped, &[]);
         }
-        span.end();
+        // An unsampled request's skipped pair is no reason for a span.
+        if let PrimarySpan::Live(mut span) = span {
+            if !self.calibration {
+                crate::proxy::span::skipped(&mut span);
+            }
+            span.end();
+        }
     }
 }
 
 /// Waits for the copy, compares, records, and ends the primary span.
-async fn compare_and_record(
-    pair: Pair,
-    mut span: opentelemetry_sdk::trace::Span,
-    primary_backend: Backend,
-    trace_id: String,
-) {
+async fn compare_and_record(pair: Pair, primary: PrimarySpan, primary_backend: Backend) {
+    let trace_id = primary.trace_id();
     let shadows = &pair.route.state.shadow;
     let wait = pair.route.config.shadow.timeout + std::time::Duration::from_secs(1);
     let shadow = match pair.result {
@@ -261,18 +308,29 @@ async fn compare_and_record(
         .as_ref()
         .ok()
         .map(|s| compare(&pair.primary, s, &pair.route.config.shadow.rules));
-    span.set_attribute(KeyValue::new(attr::PAIR_ID, pair.pair_id.clone()));
+    let mismatch = matches!(verdict, Some(Verdict::Mismatch(_)));
+    let span = match primary {
+        PrimarySpan::Live(span) => Some(span),
+        PrimarySpan::Deferred {
+            build, per_minute, ..
+        } => (mismatch && !pair.calibration && pair.route.state.mismatch_spans.take(per_minute))
+            .then(build),
+    };
     if pair.calibration {
         shadows.record_calibration(verdict.as_ref());
-        span.end();
+        if let Some(mut span) = span {
+            span.set_attribute(KeyValue::new(attr::PAIR_ID, pair.pair_id.clone()));
+            span.end();
+        }
         return;
     }
-    let (label, paths) = match &verdict {
-        None => (diff::ERROR, Vec::new()),
-        Some(Verdict::Match) => (diff::MATCH, Vec::new()),
-        Some(Verdict::Mismatch(p)) => (diff::MISMATCH, p.clone()),
-        Some(Verdict::Skipped(_)) => (diff::SKIPPED, Vec::new()),
+    let (label, outcome, paths) = match &verdict {
+        None => (diff::ERROR, PairOutcome::Error, Vec::new()),
+        Some(Verdict::Match) => (diff::MATCH, PairOutcome::Match, Vec::new()),
+        Some(Verdict::Mismatch(p)) => (diff::MISMATCH, PairOutcome::Mismatch, p.clone()),
+        Some(Verdict::Skipped(_)) => (diff::SKIPPED, PairOutcome::Skipped, Vec::new()),
     };
+    pair.route.stats.record_pair(outcome, &paths);
     let sample = || Sample {
         at: now_secs(),
         request: pair.request_line.clone(),
@@ -288,6 +346,11 @@ async fn compare_and_record(
             Err(e) => e.clone(),
         },
     };
+    let Some(mut span) = span else {
+        shadows.record(verdict.as_ref(), sample);
+        return;
+    };
+    span.set_attribute(KeyValue::new(attr::PAIR_ID, pair.pair_id.clone()));
     span.set_attribute(KeyValue::new(attr::DIFF, label));
     if !paths.is_empty() {
         span.set_attribute(KeyValue::new(attr::DIFF_PATHS, paths.join(",")));
