@@ -300,16 +300,24 @@ pub fn compare(
                         .join(", "))
                     .unwrap_or_default()
             );
-            println!(
-                "    - {primary:<6} {}: {}",
-                s["primary_status"],
-                one_line(s["primary_body"].as_str().unwrap_or(""))
-            );
-            println!(
-                "    + {other:<6} {}: {}",
-                s["shadow_status"],
-                one_line(s["shadow_body"].as_str().unwrap_or(""))
-            );
+            let differences = s["differences"].as_array().cloned().unwrap_or_default();
+            if differences.is_empty() {
+                println!(
+                    "    - {primary:<6} {}: {}",
+                    s["primary_status"],
+                    one_line(s["primary_body"].as_str().unwrap_or(""))
+                );
+                println!(
+                    "    + {other:<6} {}: {}",
+                    s["shadow_status"],
+                    one_line(s["shadow_body"].as_str().unwrap_or(""))
+                );
+            } else {
+                println!("    legacy → new:");
+                for line in difference_lines(&differences, primary == "legacy") {
+                    println!("      {line}");
+                }
+            }
         }
     }
     for r in replies.iter().filter(|r| r.result.is_err()) {
@@ -526,6 +534,23 @@ pub fn stored_compare(doc: &serde_json::Value, top: usize, json: bool) -> std::i
     if !samples.is_empty() {
         out.push_str("\nsample mismatches:\n");
         for s in samples.iter().take(top) {
+            let differences: Vec<serde_json::Value> = s["differences"]
+                .as_str()
+                .and_then(|d| serde_json::from_str(d).ok())
+                .unwrap_or_default();
+            if !differences.is_empty() {
+                out.push_str(&format!(
+                    "  {}  {}  trace {}\n    legacy → new:\n",
+                    time(&s["time"]),
+                    s["request"].as_str().unwrap_or(""),
+                    s["trace_id"].as_str().unwrap_or(""),
+                ));
+                let primary_is_legacy = s["primary_backend"].as_str() != Some("new");
+                for line in difference_lines(&differences, primary_is_legacy) {
+                    out.push_str(&format!("      {line}\n"));
+                }
+                continue;
+            }
             out.push_str(&format!(
                 "  {}  {}  trace {}  differs at {}\n    {} {:.0}: {}\n    other {:.0}: {}\n",
                 time(&s["time"]),
@@ -558,4 +583,29 @@ pub fn stored_compare(doc: &serde_json::Value, top: usize, json: bool) -> std::i
         }
     }
     std::io::stdout().write_all(out.as_bytes())
+}
+
+/// `/total: "12.30" → 12.3` for each difference, legacy's value first whichever
+/// side answered the client (`primary_is_legacy`).
+pub fn difference_lines(differences: &[serde_json::Value], primary_is_legacy: bool) -> Vec<String> {
+    differences
+        .iter()
+        .map(|d| {
+            let (primary, shadow) = (
+                d["primary"].as_str().unwrap_or(""),
+                d["shadow"].as_str().unwrap_or(""),
+            );
+            let (legacy, new) = if primary_is_legacy {
+                (primary, shadow)
+            } else {
+                (shadow, primary)
+            };
+            format!(
+                "{}: {} → {}",
+                d["path"].as_str().unwrap_or(""),
+                one_line(legacy),
+                one_line(new)
+            )
+        })
+        .collect()
 }

@@ -180,6 +180,51 @@ async fn identical_upstreams_match_and_a_renamed_field_shows_exactly_that_path()
 }
 
 #[tokio::test]
+async fn route_compare_shows_both_values_at_the_differing_path_in_10_kb_bodies() {
+    // 10 kB orders with many items; the new service prints the total as a number.
+    let big = |total: Value| -> Handler {
+        Arc::new(move |p| {
+            let items: Vec<Value> = (0..120)
+                .map(|i| json!({"sku": format!("SKU-{i:04}"), "qty": 1, "price": "1.00"}))
+                .collect();
+            json_reply(
+                json!({"id": id_of(p), "items": items, "total": total}).to_string(),
+                Duration::ZERO,
+            )
+        })
+    };
+    let (legacy, _) = Upstream::start_with(big(json!("12.30"))).await;
+    let (new, _) = Upstream::start_with(big(json!(12.3))).await;
+    let router = Router::start(
+        &config(legacy.addr, new.addr, ""),
+        &[("flags.json", "{\"version\":2,\"features\":[]}")],
+        &[],
+    )
+    .await;
+    get_orders(&router, 5).await;
+    let doc = wait_compared(&router, 5).await;
+    assert_eq!(doc["mismatches"], 5, "{doc}");
+    assert!(
+        doc["samples"][0]["primary_body"]
+            .as_str()
+            .is_some_and(|b| b.len() >= 4_000),
+        "the bodies are large: {doc}"
+    );
+    let out = std::process::Command::new(strangler_bin())
+        .args(["route", "compare", "orders", "--config"])
+        .arg(&router.config_path)
+        .env("STRANGLER_ADMIN_TOKEN", &router.token)
+        .output()
+        .expect("strangler route compare");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("/total: \"12.30\" → 12.3"),
+        "the values side by side:\n{text}"
+    );
+}
+
+#[tokio::test]
 async fn calibration_learns_a_volatile_field_which_then_is_ignored() {
     let stamped: Handler = Arc::new(|p| {
         let now = std::time::SystemTime::now()

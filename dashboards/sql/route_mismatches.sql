@@ -9,6 +9,7 @@ SELECT
     visitParamExtractString(events_json, 'primary.body') AS primary_body,
     visitParamExtractInt(events_json, 'shadow.status') AS shadow_status,
     visitParamExtractString(events_json, 'shadow.body') AS shadow_body,
+    visitParamExtractString(events_json, 'differences') AS differences,
     backend AS primary_backend
 FROM ${database}.spans
 WHERE route = '${route}' AND diff = 'mismatch' AND $__timeFilter(start_time)

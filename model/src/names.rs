@@ -37,6 +37,9 @@ pub mod mismatch {
     pub const SHADOW_STATUS: &str = "shadow.status";
     /// The shadow's body (truncated sample) or why there is none.
     pub const SHADOW_BODY: &str = "shadow.body";
+    /// Both sides' values at each differing path: a JSON array of
+    /// `{"path", "primary", "shadow"}`, values as JSON text.
+    pub const DIFFERENCES: &str = "differences";
 }
 
 /// Attribute keys.

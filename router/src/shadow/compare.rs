@@ -281,9 +281,120 @@ pub fn compare(primary: &Captured, shadow: &Captured, rules: &Rules) -> Verdict 
     }
 }
 
+/// One place where the two answers differ, with each side's value as short text
+/// (JSON values as JSON: `"12.30"` is a string, `12.3` a number).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Difference {
+    /// The path as the comparison names it (`/total`, `status`, `header:etag`, `body`).
+    pub path: String,
+    /// The primary's value there (`(absent)` when it has none).
+    pub primary: String,
+    /// The shadow's value there.
+    pub shadow: String,
+}
+
+/// Differences listed per pair.
+pub const MAX_DIFFERENCES: usize = 10;
+/// A value longer than this many characters is cut, with `…`.
+const VALUE_CHARS: usize = 120;
+const ABSENT: &str = "(absent)";
+
+fn clip(text: String) -> String {
+    match text.char_indices().nth(VALUE_CHARS) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text,
+    }
+}
+
+/// Both sides' values at each differing path (the first [`MAX_DIFFERENCES`]),
+/// whatever the size of the bodies: only the values travel, not the bodies.
+pub fn differences(primary: &Captured, shadow: &Captured, paths: &[String]) -> Vec<Difference> {
+    let json = |c: &Captured| serde_json::from_slice::<Value>(&c.body).ok();
+    let needs_json = paths.iter().any(|p| p.is_empty() || p.starts_with('/'));
+    let (a, b) = if needs_json {
+        (json(primary), json(shadow))
+    } else {
+        (None, None)
+    };
+    let at = |doc: &Option<Value>, pointer: &str| {
+        doc.as_ref()
+            .and_then(|d| d.pointer(pointer))
+            .map_or_else(|| ABSENT.to_string(), |v| clip(v.to_string()))
+    };
+    let header = |c: &Captured, name: &str| {
+        c.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map_or_else(|| ABSENT.to_string(), |(_, v)| clip(v.clone()))
+    };
+    paths
+        .iter()
+        .take(MAX_DIFFERENCES)
+        .map(|path| {
+            let (p, s) = if path == "status" {
+                (primary.status.to_string(), shadow.status.to_string())
+            } else if let Some(name) = path.strip_prefix("header:") {
+                (header(primary, name), header(shadow, name))
+            } else if path == "body" {
+                body_excerpts(&primary.body, &shadow.body)
+            } else {
+                (at(&a, path), at(&b, path))
+            };
+            Difference {
+                path: path.clone(),
+                primary: p,
+                shadow: s,
+            }
+        })
+        .collect()
+}
+
+/// For bodies that are not JSON: each side from a little before the first byte
+/// where they differ.
+fn body_excerpts(a: &[u8], b: &[u8]) -> (String, String) {
+    let first = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    let from = first.saturating_sub(20);
+    let excerpt = |body: &[u8]| {
+        let text = String::from_utf8_lossy(body.get(from..).unwrap_or_default()).into_owned();
+        let text = clip(text);
+        if from > 0 { format!("…{text}") } else { text }
+    };
+    (excerpt(a), excerpt(b))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn differences_show_both_values_at_each_path_whatever_the_body_size() {
+        // 10 kB bodies, the difference in the last field.
+        let filler: Vec<String> = (0..400).map(|i| format!("item-{i:05}")).collect();
+        let legacy = json(&serde_json::json!({"items": filler, "total": "12.30"}).to_string());
+        let new = json(&serde_json::json!({"items": filler, "total": 12.3}).to_string());
+        assert!(legacy.body.len() > 5_000);
+        let Verdict::Mismatch(paths) = compare(&legacy, &new, &Rules::default()) else {
+            panic!("they differ");
+        };
+        let d = differences(&legacy, &new, &paths);
+        assert_eq!(
+            d,
+            vec![Difference {
+                path: "/total".into(),
+                primary: "\"12.30\"".into(),
+                shadow: "12.3".into()
+            }]
+        );
+        let mut other = new.clone();
+        other.status = 500;
+        other.body = b"oops".to_vec();
+        let d = differences(&legacy, &other, &["status".into(), "/total".into()]);
+        assert_eq!(
+            (d[0].primary.as_str(), d[0].shadow.as_str()),
+            ("200", "500")
+        );
+        assert_eq!(d[1].shadow, ABSENT);
+    }
 
     fn json(body: &str) -> Captured {
         Captured {

@@ -115,6 +115,8 @@ pub struct Sample {
     pub primary_backend: String,
     /// What differed.
     pub paths: Vec<String>,
+    /// Both sides' values where they differ (the first few paths).
+    pub differences: Vec<compare::Difference>,
     /// Primary status.
     pub primary_status: u16,
     /// Primary body, truncated.
@@ -360,8 +362,14 @@ impl ShadowState {
             Some(Verdict::Mismatch(paths)) => {
                 let sample = sample();
                 let mut f = self.findings();
-                for p in paths {
-                    *f.paths.entry(p.clone()).or_default() += 1;
+                // `/0/total` and `/1/total` are one difference of every element:
+                // counted once per pair as `/*/total` (samples keep the real index).
+                let collapsed: std::collections::BTreeSet<String> = paths
+                    .iter()
+                    .map(|p| crate::stats::collapse_positions(p))
+                    .collect();
+                for p in collapsed {
+                    *f.paths.entry(p).or_default() += 1;
                 }
                 if f.samples.len() == SAMPLES {
                     f.samples.pop_front();
@@ -514,6 +522,7 @@ mod tests {
                 trace_id: String::new(),
                 primary_backend: "legacy".into(),
                 paths: vec!["/a".into()],
+                differences: Vec::new(),
                 primary_status: 200,
                 primary_body: String::new(),
                 shadow_status: 200,

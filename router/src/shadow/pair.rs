@@ -10,7 +10,7 @@ use pingora::http::RequestHeader;
 use strangler_model::names::{attr, diff, event, mismatch, span as span_name};
 use strangler_model::{Backend, Reason};
 
-use super::compare::{Captured, Verdict, compare};
+use super::compare::{Captured, Verdict, compare, differences};
 use super::{CopyRequest, SHADOW_HEADER, Sample, now_secs, sample_body, send_copy};
 use crate::proxy::headers::copy_headers;
 use crate::routing::decide::sticky_key;
@@ -331,6 +331,10 @@ async fn compare_and_record(pair: Pair, primary: PrimarySpan, primary_backend: B
         Some(Verdict::Skipped(_)) => (diff::SKIPPED, PairOutcome::Skipped, Vec::new()),
     };
     pair.route.stats.record_pair(outcome, &paths);
+    let differences = match (&verdict, &shadow) {
+        (Some(Verdict::Mismatch(p)), Ok(s)) => differences(&pair.primary, s, p),
+        _ => Vec::new(),
+    };
     let sample = || Sample {
         at: now_secs(),
         request: pair.request_line.clone(),
@@ -338,6 +342,7 @@ async fn compare_and_record(pair: Pair, primary: PrimarySpan, primary_backend: B
         trace_id: trace_id.clone(),
         primary_backend: primary_backend.as_str().to_string(),
         paths: paths.clone(),
+        differences: differences.clone(),
         primary_status: pair.primary.status,
         primary_body: sample_body(&pair.primary.body),
         shadow_status: shadow.as_ref().map_or(0, |s| s.status),
@@ -365,6 +370,10 @@ async fn compare_and_record(pair: Pair, primary: PrimarySpan, primary_backend: B
                 KeyValue::new(mismatch::PRIMARY_BODY, s.primary_body.clone()),
                 KeyValue::new(mismatch::SHADOW_STATUS, i64::from(s.shadow_status)),
                 KeyValue::new(mismatch::SHADOW_BODY, s.shadow_body.clone()),
+                KeyValue::new(
+                    mismatch::DIFFERENCES,
+                    serde_json::to_string(&s.differences).unwrap_or_default(),
+                ),
             ],
         );
     }
