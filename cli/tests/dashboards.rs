@@ -141,6 +141,10 @@ fn known() -> Known {
                         ),
                         i("shadow.status", 200),
                         s("shadow.body", &format!("{{\"id\":{k},\"total\":12.3}}")),
+                        s(
+                            "differences",
+                            r#"[{"path":"/total","primary":"\"12.30\"","shadow":"12.3"}]"#,
+                        ),
                     ],
                     ..Default::default()
                 });
@@ -656,6 +660,16 @@ async fn the_dashboards_show_known_traffic_in_the_api_grafana_cli_and_a_real_bro
     assert!(
         pair[0].as_str().is_some_and(|b| b.contains("\"12.30\""))
             && pair[1].as_str().is_some_and(|b| b.contains("12.3}")),
+        "{seen}"
+    );
+    // The differing value is highlighted in both bodies, and listed legacy → new.
+    let marked = &seen["route"]["marked"][0];
+    assert_eq!(marked[0], serde_json::json!(["\"12.30\""]), "{seen}");
+    assert_eq!(marked[1], serde_json::json!(["12.3"]), "{seen}");
+    assert!(
+        seen["route"]["differences"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|l| l == "/total: \"12.30\" → 12.3")),
         "{seen}"
     );
     assert_eq!(seen["route"]["changes"].as_array().map(Vec::len), Some(2));

@@ -61,6 +61,8 @@ async function main() {
       matchRate: (await page.textContent("#match-rate")).trim(),
       diffPaths: await page.$$eval("#diff-paths tbody tr", (trs) => trs.map((tr) => tr.textContent.replace(/\s+/g, " ").trim())),
       samples: await page.$$eval(".sample", (els) => els.map((e) => [...e.querySelectorAll("pre")].map((p) => p.textContent))),
+      marked: await page.$$eval(".sample", (els) => els.map((e) => [...e.querySelectorAll("pre")].map((p) => [...p.querySelectorAll("mark.diff")].map((m) => m.textContent)))),
+      differences: await page.$$eval(".sample ul.differences li", (lis) => lis.map((li) => li.textContent.trim())),
       changes: await page.$$eval("#changes tbody tr", (trs) => trs.map((tr) => tr.textContent.replace(/\s+/g, " ").trim())),
     };
     await page.screenshot({ path: shots + "/route.png", fullPage: true });

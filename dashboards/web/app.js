@@ -340,16 +340,47 @@ function routePage(doc) {
     html += `</tbody></table>`;
   }
   html += `</section>`;
+  // A JSON body re-rendered with every value at a differing path in <mark>; a body
+  // that is not (whole) JSON is shown as it came.
+  const pointerPart = (k) => String(k).replace(/~/g, "~0").replace(/\//g, "~1");
+  const renderJson = (value, pointer, marks) => {
+    let out;
+    if (Array.isArray(value)) out = "[" + value.map((v, i) => renderJson(v, pointer + "/" + i, marks)).join(",") + "]";
+    else if (value && typeof value === "object")
+      out = "{" + Object.entries(value).map(([k, v]) => esc(JSON.stringify(k)) + ":" + renderJson(v, pointer + "/" + pointerPart(k), marks)).join(",") + "}";
+    else out = esc(JSON.stringify(value));
+    return marks.has(pointer) ? `<mark class="diff">${out}</mark>` : out;
+  };
+  const bodyHtml = (text, marks) => {
+    try {
+      return renderJson(JSON.parse(text), "", marks);
+    } catch (_) {
+      return esc(text);
+    }
+  };
   const samples = doc.route_mismatches || [];
   html += `<section class="card"><h2>Sample mismatches</h2>`;
   if (!samples.length) html += `<p class="muted">None in this window.</p>`;
   for (const s of samples) {
     const primary = s.primary_backend || "primary";
     const other = primary === "new" ? "legacy" : "new";
+    const marks = new Set(String(s.diff_paths || "").split(",").filter((p) => p.startsWith("/")));
+    let differences = [];
+    try {
+      differences = JSON.parse(s.differences || "[]");
+    } catch (_) {}
+    // Legacy's value first, whichever side answered.
+    const values = differences
+      .map((d) => {
+        const [legacy, fresh] = primary === "new" ? [d.shadow, d.primary] : [d.primary, d.shadow];
+        return `<li><code>${esc(d.path)}</code>: <span class="legacy">${esc(legacy)}</span> → <span class="new">${esc(fresh)}</span></li>`;
+      })
+      .join("");
     html += `<div class="sample"><div><b>${esc(s.request)}</b> · ${esc(when(s.time))} · differs at <code>${esc(s.diff_paths)}</code> ·
       <a href="#/trace/${esc(s.trace_id)}">trace</a></div>
-      <div class="pair"><div><div class="${esc(primary)}">${esc(primary)} (answered) ${esc(s.primary_status)}</div><pre>${esc(s.primary_body)}</pre></div>
-      <div><div class="${esc(other)}">${esc(other)} (shadow) ${esc(s.shadow_status)}</div><pre>${esc(s.shadow_body)}</pre></div></div></div>`;
+      ${values ? `<ul class="differences">${values}</ul>` : ""}
+      <div class="pair"><div><div class="${esc(primary)}">${esc(primary)} (answered) ${esc(s.primary_status)}</div><pre>${bodyHtml(s.primary_body, marks)}</pre></div>
+      <div><div class="${esc(other)}">${esc(other)} (shadow) ${esc(s.shadow_status)}</div><pre>${bodyHtml(s.shadow_body, marks)}</pre></div></div></div>`;
   }
   html += `</section>`;
   html += `<section class="card scroll"><h2>Flips and rollbacks</h2>`;
