@@ -84,6 +84,34 @@ enum Command {
         #[command(subcommand)]
         command: CdcCommand,
     },
+    /// Write a starting strangler.toml, flags.json and collector.toml for a monolith
+    /// (every route starts on legacy). Refuses to overwrite without --force.
+    Init {
+        /// The monolith: http://127.0.0.1:3000 or 127.0.0.1:3000.
+        #[arg(long)]
+        legacy: String,
+        /// The new service that takes routes over.
+        #[arg(long)]
+        new: Option<String>,
+        /// A route to the new service, NAME=PREFIX (e.g. orders=/api/orders); repeatable.
+        #[arg(long = "route", value_name = "NAME=PREFIX")]
+        routes: Vec<String>,
+        /// Read flags from this Unleash server (its client API URL) instead of flags.json.
+        #[arg(long)]
+        unleash: Option<String>,
+        /// Where the router listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// Where the router's admin API listens.
+        #[arg(long, default_value = "127.0.0.1:9080")]
+        admin: String,
+        /// The directory to write into.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Overwrite files that already exist.
+        #[arg(long)]
+        force: bool,
+    },
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -423,6 +451,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Cdc { command } => commands::cdc::run(command),
+        Command::Init {
+            legacy,
+            new,
+            routes,
+            unleash,
+            listen,
+            admin,
+            dir,
+            force,
+        } => commands::init::run(&commands::init::InitOptions {
+            legacy,
+            new,
+            routes,
+            unleash,
+            listen,
+            admin,
+            dir,
+            force,
+        }),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

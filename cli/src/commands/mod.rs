@@ -5,6 +5,7 @@ pub mod collector;
 pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod init;
 pub mod rollout;
 pub mod route;
 pub mod router;
