@@ -69,6 +69,11 @@ enum Command {
         #[arg(long, short, value_enum, default_value = "table")]
         output: Output,
     },
+    /// Across routes: which endpoint to move next.
+    Routes {
+        #[command(subcommand)]
+        command: RoutesCommand,
+    },
     /// Run the rollout plans of every route that has one, side by side.
     Rollout {
         #[command(subcommand)]
@@ -126,6 +131,32 @@ enum Command {
         /// Stop everything after the walk-through instead of waiting for Ctrl-C.
         #[arg(long)]
         exit: bool,
+    },
+}
+
+/// `strangler routes …`.
+#[derive(Debug, Subcommand)]
+enum RoutesCommand {
+    /// The traffic legacy still serves, grouped into endpoint templates
+    /// (`/api/orders/{id}`): requests/min, share, errors, p50/p99, and whether a route
+    /// already covers it. From the collector's stored traces.
+    Suggest {
+        /// The window: 15m, 1h, 7d, …
+        #[arg(long, default_value = "1h")]
+        since: String,
+        /// The collector's web address.
+        #[arg(
+            long,
+            env = "STRANGLER_COLLECTOR_URL",
+            default_value = "http://127.0.0.1:8686"
+        )]
+        collector: String,
+        /// How many endpoints to list.
+        #[arg(long, default_value_t = 20)]
+        top: usize,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: Output,
     },
 }
 
@@ -451,6 +482,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Cdc { command } => commands::cdc::run(command),
+        Command::Routes {
+            command:
+                RoutesCommand::Suggest {
+                    since,
+                    collector,
+                    top,
+                    output,
+                },
+        } => commands::routes::suggest(&since, &collector, top, output),
         Command::Init {
             legacy,
             new,

@@ -609,3 +609,120 @@ pub fn difference_lines(differences: &[serde_json::Value], primary_is_legacy: bo
         })
         .collect()
 }
+
+/// One endpoint template of legacy traffic, as `strangler routes suggest` reports it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Suggestion {
+    /// `/api/orders/{id}`.
+    pub template: String,
+    /// Methods seen.
+    pub methods: Vec<String>,
+    /// Requests in the window.
+    pub requests: u64,
+    /// Requests per minute over the window.
+    pub requests_per_min: f64,
+    /// Share of all traffic legacy served in the window (0..1).
+    pub share: f64,
+    /// Failed requests (5xx or no answer) / requests.
+    pub error_rate: f64,
+    /// Median latency, ms.
+    pub p50_ms: f64,
+    /// 99th percentile latency, ms.
+    pub p99_ms: f64,
+    /// Routes that already match it (still on legacy); empty: no route yet.
+    pub covered_by: Vec<String>,
+}
+
+/// The `legacy_endpoints` rows of an overview answer as suggestions.
+pub fn suggestions(doc: &serde_json::Value) -> Vec<Suggestion> {
+    let window_min =
+        (doc["to"].as_f64().unwrap_or(0.0) - doc["from"].as_f64().unwrap_or(0.0)).max(1.0) / 60.0;
+    let num = |v: &serde_json::Value| {
+        v.as_f64()
+            .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+            .unwrap_or(0.0)
+    };
+    let list = |v: &serde_json::Value| -> Vec<String> {
+        v.as_str()
+            .unwrap_or("")
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    doc["legacy_endpoints"]
+        .as_array()
+        .map(|rows| {
+            rows.iter()
+                .map(|r| {
+                    let requests = num(&r["requests"]);
+                    Suggestion {
+                        template: r["template"].as_str().unwrap_or("").to_string(),
+                        methods: list(&r["methods"]),
+                        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                        requests: requests as u64,
+                        requests_per_min: requests / window_min,
+                        share: num(&r["share"]),
+                        error_rate: if requests > 0.0 {
+                            num(&r["errors"]) / requests
+                        } else {
+                            0.0
+                        },
+                        p50_ms: num(&r["p50_ms"]),
+                        p99_ms: num(&r["p99_ms"]),
+                        covered_by: list(&r["routes"]),
+                    }
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Prints the suggestions: most traffic first.
+pub fn route_suggestions(list: &[Suggestion], since: &str, json: bool) -> std::io::Result<()> {
+    if json {
+        return print_json(&list);
+    }
+    if list.is_empty() {
+        println!(
+            "no legacy traffic with a path in the last {since} (is the router exporting to this collector?)"
+        );
+        return Ok(());
+    }
+    println!("legacy traffic by endpoint over the last {since}, most requested first:\n");
+    let mut rows = vec![vec![
+        "ENDPOINT".to_string(),
+        "METHODS".into(),
+        "REQ/MIN".into(),
+        "SHARE".into(),
+        "ERROR %".into(),
+        "P50 MS".into(),
+        "P99 MS".into(),
+        "ROUTE".into(),
+    ]];
+    for s in list {
+        rows.push(vec![
+            s.template.clone(),
+            s.methods.join(","),
+            format!("{:.1}", s.requests_per_min),
+            format!("{:.1} %", s.share * 100.0),
+            format!("{:.2}", s.error_rate * 100.0),
+            format!("{:.1}", s.p50_ms),
+            format!("{:.1}", s.p99_ms),
+            if s.covered_by.is_empty() {
+                "(none yet)".into()
+            } else {
+                format!("{} (on legacy)", s.covered_by.join(","))
+            },
+        ]);
+    }
+    print!("{}", table(rows));
+    if let Some(next) = list.iter().find(|s| s.covered_by.is_empty()) {
+        println!(
+            "\nbusiest endpoint without a route: {} ({:.1} % of legacy traffic)",
+            next.template,
+            next.share * 100.0
+        );
+    }
+    Ok(())
+}

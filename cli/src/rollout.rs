@@ -443,6 +443,16 @@ impl Collector {
         Ok(doc)
     }
 
+    /// The overview page's numbers over the last `since` (`/api/overview`).
+    pub async fn overview(&self, since: &str) -> Result<Value, String> {
+        self.send(
+            self.client
+                .get(format!("{}/api/overview", self.base))
+                .query(&[("since", since)]),
+        )
+        .await
+    }
+
     /// The route page's numbers over the last `since` (`/api/route`).
     pub async fn route(&self, route: &str, since: &str) -> Result<Value, String> {
         self.send(

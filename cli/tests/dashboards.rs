@@ -90,6 +90,7 @@ fn known() -> Known {
             s("strangler.backend", backend),
             s("http.request.method", "GET"),
             i("http.response.status_code", status),
+            s("url.path", &format!("/api/{}/{n}", route.unwrap_or("home"))),
         ];
         if let Some(r) = route {
             attributes.push(s("strangler.route", r));
@@ -670,6 +671,16 @@ async fn the_dashboards_show_known_traffic_in_the_api_grafana_cli_and_a_real_bro
         seen["route"]["differences"]
             .as_array()
             .is_some_and(|d| d.iter().any(|l| l == "/total: \"12.30\" → 12.3")),
+        "{seen}"
+    );
+    // Which route next: legacy's traffic by endpoint template, with its route.
+    assert!(
+        seen["legacyEndpoints"]
+            .as_array()
+            .is_some_and(|rows| rows.iter().any(|r| r
+                .as_str()
+                .is_some_and(|r| r.starts_with("/api/orders/{id} | GET |")
+                    && r.contains("orders (on legacy)")))),
         "{seen}"
     );
     assert_eq!(seen["route"]["changes"].as_array().map(Vec::len), Some(2));

@@ -199,6 +199,7 @@ pub const OVERVIEW: &[&str] = &[
     "route_states",
     "overview_sparklines",
     "overview_burndown",
+    "legacy_endpoints",
 ];
 /// The route page's queries (and `strangler compare`'s).
 pub const ROUTE: &[&str] = &[

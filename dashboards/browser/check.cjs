@@ -37,6 +37,9 @@ async function main() {
       })),
     );
     out.burndownPoints = Number(await page.getAttribute("#burndown", "data-points-legacy"));
+    out.legacyEndpoints = await page.$$eval("#legacy-endpoints tbody tr", (trs) =>
+      trs.map((tr) => [...tr.querySelectorAll("td")].map((td) => td.textContent.replace(/\s+/g, " ").trim()).join(" | ")),
+    );
     // Sorting: by requests, descending on the first click.
     await page.click('th[data-key="requests"]');
     out.sortedByRequests = await page.$$eval("#routes tbody tr", (trs) => trs.map((tr) => tr.dataset.route));

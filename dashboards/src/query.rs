@@ -58,6 +58,13 @@ macro_rules! named {
 pub const QUERIES: &[NamedQuery] = &[
     named!("overview_routes", "Routes", Table, Overview, "short"),
     named!(
+        "legacy_endpoints",
+        "Which route next? Legacy traffic by endpoint",
+        Table,
+        Overview,
+        "short"
+    ),
+    named!(
         "overview_burndown",
         "Migration burndown: share of traffic on legacy",
         TimeSeries,

@@ -220,6 +220,23 @@ function overviewPage(doc) {
     }
     html += `</tbody></table></section>`;
   }
+  // Which route next: the traffic legacy still serves, by endpoint template.
+  const endpoints = doc.legacy_endpoints || [];
+  html += `<section class="card scroll"><h2>Which route next? Legacy traffic by endpoint</h2>`;
+  if (!endpoints.length) html += `<p class="muted">No legacy traffic with a path in this window.</p>`;
+  else {
+    const minutes = Math.max(1, (num(doc.to) - num(doc.from)) / 60);
+    html += `<table id="legacy-endpoints"><thead><tr><th>Endpoint</th><th>Methods</th><th class="num">Req/min</th><th class="num">Share</th><th class="num">Errors</th><th class="num">p50</th><th class="num">p99</th><th>Route</th></tr></thead><tbody>`;
+    for (const e of endpoints) {
+      const n = num(e.requests) || 0;
+      html += `<tr><td><code>${esc(e.template)}</code></td><td>${esc(e.methods)}</td><td class="num">${(n / minutes).toFixed(1)}</td>
+        <td class="num">${pct(e.share, 1)}</td><td class="num">${pct(n ? num(e.errors) / n : null, 2)}</td>
+        <td class="num">${ms(e.p50_ms)}</td><td class="num">${ms(e.p99_ms)}</td>
+        <td>${e.routes ? `${esc(e.routes)} <span class="muted">(on legacy)</span>` : `<span class="muted">none yet</span>`}</td></tr>`;
+    }
+    html += `</tbody></table>`;
+  }
+  html += `</section>`;
   page.innerHTML = html;
   page.querySelectorAll("th.sortable").forEach((th) => {
     const sort = () => {

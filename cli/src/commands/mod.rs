@@ -9,6 +9,7 @@ pub mod init;
 pub mod rollout;
 pub mod route;
 pub mod router;
+pub mod routes;
 
 use anyhow::Context as _;
 
