@@ -1556,3 +1556,127 @@ async fn unsampled_requests_get_no_span_unless_they_fall_back_or_the_caller_samp
     }
     server.abort();
 }
+
+/// An OTLP metrics receiver that refuses its first export (as a receiver that is
+/// down would) and then sums `strangler.requests` per route.
+#[derive(Default, Clone)]
+struct MetricsReceiver {
+    calls: Arc<Mutex<u32>>,
+    requests: Arc<Mutex<HashMap<String, i64>>>,
+}
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsService
+    for MetricsReceiver
+{
+    async fn export(
+        &self,
+        request: tonic::Request<
+            opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
+        {
+            let mut calls = self.calls.lock().expect("lock");
+            *calls += 1;
+            if *calls == 1 {
+                return Err(tonic::Status::unavailable("not yet"));
+            }
+        }
+        let mut totals = self.requests.lock().expect("lock");
+        for rm in request.into_inner().resource_metrics {
+            for sm in rm.scope_metrics {
+                for m in sm.metrics.iter().filter(|m| m.name == "strangler.requests") {
+                    let Some(metric::Data::Sum(sum)) = &m.data else {
+                        continue;
+                    };
+                    for p in &sum.data_points {
+                        let route = p
+                            .attributes
+                            .iter()
+                            .find(|kv| kv.key == "strangler.route")
+                            .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                                AnyValue::StringValue(s) => Some(s.clone()),
+                                _ => None,
+                            })
+                            .unwrap_or_default();
+                        if let Some(number_data_point::Value::AsInt(n)) = p.value {
+                            *totals.entry(route).or_default() += n;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(tonic::Response::new(
+            opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse {
+                partial_success: None,
+            },
+        ))
+    }
+}
+
+#[tokio::test]
+async fn route_aggregates_reach_an_otlp_metrics_receiver_as_exact_deltas_even_after_a_refused_export()
+ {
+    use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsServiceServer;
+    let receiver = MetricsReceiver::default();
+    let port = free_port().expect("port");
+    let addr = format!("127.0.0.1:{}", port.port()).parse().expect("addr");
+    drop(port);
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(MetricsServiceServer::new(receiver.clone()))
+            .serve(addr),
+    );
+    let legacy = Upstream::start("legacy").await;
+    let new = Upstream::start("new").await;
+    let telemetry =
+        format!("[telemetry]\nmetrics_endpoint = \"http://{addr}\"\nmetrics_interval_ms = 200\n");
+    let router = Router::start(
+        &route_config(legacy.addr, new.addr, &telemetry),
+        &[("flags.json", &flags_doc("strangler.orders", true, 50))],
+        &[],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    for u in 0..25 {
+        let r = client
+            .get(router.url(&format!("/api/orders/{u}")))
+            .header("x-user-id", format!("user-{u}"))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status().as_u16(), 200);
+        if u == 10 {
+            // Let the first (refused) export happen with some counts in it.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "25 requests at the receiver",
+        || {
+            let totals = Arc::clone(&receiver.requests);
+            async move { totals.lock().expect("lock").get("orders").copied() == Some(25) }
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        receiver
+            .requests
+            .lock()
+            .expect("lock")
+            .get("orders")
+            .copied(),
+        Some(25),
+        "no count twice"
+    );
+    assert!(*receiver.calls.lock().expect("lock") >= 2);
+    server.abort();
+}

@@ -79,6 +79,16 @@ pub fn run(config_path: &Path, options: RunOptions) -> Result<(), StartError> {
     }
     let metrics = Metrics::new();
     let telemetry = Telemetry::new(&config.telemetry, &metrics)?;
+    if let Some(endpoint) = &config.telemetry.metrics_endpoint {
+        // Routes' aggregates as OTLP metrics (deltas); reloads keep the same counters.
+        crate::stats::export::spawn(
+            Arc::clone(&metrics.stats),
+            endpoint.clone(),
+            config.telemetry.metrics_interval,
+            config.telemetry.service_name.clone(),
+        )
+        .map_err(crate::telemetry::TelemetryError::Thread)?;
+    }
     let source: Arc<dyn FlagSource> = match &config.flags {
         FlagsConfig::File { path } => Arc::new(FileFlagSource::new(path)),
         FlagsConfig::Unleash {

@@ -419,6 +419,8 @@ mod tests {
             sample_ratio: 1.0,
             slow: Duration::from_secs(1),
             mismatch_spans_per_minute: 60,
+            metrics_endpoint: None,
+            metrics_interval: Duration::from_secs(10),
         }
     }
 

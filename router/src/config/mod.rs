@@ -352,6 +352,10 @@ pub struct TelemetryConfig {
     /// Spans kept for shadow mismatches per route and minute beyond the sampled ones,
     /// so a route whose every pair differs cannot flood the collector.
     pub mismatch_spans_per_minute: u32,
+    /// OTLP/gRPC endpoint for the route aggregates as metrics; unset = not exported.
+    pub metrics_endpoint: Option<String>,
+    /// How often the aggregates are exported (deltas).
+    pub metrics_interval: std::time::Duration,
 }
 
 /// The default `telemetry.sample_ratio`. Every request's span is kept for now: the

@@ -82,6 +82,8 @@ pub(super) struct RawTelemetry {
     pub(super) sample_ratio: Option<f64>,
     pub(super) slow_ms: Option<u64>,
     pub(super) mismatch_spans_per_minute: Option<u32>,
+    pub(super) metrics_endpoint: Option<String>,
+    pub(super) metrics_interval_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

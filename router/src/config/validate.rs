@@ -433,6 +433,10 @@ fn telemetry(raw: RawTelemetry) -> Result<TelemetryConfig, String> {
         sample_ratio,
         slow: std::time::Duration::from_millis(raw.slow_ms.unwrap_or(1_000)),
         mismatch_spans_per_minute: raw.mismatch_spans_per_minute.unwrap_or(60),
+        metrics_endpoint: raw.metrics_endpoint,
+        metrics_interval: std::time::Duration::from_millis(
+            raw.metrics_interval_ms.unwrap_or(10_000).max(100),
+        ),
         otlp_endpoint: raw.otlp_endpoint,
         service_name: raw
             .service_name

@@ -11,6 +11,7 @@
 //! Prometheus' `/metrics` and the OTLP metrics export both read these numbers, so
 //! they do not depend on how many spans are sampled.
 
+pub mod export;
 pub mod histogram;
 
 use std::collections::HashMap;

@@ -1,0 +1,399 @@
+//! The route aggregates as OTLP metrics, with delta temporality, every
+//! `telemetry.metrics_interval_ms`, to `telemetry.metrics_endpoint` (OTLP/gRPC).
+//!
+//! A delta is taken against the last numbers the receiver *acknowledged*: when an
+//! export fails, the next one carries everything since the last success (its
+//! `start_time_unix_nano` says from when), so an outage of the receiver loses no
+//! count. Only cells that changed are sent.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
+use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
+use opentelemetry_proto::tonic::metrics::v1::{
+    AggregationTemporality, ExponentialHistogram, ExponentialHistogramDataPoint, Metric,
+    NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum, exponential_histogram_data_point, metric,
+    number_data_point,
+};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use strangler_model::names::attr;
+
+use super::histogram::{OFFSET, SCALE};
+use super::{CLASSES, CellSnapshot, Counts, PairSnapshot, Stats};
+
+/// Metric names.
+pub mod name {
+    /// Requests (and shadow copies), a delta sum.
+    pub const REQUESTS: &str = "strangler.requests";
+    /// Failed requests, a delta sum.
+    pub const ERRORS: &str = "strangler.errors";
+    /// Latency in microseconds, an exponential histogram.
+    pub const DURATION: &str = "strangler.request.duration";
+    /// Shadow pairs by outcome, a delta sum.
+    pub const PAIRS: &str = "strangler.shadow.pairs";
+}
+
+/// A cell's identity across snapshots.
+type CellKey = (String, &'static str, &'static str, &'static str, usize);
+
+/// What the receiver has acknowledged so far.
+#[derive(Debug, Default, Clone)]
+pub struct Baseline {
+    cells: HashMap<CellKey, (u64, u64, Counts)>,
+    pairs: HashMap<String, PairSnapshot>,
+    /// When the acknowledged numbers were taken, nanoseconds since the epoch.
+    at_ns: u64,
+}
+
+fn now_ns() -> u64 {
+    u64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    )
+    .unwrap_or(u64::MAX)
+}
+
+fn kv(key: &str, value: &str) -> KeyValue {
+    KeyValue {
+        key: key.to_string(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(value.to_string())),
+        }),
+        ..Default::default()
+    }
+}
+
+fn sum(name: &str, unit: &str, points: Vec<NumberDataPoint>) -> Metric {
+    Metric {
+        name: name.to_string(),
+        unit: unit.to_string(),
+        data: Some(metric::Data::Sum(Sum {
+            data_points: points,
+            aggregation_temporality: AggregationTemporality::Delta as i32,
+            is_monotonic: true,
+        })),
+        ..Default::default()
+    }
+}
+
+/// The export request for everything that changed since `baseline`, and the
+/// baseline to keep once the receiver acknowledged it.
+pub fn request(
+    stats: &Stats,
+    baseline: &Baseline,
+    service: &str,
+    instance: &str,
+) -> (ExportMetricsServiceRequest, Baseline) {
+    let now = now_ns();
+    let start = if baseline.at_ns == 0 {
+        now
+    } else {
+        baseline.at_ns
+    };
+    let mut next = Baseline {
+        at_ns: now,
+        ..Baseline::default()
+    };
+    let (mut requests, mut errors, mut durations, mut pairs) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let point = |attributes: Vec<KeyValue>, n: u64| NumberDataPoint {
+        attributes,
+        start_time_unix_nano: start,
+        time_unix_nano: now,
+        value: Some(number_data_point::Value::AsInt(
+            i64::try_from(n).unwrap_or(i64::MAX),
+        )),
+        ..Default::default()
+    };
+    for route in stats.all() {
+        for c in route.cells() {
+            let CellSnapshot {
+                backend,
+                reason,
+                role,
+                class,
+                requests: total,
+                errors: failed,
+                latency,
+            } = c;
+            let key: CellKey = (
+                route.name().to_string(),
+                backend.as_str(),
+                reason.as_str(),
+                role.as_str(),
+                class,
+            );
+            let (seen, seen_errors, seen_latency) =
+                baseline
+                    .cells
+                    .get(&key)
+                    .cloned()
+                    .unwrap_or((0, 0, Counts::default()));
+            let delta = latency.minus(&seen_latency);
+            let attributes = vec![
+                kv(attr::ROUTE, route.name()),
+                kv(attr::BACKEND, backend.as_str()),
+                kv(attr::DECISION, reason.as_str()),
+                kv("strangler.role", role.as_str()),
+                kv("http.response.status_class", CLASSES[class]),
+            ];
+            if total > seen {
+                requests.push(point(attributes.clone(), total - seen));
+                durations.push(histogram_point(attributes.clone(), &delta, start, now));
+            }
+            if failed > seen_errors {
+                errors.push(point(attributes, failed - seen_errors));
+            }
+            next.cells.insert(key, (total, failed, latency));
+        }
+        let p = route.pairs();
+        let seen = baseline
+            .pairs
+            .get(route.name())
+            .cloned()
+            .unwrap_or_default();
+        for (outcome, now_n, then_n) in [
+            ("match", p.matched, seen.matched),
+            ("mismatch", p.differing, seen.differing),
+            ("error", p.errors, seen.errors),
+            ("skipped", p.skipped, seen.skipped),
+        ] {
+            if now_n > then_n {
+                pairs.push(point(
+                    vec![
+                        kv(attr::ROUTE, route.name()),
+                        kv("strangler.outcome", outcome),
+                    ],
+                    now_n - then_n,
+                ));
+            }
+        }
+        next.pairs.insert(route.name().to_string(), p);
+    }
+    let mut metrics = Vec::new();
+    if !requests.is_empty() {
+        metrics.push(sum(name::REQUESTS, "{request}", requests));
+    }
+    if !errors.is_empty() {
+        metrics.push(sum(name::ERRORS, "{request}", errors));
+    }
+    if !durations.is_empty() {
+        metrics.push(Metric {
+            name: name::DURATION.to_string(),
+            unit: "us".to_string(),
+            data: Some(metric::Data::ExponentialHistogram(ExponentialHistogram {
+                data_points: durations,
+                aggregation_temporality: AggregationTemporality::Delta as i32,
+            })),
+            ..Default::default()
+        });
+    }
+    if !pairs.is_empty() {
+        metrics.push(sum(name::PAIRS, "{pair}", pairs));
+    }
+    let request = ExportMetricsServiceRequest {
+        resource_metrics: if metrics.is_empty() {
+            Vec::new()
+        } else {
+            vec![ResourceMetrics {
+                resource: Some(Resource {
+                    attributes: vec![
+                        kv(attr::SERVICE_NAME, service),
+                        kv("service.instance.id", instance),
+                    ],
+                    ..Default::default()
+                }),
+                scope_metrics: vec![ScopeMetrics {
+                    scope: Some(InstrumentationScope {
+                        name: "strangler-router".into(),
+                        ..Default::default()
+                    }),
+                    metrics,
+                    schema_url: String::new(),
+                }],
+                schema_url: String::new(),
+            }]
+        },
+    };
+    (request, next)
+}
+
+/// One delta histogram point: the non-empty bucket range, OTel-indexed.
+fn histogram_point(
+    attributes: Vec<KeyValue>,
+    delta: &Counts,
+    start: u64,
+    now: u64,
+) -> ExponentialHistogramDataPoint {
+    let first = delta.buckets.iter().position(|n| *n > 0).unwrap_or(0);
+    let last = delta.buckets.iter().rposition(|n| *n > 0).unwrap_or(first);
+    #[allow(clippy::cast_precision_loss)]
+    let sum = delta.sum_micros as f64;
+    ExponentialHistogramDataPoint {
+        attributes,
+        start_time_unix_nano: start,
+        time_unix_nano: now,
+        count: delta.count,
+        sum: Some(sum),
+        scale: SCALE,
+        zero_count: 0,
+        positive: Some(exponential_histogram_data_point::Buckets {
+            offset: i32::try_from(first).unwrap_or(0) + OFFSET,
+            bucket_counts: delta.buckets.get(first..=last).unwrap_or_default().to_vec(),
+        }),
+        ..Default::default()
+    }
+}
+
+/// Exports every `interval` until the process ends, on a thread of its own.
+pub fn spawn(
+    stats: Arc<Stats>,
+    endpoint: String,
+    interval: Duration,
+    service: String,
+) -> std::io::Result<()> {
+    let instance = format!("{:016x}", rand::random::<u64>());
+    std::thread::Builder::new()
+        .name("strangler-metrics".into())
+        .spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                tracing::error!("cannot start the metrics export runtime; metrics are not exported");
+                return;
+            };
+            let mut baseline = Baseline::default();
+            let mut failing = false;
+            loop {
+                std::thread::sleep(interval);
+                let (request, next) = request(&stats, &baseline, &service, &instance);
+                if request.resource_metrics.is_empty() {
+                    baseline.at_ns = next.at_ns;
+                    continue;
+                }
+                let sent = runtime.block_on(async {
+                    let attempt = async {
+                        let mut client = MetricsServiceClient::connect(endpoint.clone())
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        client
+                            .export(request)
+                            .await
+                            .map_err(|e| e.message().to_string())
+                    };
+                    tokio::time::timeout(Duration::from_secs(10), attempt)
+                        .await
+                        .map_err(|_| "no answer within 10 s".to_string())?
+                });
+                match sent {
+                    Ok(_) => {
+                        baseline = next;
+                        if failing {
+                            tracing::info!("metrics export to {endpoint} works again");
+                            failing = false;
+                        }
+                    }
+                    // Kept for the next export: the baseline does not move.
+                    Err(e) if !failing => {
+                        tracing::warn!("metrics export to {endpoint} failed (the next one carries these counts): {e}");
+                        failing = true;
+                    }
+                    Err(_) => {}
+                }
+            }
+        })
+        .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use strangler_model::{Backend, Reason};
+
+    use super::*;
+    use crate::stats::{Key, Role};
+
+    fn requests_in(r: &ExportMetricsServiceRequest) -> i64 {
+        r.resource_metrics
+            .iter()
+            .flat_map(|rm| &rm.scope_metrics)
+            .flat_map(|sm| &sm.metrics)
+            .filter(|m| m.name == name::REQUESTS)
+            .filter_map(|m| match &m.data {
+                Some(metric::Data::Sum(s)) => Some(s.data_points.iter()),
+                _ => None,
+            })
+            .flatten()
+            .filter_map(|p| match p.value {
+                Some(number_data_point::Value::AsInt(n)) => Some(n),
+                _ => None,
+            })
+            .sum()
+    }
+
+    #[test]
+    fn deltas_count_from_the_last_acknowledged_export_so_a_failed_one_loses_nothing() {
+        let stats = Stats::default();
+        let orders = stats.route("orders");
+        let key = Key {
+            backend: Backend::New,
+            reason: Reason::Flag,
+            role: Role::Primary,
+            status: 200,
+        };
+        for _ in 0..3 {
+            orders.record(key, false, Duration::from_millis(4));
+        }
+        let (first, acked) = request(&stats, &Baseline::default(), "r", "i");
+        assert_eq!(requests_in(&first), 3);
+        // Acknowledged: the next delta starts from here.
+        orders.record(key, false, Duration::from_millis(4));
+        let (second, _not_acked) = request(&stats, &acked, "r", "i");
+        assert_eq!(requests_in(&second), 1);
+        // The second export failed: the third carries its count too.
+        orders.record(key, false, Duration::from_millis(4));
+        let (third, _) = request(&stats, &acked, "r", "i");
+        assert_eq!(requests_in(&third), 2);
+        // Nothing new since an acknowledged export: nothing to send.
+        let (_, all) = request(&stats, &acked, "r", "i");
+        let (empty, _) = request(&stats, &all, "r", "i");
+        assert!(empty.resource_metrics.is_empty());
+    }
+
+    #[test]
+    fn the_histogram_point_holds_the_changed_buckets_at_their_otel_index() {
+        let stats = Stats::default();
+        let r = stats.route("orders");
+        let key = Key {
+            backend: Backend::Legacy,
+            reason: Reason::Default,
+            role: Role::Primary,
+            status: 200,
+        };
+        r.record(key, false, Duration::from_micros(1_000));
+        r.record(key, false, Duration::from_micros(2_000));
+        let (req, _) = request(&stats, &Baseline::default(), "r", "i");
+        let metric = req.resource_metrics[0].scope_metrics[0]
+            .metrics
+            .iter()
+            .find(|m| m.name == name::DURATION)
+            .expect("histogram");
+        let Some(metric::Data::ExponentialHistogram(h)) = &metric.data else {
+            panic!("exponential histogram");
+        };
+        let p = &h.data_points[0];
+        assert_eq!((p.count, p.scale), (2, SCALE));
+        let buckets = p.positive.as_ref().expect("buckets");
+        // 1000 µs: ceil(log2(1000) * 32) - 1 = 318; 2000 µs is 32 buckets later.
+        assert_eq!(buckets.offset, 318);
+        assert_eq!(buckets.bucket_counts.len(), 33);
+        assert_eq!(buckets.bucket_counts.iter().sum::<u64>(), 2);
+    }
+}
