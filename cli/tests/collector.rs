@@ -600,3 +600,58 @@ async fn no_acknowledged_span_is_lost_or_stored_twice_across_a_clickhouse_outage
         acked.len()
     );
 }
+
+#[tokio::test]
+async fn the_routers_aggregates_arrive_as_metric_points_with_exact_counts() {
+    let ch = ClickHouse::start().await.expect("clickhouse");
+    let collector = Collector::start(&ch.http_url(), "").await;
+    collector.wait_ready().await;
+    let legacy = support::Upstream::start("legacy").await;
+    let new = support::Upstream::start("new").await;
+    let telemetry = format!(
+        "[telemetry]\nmetrics_endpoint = \"{}\"\nmetrics_interval_ms = 200\n",
+        collector.grpc_url()
+    );
+    let router = support::Router::start(
+        &support::route_config(legacy.addr, new.addr, &telemetry),
+        &[(
+            "flags.json",
+            &support::flags_doc("strangler.orders", true, 50),
+        )],
+        &[],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    for u in 0..30 {
+        let r = client
+            .get(router.url(&format!("/api/orders/{u}")))
+            .header("x-user-id", format!("user-{u}"))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status().as_u16(), 200);
+    }
+    let db = ch_client(&ch);
+    let sum = |sql: &'static str| {
+        let db = db.clone();
+        async move { db.query(sql).fetch_one::<f64>().await.unwrap_or(-1.0) }
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let requests = sum("SELECT sum(value) FROM strangler.metric_points WHERE name = 'strangler.requests' AND has(attr_values, 'orders')").await;
+        if (requests - 30.0).abs() < f64::EPSILON {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{requests} of 30 requests stored as metric points\n{}",
+            collector.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The latency histograms carry every request too, with their buckets.
+    let counted = sum("SELECT toFloat64(sum(count)) FROM strangler.metric_points WHERE name = 'strangler.request.duration' AND kind = 'exponential_histogram' AND has(attr_values, 'orders')").await;
+    assert!((counted - 30.0).abs() < f64::EPSILON, "{counted}");
+    let buckets = sum("SELECT toFloat64(sum(arraySum(bucket_counts))) FROM strangler.metric_points WHERE name = 'strangler.request.duration' AND has(attr_values, 'orders')").await;
+    assert!((buckets - 30.0).abs() < f64::EPSILON, "{buckets}");
+}

@@ -4,6 +4,7 @@
 //! comparison queries the CLI and the web dashboard ask.
 
 pub mod config;
+pub mod metric_model;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;

@@ -99,8 +99,15 @@ pub async fn run(config: CollectorConfig) -> Result<(), RunError> {
             .accept_compressed(CompressionEncoding::Gzip)
             .send_compressed(CompressionEncoding::Gzip)
             .max_decoding_message_size(config.max_body_bytes);
+    let metrics_service = opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsServiceServer::new(
+        crate::receive::grpc::GrpcMetricsReceiver::new(Arc::clone(&store), config.pipeline.insert_timeout),
+    )
+    .accept_compressed(CompressionEncoding::Gzip)
+    .send_compressed(CompressionEncoding::Gzip)
+    .max_decoding_message_size(config.max_body_bytes);
     let grpc_server = tonic::transport::Server::builder()
         .add_service(grpc_service)
+        .add_service(metrics_service)
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(grpc),
             shutdown(),

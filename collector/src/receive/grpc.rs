@@ -1,4 +1,4 @@
-//! OTLP/gRPC `TraceService` (gzip accepted).
+//! OTLP/gRPC `TraceService` and `MetricsService` (gzip accepted).
 
 use std::time::Duration;
 
@@ -61,5 +61,58 @@ impl TraceService for GrpcReceiver {
         Ok(Response::new(ExportTraceServiceResponse {
             partial_success: None,
         }))
+    }
+}
+
+/// The gRPC metrics receiver: points go straight into ClickHouse and an export is
+/// acknowledged only once they are stored; otherwise it is refused as `UNAVAILABLE`
+/// (retryable), and a delta exporter such as the router's resends the counts.
+pub struct GrpcMetricsReceiver {
+    store: std::sync::Arc<crate::store::clickhouse::ClickHouseStore>,
+    timeout: Duration,
+}
+
+impl GrpcMetricsReceiver {
+    /// A receiver writing to `store`, each insert bounded by `timeout`.
+    pub fn new(
+        store: std::sync::Arc<crate::store::clickhouse::ClickHouseStore>,
+        timeout: Duration,
+    ) -> Self {
+        Self { store, timeout }
+    }
+}
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsService
+    for GrpcMetricsReceiver
+{
+    async fn export(
+        &self,
+        request: Request<
+            opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest,
+        >,
+    ) -> Result<
+        Response<opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse>,
+        Status,
+    > {
+        let rows = crate::metric_model::metric_rows_from_request(request.into_inner());
+        if !rows.is_empty() {
+            match tokio::time::timeout(self.timeout, self.store.insert_metrics(&rows)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(Status::unavailable(e.to_string())),
+                Err(_) => {
+                    return Err(Status::unavailable(format!(
+                        "storing {} metric points took longer than {:?}",
+                        rows.len(),
+                        self.timeout
+                    )));
+                }
+            }
+        }
+        Ok(Response::new(
+            opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse {
+                partial_success: None,
+            },
+        ))
     }
 }

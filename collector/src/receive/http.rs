@@ -47,10 +47,17 @@ pub fn router(receiver: HttpReceiver) -> axum::Router {
     let max = receiver.max_body_bytes;
     axum::Router::new()
         .route("/v1/traces", post(export))
-        .route("/v1/metrics", post(not_stored))
+        .route("/v1/metrics", post(metrics_over_grpc_only))
         .route("/v1/logs", post(not_stored))
         .layer(axum::extract::DefaultBodyLimit::max(max))
         .with_state(receiver)
+}
+
+async fn metrics_over_grpc_only() -> Response {
+    plain(
+        StatusCode::NOT_IMPLEMENTED,
+        "strangler's collector takes OTLP metrics over gRPC (port 4317) only, for now",
+    )
 }
 
 async fn not_stored() -> Response {

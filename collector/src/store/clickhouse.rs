@@ -185,6 +185,35 @@ FROM {db}.spans
 WHERE decision = 'fallback' AND shadow = 0 AND route != ''
 GROUP BY minute, route",
     ),
+    (
+        12,
+        "metric points",
+        // OTLP metrics, one row per data point (the router's route aggregates and any
+        // other service's sums, gauges and histograms).
+        "CREATE TABLE IF NOT EXISTS {db}.metric_points (
+    time DateTime,
+    time_ns UInt64,
+    start_ns UInt64,
+    service String,
+    instance String,
+    name String,
+    unit String,
+    kind String,
+    temporality String,
+    attr_keys Array(String),
+    attr_values Array(String),
+    value Float64,
+    count UInt64,
+    sum Float64,
+    scale Int32,
+    zero_count UInt64,
+    bucket_offset Int32,
+    bucket_counts Array(UInt64),
+    explicit_bounds Array(Float64)
+) ENGINE = MergeTree
+PARTITION BY toDate(time)
+ORDER BY (name, time, instance)",
+    ),
 ];
 /// The name of the span the CLI sends for each route lifecycle change.
 pub use strangler_model::names::span::ROUTE_CHANGE as ROUTE_CHANGE_SPAN;
@@ -319,6 +348,27 @@ impl ClickHouseStore {
         }
         self.migrated.store(true, Ordering::Release);
         Ok(applied)
+    }
+}
+
+impl ClickHouseStore {
+    /// Stores metric points (`Ok` only once every row is stored).
+    pub async fn insert_metrics(
+        &self,
+        rows: &[crate::metric_model::MetricRow],
+    ) -> Result<(), StoreError> {
+        if !self.is_migrated() {
+            return Err(StoreError::Migrating);
+        }
+        let mut insert = self
+            .in_database
+            .insert::<crate::metric_model::MetricRow>("metric_points")
+            .await
+            .map_err(unavailable)?;
+        for row in rows {
+            insert.write(row).await.map_err(unavailable)?;
+        }
+        insert.end().await.map_err(unavailable)
     }
 }
 
