@@ -259,7 +259,9 @@ pub async fn run(walkthrough: bool, exit: bool) -> anyhow::Result<()> {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        telemetry = format!("[telemetry]\notlp_endpoint = \"http://{grpc}\"\n");
+        telemetry = format!(
+            "[telemetry]\notlp_endpoint = \"http://{grpc}\"\nmetrics_endpoint = \"http://{grpc}\"\n"
+        );
         dashboard = Some(format!("http://{web}"));
     }
 
