@@ -1680,3 +1680,65 @@ async fn route_aggregates_reach_an_otlp_metrics_receiver_as_exact_deltas_even_af
     assert!(*receiver.calls.lock().expect("lock") >= 2);
     server.abort();
 }
+
+#[tokio::test]
+async fn a_graceful_shutdown_exports_the_last_counts() {
+    use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsServiceServer;
+    let receiver = MetricsReceiver::default();
+    // This receiver takes every export (it refuses only a first call).
+    *receiver.calls.lock().expect("lock") = 1;
+    let port = free_port().expect("port");
+    let addr = format!("127.0.0.1:{}", port.port()).parse().expect("addr");
+    drop(port);
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(MetricsServiceServer::new(receiver.clone()))
+            .serve(addr),
+    );
+    let legacy = Upstream::start("legacy").await;
+    let new = Upstream::start("new").await;
+    // An interval no test waits for: only the shutdown export can deliver.
+    let telemetry = format!(
+        "[telemetry]\nmetrics_endpoint = \"http://{addr}\"\nmetrics_interval_ms = 600000\n"
+    );
+    let router = Router::start(
+        &route_config(legacy.addr, new.addr, &telemetry),
+        &[("flags.json", &flags_doc("strangler.orders", true, 50))],
+        &[],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    for u in 0..7 {
+        let r = client
+            .get(router.url(&format!("/api/orders/{u}")))
+            .header("x-user-id", format!("user-{u}"))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status().as_u16(), 200);
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(router.pid()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("sigterm");
+    // Only the export at shutdown can deliver these (the interval is 10 minutes).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while receiver
+        .requests
+        .lock()
+        .expect("lock")
+        .get("orders")
+        .copied()
+        != Some(7)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the last counts never arrived: {:?}\n{}",
+            receiver.requests.lock().expect("lock"),
+            router.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.abort();
+}

@@ -79,16 +79,20 @@ pub fn run(config_path: &Path, options: RunOptions) -> Result<(), StartError> {
     }
     let metrics = Metrics::new();
     let telemetry = Telemetry::new(&config.telemetry, &metrics)?;
-    if let Some(endpoint) = &config.telemetry.metrics_endpoint {
+    let metrics_exporter = match &config.telemetry.metrics_endpoint {
         // Routes' aggregates as OTLP metrics (deltas); reloads keep the same counters.
-        crate::stats::export::spawn(
-            Arc::clone(&metrics.stats),
-            endpoint.clone(),
-            config.telemetry.metrics_interval,
-            config.telemetry.service_name.clone(),
-        )
-        .map_err(crate::telemetry::TelemetryError::Thread)?;
-    }
+        Some(endpoint) => {
+            let exporter = Arc::new(crate::stats::export::Exporter::new(
+                Arc::clone(&metrics.stats),
+                endpoint.clone(),
+                config.telemetry.service_name.clone(),
+            ));
+            crate::stats::export::spawn(Arc::clone(&exporter), config.telemetry.metrics_interval)
+                .map_err(crate::telemetry::TelemetryError::Thread)?;
+            Some(exporter)
+        }
+        None => None,
+    };
     let source: Arc<dyn FlagSource> = match &config.flags {
         FlagsConfig::File { path } => Arc::new(FileFlagSource::new(path)),
         FlagsConfig::Unleash {
@@ -138,7 +142,7 @@ pub fn run(config_path: &Path, options: RunOptions) -> Result<(), StartError> {
         // On SIGQUIT/SIGTERM keep accepting for a moment, so a load balancer (or the
         // upgrading process) has taken over before the listener closes, then let
         // in-flight requests finish.
-        grace_period_seconds: Some(1),
+        grace_period_seconds: Some(GRACE_PERIOD.as_secs()),
         graceful_shutdown_timeout_seconds: Some(10),
         ..ServerConf::default()
     };
@@ -188,6 +192,7 @@ pub fn run(config_path: &Path, options: RunOptions) -> Result<(), StartError> {
             state: Arc::clone(&state),
             source,
             config_path: config_path.to_path_buf(),
+            metrics_exporter,
         },
     ));
     tracing::info!(%listen, admin = %admin_listen, "strangler router starting");
@@ -198,7 +203,13 @@ struct Background {
     state: Arc<RouterState>,
     source: Arc<dyn FlagSource>,
     config_path: PathBuf,
+    /// Sends the last counts at shutdown, once in-flight requests had the drain to finish.
+    metrics_exporter: Option<Arc<crate::stats::export::Exporter>>,
 }
+
+/// After SIGTERM/SIGQUIT the listeners keep accepting this long (pingora's grace
+/// period); background work must be done by its end.
+const GRACE_PERIOD: Duration = Duration::from_secs(1);
 
 #[async_trait]
 impl BackgroundService for Background {
@@ -220,6 +231,12 @@ impl BackgroundService for Background {
         let state = Arc::clone(&self.state);
         // The SDK flush blocks; keep it off the runtime.
         let _ = tokio::task::spawn_blocking(move || state.telemetry.flush()).await;
+        if let Some(exporter) = self.metrics_exporter.clone() {
+            // pingora ends this runtime when the grace period is over: export the last
+            // counts just before, so requests answered meanwhile are in them too.
+            tokio::time::sleep(GRACE_PERIOD.saturating_sub(Duration::from_millis(250))).await;
+            let _ = tokio::task::spawn_blocking(move || exporter.export_once()).await;
+        }
     }
 }
 

@@ -250,62 +250,93 @@ fn histogram_point(
     }
 }
 
-/// Exports every `interval` until the process ends, on a thread of its own.
-pub fn spawn(
+/// Sends the aggregates' deltas to one OTLP/gRPC endpoint.
+#[derive(Debug)]
+pub struct Exporter {
     stats: Arc<Stats>,
     endpoint: String,
-    interval: Duration,
     service: String,
-) -> std::io::Result<()> {
-    let instance = format!("{:016x}", rand::random::<u64>());
+    instance: String,
+    /// What the receiver acknowledged; the lock also keeps two exports from overlapping.
+    acked: std::sync::Mutex<(Baseline, bool)>,
+}
+
+impl Exporter {
+    /// An exporter of `stats` to `endpoint`, as `service` (a random instance id).
+    pub fn new(stats: Arc<Stats>, endpoint: String, service: String) -> Self {
+        Self {
+            stats,
+            endpoint,
+            service,
+            instance: format!("{:016x}", rand::random::<u64>()),
+            acked: std::sync::Mutex::new((Baseline::default(), false)),
+        }
+    }
+
+    /// Exports what changed since the last acknowledged export; blocks (its own
+    /// runtime), so call it off the async runtime.
+    pub fn export_once(&self) -> Result<(), String> {
+        let mut guard = self
+            .acked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (baseline, failing) = &mut *guard;
+        let (request, next) = request(&self.stats, baseline, &self.service, &self.instance);
+        if request.resource_metrics.is_empty() {
+            baseline.at_ns = next.at_ns;
+            return Ok(());
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let endpoint = self.endpoint.clone();
+        let sent = runtime.block_on(async {
+            let attempt = async {
+                let mut client = MetricsServiceClient::connect(endpoint)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                client
+                    .export(request)
+                    .await
+                    .map_err(|e| e.message().to_string())
+            };
+            tokio::time::timeout(Duration::from_secs(10), attempt)
+                .await
+                .map_err(|_| "no answer within 10 s".to_string())?
+        });
+        match sent {
+            Ok(_) => {
+                *baseline = next;
+                if *failing {
+                    tracing::info!("metrics export to {} works again", self.endpoint);
+                    *failing = false;
+                }
+                Ok(())
+            }
+            // Kept for the next export: the baseline does not move.
+            Err(e) => {
+                if !*failing {
+                    tracing::warn!(
+                        "metrics export to {} failed (the next one carries these counts): {e}",
+                        self.endpoint
+                    );
+                    *failing = true;
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Exports every `interval` until the process ends, on a thread of its own.
+pub fn spawn(exporter: Arc<Exporter>, interval: Duration) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("strangler-metrics".into())
         .spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                tracing::error!("cannot start the metrics export runtime; metrics are not exported");
-                return;
-            };
-            let mut baseline = Baseline::default();
-            let mut failing = false;
             loop {
                 std::thread::sleep(interval);
-                let (request, next) = request(&stats, &baseline, &service, &instance);
-                if request.resource_metrics.is_empty() {
-                    baseline.at_ns = next.at_ns;
-                    continue;
-                }
-                let sent = runtime.block_on(async {
-                    let attempt = async {
-                        let mut client = MetricsServiceClient::connect(endpoint.clone())
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        client
-                            .export(request)
-                            .await
-                            .map_err(|e| e.message().to_string())
-                    };
-                    tokio::time::timeout(Duration::from_secs(10), attempt)
-                        .await
-                        .map_err(|_| "no answer within 10 s".to_string())?
-                });
-                match sent {
-                    Ok(_) => {
-                        baseline = next;
-                        if failing {
-                            tracing::info!("metrics export to {endpoint} works again");
-                            failing = false;
-                        }
-                    }
-                    // Kept for the next export: the baseline does not move.
-                    Err(e) if !failing => {
-                        tracing::warn!("metrics export to {endpoint} failed (the next one carries these counts): {e}");
-                        failing = true;
-                    }
-                    Err(_) => {}
-                }
+                let _ = exporter.export_once();
             }
         })
         .map(|_| ())
