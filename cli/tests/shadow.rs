@@ -485,4 +485,25 @@ async fn the_concurrency_cap_skips_copies_instead_of_queueing_them() {
     let doc = wait_compared(&router, 40).await;
     assert!(doc["skipped"].as_u64().unwrap_or(0) >= 36 - 4, "{doc}");
     assert!(doc["compared"].as_u64().unwrap_or(0) <= 8, "{doc}");
+    // The exported aggregates count the skipped copies too.
+    let metrics = reqwest::Client::new()
+        .get(router.admin_url("/metrics"))
+        .bearer_auth(&router.token)
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let skipped: u64 = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with(r#"strangler_shadow_pairs_total{outcome="skipped",route="orders"}"#)
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        skipped >= 36 - 4,
+        "{skipped} skipped in /metrics:\n{metrics}"
+    );
 }

@@ -119,6 +119,9 @@ pub fn plan(
         shadows.acquire().ok()
     };
     let Some(permit) = permit else {
+        if !calibration {
+            route.stats.record_pair(PairOutcome::Skipped, &[]);
+        }
         if let Some(span) = span {
             crate::proxy::span::skipped(span);
         }
@@ -174,6 +177,9 @@ impl Pair {
         };
         if copy.body.len() + chunk.len() > copy.max_body_bytes {
             self.route.state.shadow.skipped();
+            if !self.calibration {
+                self.route.stats.record_pair(PairOutcome::Skipped, &[]);
+            }
             return false;
         }
         copy.body.extend_from_slice(chunk);
