@@ -621,16 +621,7 @@ async fn the_routers_aggregates_arrive_as_metric_points_with_exact_counts() {
         &[],
     )
     .await;
-    let client = reqwest::Client::new();
-    for u in 0..30 {
-        let r = client
-            .get(router.url(&format!("/api/orders/{u}")))
-            .header("x-user-id", format!("user-{u}"))
-            .send()
-            .await
-            .expect("request");
-        assert_eq!(r.status().as_u16(), 200);
-    }
+    router.get_orders_as_users(30, |_| async {}).await;
     let db = ch_client(&ch);
     let sum = |sql: &'static str| {
         let db = db.clone();

@@ -67,15 +67,7 @@ async fn clients_trickling_headers_get_408_while_others_are_served() {
             "closed after {took:?}"
         );
     }
-    let metrics = client
-        .get(router.admin_url("/metrics"))
-        .bearer_auth(&router.token)
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = router.metrics().await;
     assert!(
         metrics.contains("strangler_slow_clients_total 20"),
         "{metrics}"

@@ -311,15 +311,7 @@ async fn an_admin_override_beats_the_flag_until_cleared() {
     assert_eq!(wrong.status().as_u16(), 401);
     assert_eq!(side_for(&client, &router, "/api/orders", "u1").await, "new");
 
-    let metrics = client
-        .get(router.admin_url("/metrics"))
-        .bearer_auth(&router.token)
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = router.metrics().await;
     assert!(
         metrics.contains(
             r#"strangler_decisions_total{backend="legacy",reason="override",route="orders"}"#
@@ -451,15 +443,7 @@ async fn a_dead_new_service_falls_back_to_legacy_for_reads_and_502s_writes() {
     assert_eq!(legacy.hits(), before, "the POST must not reach legacy");
     let r = client.get(router.url("/")).send().await.expect("request");
     assert_eq!(r.status().as_u16(), 200);
-    let metrics = client
-        .get(router.admin_url("/metrics"))
-        .bearer_auth(&router.token)
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = router.metrics().await;
     assert!(
         metrics.contains(
             r#"strangler_decisions_total{backend="legacy",reason="fallback",route="orders"} 1"#
@@ -595,15 +579,7 @@ async fn the_breaker_keeps_a_failing_new_service_out_and_lets_it_back_after_a_pr
         async move { router.admin(Method::GET, "/routes/orders", None).await.1["breaker"] == "open" }
     })
     .await;
-    let metrics = client
-        .get(router.admin_url("/metrics"))
-        .bearer_auth(&router.token)
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = router.metrics().await;
     assert!(
         metrics.contains(r#"strangler_breaker_open{route="orders"} 1"#),
         "{metrics}"
@@ -1496,15 +1472,7 @@ async fn unsampled_requests_get_no_span_unless_they_fall_back_or_the_caller_samp
     assert_eq!(r.status().as_u16(), 200);
 
     // The router's numbers count every request, whatever was sampled.
-    let metrics = client
-        .get(router.admin_url("/metrics"))
-        .bearer_auth(&router.token)
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = router.metrics().await;
     assert_eq!(
         metric_sum(&metrics, "strangler_requests_total", &[r#"route="orders""#]),
         41,
@@ -1565,6 +1533,27 @@ struct MetricsReceiver {
     requests: Arc<Mutex<HashMap<String, i64>>>,
 }
 
+impl MetricsReceiver {
+    /// Serves this receiver on a free loopback port.
+    fn serve(
+        &self,
+    ) -> (
+        std::net::SocketAddr,
+        tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    ) {
+        use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsServiceServer;
+        let port = free_port().expect("port");
+        let addr = format!("127.0.0.1:{}", port.port()).parse().expect("addr");
+        drop(port);
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(MetricsServiceServer::new(self.clone()))
+                .serve(addr),
+        );
+        (addr, server)
+    }
+}
+
 #[tonic::async_trait]
 impl opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsService
     for MetricsReceiver
@@ -1623,16 +1612,8 @@ impl opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server:
 #[tokio::test]
 async fn route_aggregates_reach_an_otlp_metrics_receiver_as_exact_deltas_even_after_a_refused_export()
  {
-    use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsServiceServer;
     let receiver = MetricsReceiver::default();
-    let port = free_port().expect("port");
-    let addr = format!("127.0.0.1:{}", port.port()).parse().expect("addr");
-    drop(port);
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(MetricsServiceServer::new(receiver.clone()))
-            .serve(addr),
-    );
+    let (addr, server) = receiver.serve();
     let legacy = Upstream::start("legacy").await;
     let new = Upstream::start("new").await;
     let telemetry =
@@ -1643,20 +1624,14 @@ async fn route_aggregates_reach_an_otlp_metrics_receiver_as_exact_deltas_even_af
         &[],
     )
     .await;
-    let client = reqwest::Client::new();
-    for u in 0..25 {
-        let r = client
-            .get(router.url(&format!("/api/orders/{u}")))
-            .header("x-user-id", format!("user-{u}"))
-            .send()
-            .await
-            .expect("request");
-        assert_eq!(r.status().as_u16(), 200);
-        if u == 10 {
-            // Let the first (refused) export happen with some counts in it.
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }
+    router
+        .get_orders_as_users(25, |u| async move {
+            if u == 10 {
+                // Let the first (refused) export happen with some counts in it.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+        .await;
     wait_until(
         Duration::from_secs(10),
         "25 requests at the receiver",
@@ -1683,18 +1658,10 @@ async fn route_aggregates_reach_an_otlp_metrics_receiver_as_exact_deltas_even_af
 
 #[tokio::test]
 async fn a_graceful_shutdown_exports_the_last_counts() {
-    use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsServiceServer;
     let receiver = MetricsReceiver::default();
     // This receiver takes every export (it refuses only a first call).
     *receiver.calls.lock().expect("lock") = 1;
-    let port = free_port().expect("port");
-    let addr = format!("127.0.0.1:{}", port.port()).parse().expect("addr");
-    drop(port);
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(MetricsServiceServer::new(receiver.clone()))
-            .serve(addr),
-    );
+    let (addr, server) = receiver.serve();
     let legacy = Upstream::start("legacy").await;
     let new = Upstream::start("new").await;
     // An interval no test waits for: only the shutdown export can deliver.
@@ -1707,16 +1674,7 @@ async fn a_graceful_shutdown_exports_the_last_counts() {
         &[],
     )
     .await;
-    let client = reqwest::Client::new();
-    for u in 0..7 {
-        let r = client
-            .get(router.url(&format!("/api/orders/{u}")))
-            .header("x-user-id", format!("user-{u}"))
-            .send()
-            .await
-            .expect("request");
-        assert_eq!(r.status().as_u16(), 200);
-    }
+    router.get_orders_as_users(7, |_| async {}).await;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(router.pid()),
         nix::sys::signal::Signal::SIGTERM,

@@ -486,15 +486,7 @@ async fn the_concurrency_cap_skips_copies_instead_of_queueing_them() {
     assert!(doc["skipped"].as_u64().unwrap_or(0) >= 36 - 4, "{doc}");
     assert!(doc["compared"].as_u64().unwrap_or(0) <= 8, "{doc}");
     // The exported aggregates count the skipped copies too.
-    let metrics = reqwest::Client::new()
-        .get(router.admin_url("/metrics"))
-        .bearer_auth(&router.token)
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = router.metrics().await;
     let skipped: u64 = metrics
         .lines()
         .find(|l| {

@@ -82,11 +82,14 @@ pub fn run(config_path: &Path, options: RunOptions) -> Result<(), StartError> {
     let metrics_exporter = match &config.telemetry.metrics_endpoint {
         // Routes' aggregates as OTLP metrics (deltas); reloads keep the same counters.
         Some(endpoint) => {
-            let exporter = Arc::new(crate::stats::export::Exporter::new(
-                Arc::clone(&metrics.stats),
-                endpoint.clone(),
-                config.telemetry.service_name.clone(),
-            ));
+            let exporter = Arc::new(
+                crate::stats::export::Exporter::new(
+                    Arc::clone(&metrics.stats),
+                    endpoint.clone(),
+                    config.telemetry.service_name.clone(),
+                )
+                .map_err(crate::telemetry::TelemetryError::Thread)?,
+            );
             crate::stats::export::spawn(Arc::clone(&exporter), config.telemetry.metrics_interval)
                 .map_err(crate::telemetry::TelemetryError::Thread)?;
             Some(exporter)

@@ -307,6 +307,39 @@ impl Router {
         format!("http://127.0.0.1:{}{path}", self.admin_port.port())
     }
 
+    /// The admin API's `/metrics` text (with the admin token).
+    pub async fn metrics(&self) -> String {
+        reqwest::Client::new()
+            .get(self.admin_url("/metrics"))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+    }
+
+    /// `GET /api/orders/{u}` as `user-{u}` for u in 0..n, each answered 200;
+    /// `after(u)` runs after request u.
+    pub async fn get_orders_as_users<F, Fut>(&self, n: usize, mut after: F)
+    where
+        F: FnMut(usize) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let client = reqwest::Client::new();
+        for u in 0..n {
+            let r = client
+                .get(self.url(&format!("/api/orders/{u}")))
+                .header("x-user-id", format!("user-{u}"))
+                .send()
+                .await
+                .expect("request");
+            assert_eq!(r.status().as_u16(), 200);
+            after(u).await;
+        }
+    }
+
     /// Starts a second router process on the same config with `--upgrade` (it waits
     /// for this one's sockets), logging to `upgrade.log`.
     pub fn spawn_upgrade(&self) -> Child {

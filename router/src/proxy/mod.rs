@@ -26,6 +26,7 @@ use strangler_model::Backend;
 
 pub use ctx::{Attempt, RequestCtx, Trace};
 
+use crate::routing::Route;
 use crate::routing::breaker::Admit;
 use crate::routing::decide::decide;
 use crate::shadow::pair::{self, Plan, PrimarySpan};
@@ -111,6 +112,20 @@ impl StranglerProxy {
         ctx.route = Some(route);
     }
 
+    /// A request span's name and its attributes known on arrival (built only for a
+    /// request that gets a span, now or at its end).
+    fn span_start(
+        &self,
+        req: &RequestHeader,
+        route: Option<&Route>,
+        ctx: &RequestCtx,
+    ) -> (String, Vec<opentelemetry::KeyValue>) {
+        (
+            span::name(req, route),
+            span::request_attributes(req, route, ctx.client.ip.as_deref(), self.scheme()),
+        )
+    }
+
     /// Records the request's outcome on the route: last-minute window and breaker.
     fn record_outcome(&self, ctx: &RequestCtx, failed: bool) {
         let Some(route) = &ctx.route else {
@@ -176,11 +191,14 @@ impl ProxyHttp for StranglerProxy {
             .telemetry
             .head(&req.headers, snapshot.config.telemetry.sample_ratio)
         {
-            Head::Sample(parent) => Trace::Live(self.state.telemetry.start_server_span(
-                span::name(req, route),
-                &parent,
-                span::request_attributes(req, route, ctx.client.ip.as_deref(), self.scheme()),
-            )),
+            Head::Sample(parent) => {
+                let (name, attributes) = self.span_start(req, route, ctx);
+                Trace::Live(
+                    self.state
+                        .telemetry
+                        .start_server_span(name, &parent, attributes),
+                )
+            }
             Head::Defer(deferred) => Trace::Deferred(deferred),
         };
         if let Some(route) = &ctx.route {
@@ -459,25 +477,11 @@ impl ProxyHttp for StranglerProxy {
                 let req = session.req_header();
                 let route = ctx.route.as_deref();
                 if keep {
-                    Some(telemetry.start_deferred(
-                        &deferred,
-                        span::name(req, route),
-                        span::request_attributes(
-                            req,
-                            route,
-                            ctx.client.ip.as_deref(),
-                            self.scheme(),
-                        ),
-                    ))
+                    let (name, attributes) = self.span_start(req, route, ctx);
+                    Some(telemetry.start_deferred(&deferred, name, attributes))
                 } else if let Some(pair) = ctx.pair.take() {
                     // Only a differing pair makes this request worth a span now.
-                    let name = span::name(req, route);
-                    let attributes = span::request_attributes(
-                        req,
-                        route,
-                        ctx.client.ip.as_deref(),
-                        self.scheme(),
-                    );
+                    let (name, attributes) = self.span_start(req, route, ctx);
                     let finish = span::finish_values(ctx, status, e);
                     let state = Arc::clone(&self.state);
                     let trace_id = deferred.trace_id;

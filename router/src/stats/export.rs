@@ -259,18 +259,23 @@ pub struct Exporter {
     instance: String,
     /// What the receiver acknowledged; the lock also keeps two exports from overlapping.
     acked: std::sync::Mutex<(Baseline, bool)>,
+    /// The gRPC client's runtime, built once (exports never compete with requests).
+    runtime: tokio::runtime::Runtime,
 }
 
 impl Exporter {
     /// An exporter of `stats` to `endpoint`, as `service` (a random instance id).
-    pub fn new(stats: Arc<Stats>, endpoint: String, service: String) -> Self {
-        Self {
+    pub fn new(stats: Arc<Stats>, endpoint: String, service: String) -> std::io::Result<Self> {
+        Ok(Self {
             stats,
             endpoint,
             service,
             instance: format!("{:016x}", rand::random::<u64>()),
             acked: std::sync::Mutex::new((Baseline::default(), false)),
-        }
+            runtime: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?,
+        })
     }
 
     /// Exports what changed since the last acknowledged export; blocks (its own
@@ -286,12 +291,8 @@ impl Exporter {
             baseline.at_ns = next.at_ns;
             return Ok(());
         }
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| e.to_string())?;
         let endpoint = self.endpoint.clone();
-        let sent = runtime.block_on(async {
+        let sent = self.runtime.block_on(async {
             let attempt = async {
                 let mut client = MetricsServiceClient::connect(endpoint)
                     .await
