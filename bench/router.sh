@@ -69,6 +69,9 @@ if [ "$CORES" -ge 12 ]; then sed -i 's/worker_processes 2;/worker_processes 2; w
 nginx -p "$WORK/up" -c "$WORK/up/nginx.conf" >"$WORK/up/nginx.out" 2>&1 & PIDS+=($!)
 "$OTLP_SINK" "127.0.0.1:$OTLP" >"$WORK/otlp.log" 2>&1 & PIDS+=($!)
 wait_port "$UP"; wait_port "$OTLP"
+# Where the router under test exports spans and aggregates: the sink, or (in the
+# collector-cost phase at the end) a real collector.
+TELEMETRY=$OTLP
 
 cat > "$WORK/flags.json" <<JSON
 {"version":2,"features":[{"name":"strangler.orders","enabled":true,"strategies":[{"name":"flexibleRollout","parameters":{"rollout":"50","stickiness":"default","groupId":"strangler.orders"}}]}]}
@@ -124,7 +127,8 @@ CONF
       cp "$WORK/flags.json" "$dir/flags.json"
       {
         printf '[server]\nlisten = "127.0.0.1:%s"\nthreads = %s\n[admin]\nlisten = "127.0.0.1:%s"\n' "$PORT" "$w" "$admin"
-        printf '[flags]\nfile = "flags.json"\n[telemetry]\notlp_endpoint = "http://127.0.0.1:%s"\n' "$OTLP"
+        # Spans and the route aggregates both exported, as the demo and `strangler init` set it up.
+        printf '[flags]\nfile = "flags.json"\n[telemetry]\notlp_endpoint = "http://127.0.0.1:%s"\nmetrics_endpoint = "http://127.0.0.1:%s"\n' "$TELEMETRY" "$TELEMETRY"
         [ -n "$SAMPLE_RATIO" ] && [ "$name" = strangler ] && printf 'sample_ratio = %s\n' "$SAMPLE_RATIO"
         printf '[legacy]\nupstream = "127.0.0.1:%s"\n' "$UP"
         printf '[[route]]\nname = "orders"\nmatch = { prefix = "/api/orders" }\nnew = "127.0.0.1:%s"\nsticky = "header:x-user-id"\n' "$UP"
@@ -150,6 +154,51 @@ for w in $WORKERS; do
   for t in $TARGETS; do measure "$t" "$w"; done
 done
 $(pin 0 4) wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$WORK/users.lua" "http://127.0.0.1:$UP/" > "$WORK/direct.txt"
+
+# The collector's cost: the router (default sampling) exports to a real collector
+# and ClickHouse; the collector's CPU time over the run, and what it received, are
+# scaled to 100k req/s of router traffic. Skipped without clickhouse-server.
+CH_BIN=$(command -v clickhouse-server || true)
+if [ "${COLLECTOR_COST:-1}" = 1 ] && [ -n "$CH_BIN" ]; then
+  CH_HTTP=$(free_port); CH_TCP=$(free_port); CG=$(free_port); CHT=$(free_port); CW=$(free_port)
+  mkdir -p "$WORK/ch" "$WORK/collector"
+  cat > "$WORK/ch/config.xml" <<XML
+<?xml version="1.0"?>
+<yandex><logger><level>warning</level><console>1</console></logger>
+<listen_host>127.0.0.1</listen_host><http_port>$CH_HTTP</http_port><tcp_port>$CH_TCP</tcp_port>
+<path>$WORK/ch/data/</path><tmp_path>$WORK/ch/tmp/</tmp_path><user_files_path>$WORK/ch/uf/</user_files_path>
+<format_schema_path>$WORK/ch/fs/</format_schema_path><users_config>$WORK/ch/users.xml</users_config>
+<default_profile>default</default_profile><default_database>default</default_database>
+<mark_cache_size>268435456</mark_cache_size><timezone>UTC</timezone></yandex>
+XML
+  cat > "$WORK/ch/users.xml" <<XML
+<?xml version="1.0"?>
+<yandex><profiles><default></default></profiles>
+<users><default><password></password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default></users>
+<quotas><default></default></quotas></yandex>
+XML
+  "$CH_BIN" --config-file="$WORK/ch/config.xml" >"$WORK/ch/server.log" 2>&1 & PIDS+=($!)
+  wait_port "$CH_HTTP"
+  printf 'grpc_listen = "127.0.0.1:%s"\nhttp_listen = "127.0.0.1:%s"\nweb_listen = "127.0.0.1:%s"\nclickhouse_url = "http://127.0.0.1:%s"\nspool_dir = "%s/spool"\n' \
+    "$CG" "$CHT" "$CW" "$CH_HTTP" "$WORK/collector" > "$WORK/collector/collector.toml"
+  STRANGLER_LOG=warn "$STRANGLER" collector run --config "$WORK/collector/collector.toml" >"$WORK/collector/collector.log" 2>&1 & CPID=$!; PIDS+=($CPID)
+  for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:$CW/ready" >/dev/null && break; sleep 0.1; done
+  counter() { curl -s "http://127.0.0.1:$CW/metrics" | awk -v n="$1" '$1 == n { print $2 }'; }
+  ticks() { awk '{ print $14 + $15 }' "/proc/$CPID/stat"; }
+  TELEMETRY=$CG
+  w=$(echo "$WORKERS" | awk '{ print $1 }')
+  start_target strangler "$w"
+  $(pin 0 4) wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d2s -s "$WORK/users.lua" "http://127.0.0.1:$PORT/" >/dev/null 2>&1 || true
+  sleep 11  # one metrics interval: the warm-up's counts arrive before the measurement
+  s0=$(counter strangler_collector_spans_received_total); p0=$(counter strangler_collector_metric_points_written_total)
+  q0=$(counter strangler_collector_metric_points_spooled_total); t0=$(ticks); c0=$(date +%s.%N)
+  $(pin 0 4) wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"${DURATION}s" -s "$WORK/users.lua" "http://127.0.0.1:$PORT/" > "$WORK/collector-run.txt"
+  sleep 11  # the run's last aggregates
+  s1=$(counter strangler_collector_spans_received_total); p1=$(counter strangler_collector_metric_points_written_total)
+  q1=$(counter strangler_collector_metric_points_spooled_total); t1=$(ticks); c1=$(date +%s.%N)
+  kill -KILL "$TPID" 2>/dev/null || true; wait "$TPID" 2>/dev/null || true
+  echo "$s0 $s1 $p0 $p1 $q0 $q1 $t0 $t1 $c0 $c1 $(getconf CLK_TCK)" > "$WORK/collector-cost.txt"
+fi
 
 python3 - "$WORK" "$DURATION" "$CONNECTIONS" "$WORKERS" "$TARGETS" "$CORES" "${SAMPLE_RATIO:-default}" <<'PY'
 import re, sys
@@ -188,5 +237,19 @@ for w in workers:
     final.append(f"strangler/bare_pingora{suffix}={s[0]/b[0]:.2f} strangler/nginx{suffix}={s[0]/g[0]:.2f}")
     if "before" in rows:
         final.append(f"strangler/before{suffix}={s[0]/rows['before'][0]:.2f}")
+try:
+    s0, s1, p0, p1, q0, q1, t0, t1, c0, c1, hz = open(f"{work}/collector-cost.txt").read().split()
+    rps = parse(f"{work}/collector-run.txt")[0]
+    wall = float(c1) - float(c0)
+    spans = (float(s1) - float(s0)) / wall
+    points = (float(p1) - float(p0) + float(q1) - float(q0)) / wall
+    cpu = (float(t1) - float(t0)) / float(hz) / wall
+    at_100k = cpu * 100_000 / rps
+    print(f"-- collector cost (router at the default sampling, exporting to a collector and ClickHouse on this machine)")
+    print(f"router {rps:.0f} req/s: collector received {spans:.0f} spans/s and {points:.1f} metric points/s, CPU {100*cpu:.2f} % of a core")
+    print(f"scaled to 100k req/s of router traffic: {spans*100_000/rps:.0f} spans/s (points stay ~{points:.1f}/s per router: they grow with routes, not traffic), CPU {100*at_100k:.2f} % of a core\n")
+    final.append(f"collector_cpu_at_100k={100*at_100k:.2f}%")
+except (OSError, ValueError, ZeroDivisionError):
+    pass
 print(" ".join(final))
 PY

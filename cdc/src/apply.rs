@@ -27,6 +27,15 @@ pub enum ApplyError {
         /// The database's message.
         message: String,
     },
+    /// The target's connection went away mid-batch (nothing of the batch is kept:
+    /// it is retried from the checkpoint).
+    #[error("applying to {table}: lost the connection: {message}")]
+    Lost {
+        /// Target table.
+        table: String,
+        /// The driver's message.
+        message: String,
+    },
     /// A change cannot be applied safely.
     #[error("{0}")]
     Unsafe(String),

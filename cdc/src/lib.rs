@@ -8,6 +8,7 @@
 pub mod apply;
 pub mod config;
 pub mod conflict;
+pub mod deferred;
 pub mod lsn;
 pub mod mapping;
 pub mod mysql;

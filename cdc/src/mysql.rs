@@ -60,10 +60,59 @@ pub enum Conv {
     Timestamp,
 }
 
-fn mysql_error(e: impl std::fmt::Display) -> CdcError {
-    CdcError::Snapshot {
-        table: String::new(),
+/// A MySQL/MariaDB failure, and whether it only means the connection went away
+/// (a restart, a failover, a killed session): the stream then reconnects and
+/// resumes from the target's checkpoint, as the PostgreSQL source does.
+trait MysqlFailure: std::fmt::Display {
+    fn lost_connection(&self) -> bool {
+        false
+    }
+}
+
+impl MysqlFailure for mysql_async::Error {
+    fn lost_connection(&self) -> bool {
+        use mysql_async::{DriverError, Error};
+        match self {
+            Error::Io(_) => true,
+            Error::Driver(
+                DriverError::ConnectionClosed
+                | DriverError::PacketOutOfOrder
+                | DriverError::PoolDisconnected,
+            ) => true,
+            // Server shutdown in progress, connection killed, server gone away,
+            // lost connection during query, too many connections.
+            Error::Server(e) => matches!(e.code, 1053 | 1927 | 2006 | 2013 | 1040),
+            _ => false,
+        }
+    }
+}
+
+impl MysqlFailure for &str {}
+impl MysqlFailure for String {}
+impl MysqlFailure for mysql_async::UrlError {}
+impl MysqlFailure for std::num::ParseIntError {}
+// A binlog row that does not decode: a problem with the data, not the connection.
+impl MysqlFailure for std::io::Error {}
+
+/// The server ended the binlog stream (it is shutting down): reconnect.
+struct StreamEnded;
+
+impl std::fmt::Display for StreamEnded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the binlog stream ended")
+    }
+}
+
+impl MysqlFailure for StreamEnded {
+    fn lost_connection(&self) -> bool {
+        true
+    }
+}
+
+fn mysql_error(e: impl MysqlFailure) -> CdcError {
+    CdcError::MySql {
         message: format!("MySQL source: {e}"),
+        transient: e.lost_connection(),
     }
 }
 
@@ -839,7 +888,7 @@ pub async fn run(
             e = stream.next() => e,
         };
         let Some(event) = event else {
-            return Err(mysql_error("the binlog stream ended"));
+            return Err(mysql_error(StreamEnded));
         };
         let event = event.map_err(mysql_error)?;
         let header = event.header();
@@ -1461,6 +1510,12 @@ async fn resolve_mysql(
 }
 
 fn sink_error(table: &str, e: mysql_async::Error) -> crate::apply::ApplyError {
+    if e.lost_connection() {
+        return crate::apply::ApplyError::Lost {
+            table: table.to_string(),
+            message: e.to_string(),
+        };
+    }
     crate::apply::ApplyError::Rejected {
         table: table.to_string(),
         key: String::new(),
@@ -1580,6 +1635,9 @@ impl crate::sink::Sink for MySqlSink {
                         .map(|(v, k)| to_mysql(v.as_deref(), *k))
                         .collect();
                     tx.exec_drop(&sql, params).await.map_err(|e| {
+                        if e.lost_connection() {
+                            return sink_error(&table, e);
+                        }
                         let key = plan
                             .target
                             .key

@@ -49,6 +49,14 @@ pub enum CdcError {
         /// Why.
         message: String,
     },
+    /// A MySQL/MariaDB source or target failed.
+    #[error("{message}")]
+    MySql {
+        /// What happened.
+        message: String,
+        /// Only the connection was lost (retried with backoff).
+        transient: bool,
+    },
     /// The command does not support this kind of source yet.
     #[error("{0}")]
     Unsupported(String),
@@ -449,12 +457,19 @@ pub async fn run_with(
         }
     };
     if crate::mysql::is_mysql(&config.source) {
-        let result = crate::mysql::run(config, options, progress, &observe).await;
+        let result = retrying(options, &observe, |options| {
+            crate::mysql::run(config, options, Arc::clone(&progress), &observe)
+        })
+        .await;
         observe.shutdown();
         return result;
     }
     let sampler = tokio::spawn(sample_lag(config.source.clone(), Arc::clone(&observe)));
-    let result = run_retrying(config, options, progress, &observe).await;
+    let result = retrying(options, &observe, |options| {
+        let progress = Arc::clone(&progress);
+        async move { run_once(config, &options, progress).await }
+    })
+    .await;
     sampler.abort();
     observe.shutdown();
     result
@@ -485,16 +500,22 @@ async fn sample_lag(source_url: String, observe: Arc<crate::observe::Observe>) {
     }
 }
 
-async fn run_retrying(
-    config: &CdcConfig,
+/// Runs `attempt` until it ends well or fails for a reason other than a lost
+/// connection; a lost connection (either database restarting, a failover, a network
+/// blip) is retried with backoff, each attempt resuming from the target's checkpoint.
+async fn retrying<F, Fut>(
     mut options: RunOptions,
-    progress: Arc<Progress>,
     observe: &crate::observe::Observe,
-) -> Result<(), CdcError> {
+    mut attempt: F,
+) -> Result<(), CdcError>
+where
+    F: FnMut(RunOptions) -> Fut,
+    Fut: std::future::Future<Output = Result<(), CdcError>>,
+{
     let mut backoff = Duration::from_millis(200);
     loop {
         let started = Instant::now();
-        match run_once(config, &options, Arc::clone(&progress)).await {
+        match attempt(options.clone()).await {
             Ok(()) => return Ok(()),
             Err(e) if e.is_transient() => {
                 observe.errors.with_label_values(&["transient"]).inc();
@@ -536,6 +557,7 @@ impl CdcError {
         }
         match self {
             CdcError::Connect { .. } => true,
+            CdcError::MySql { transient, .. } => *transient,
             CdcError::Source(e) => pg(e),
             CdcError::Replication(e) => matches!(
                 e,
@@ -546,6 +568,7 @@ impl CdcError {
                     | ReplicationError::Protocol(_)
             ),
             CdcError::Apply(ApplyError::Checkpoint(e)) => pg(e),
+            CdcError::Apply(ApplyError::Lost { .. }) => true,
             CdcError::Apply(ApplyError::Rejected { message, .. }) => {
                 message.contains("connection closed") || message.contains("terminating connection")
             }
@@ -572,6 +595,17 @@ async fn sink_and_plans(
         return Ok((Box::new(sink), plans));
     }
     let target = connect(&config.target, "target").await?;
+    // A snapshot killed half-way left keys, indexes and foreign keys set aside: they
+    // come back before anything else (the mappings are checked against the keys).
+    let restored = crate::deferred::restore(&target, &config.slot).await?;
+    if restored != crate::deferred::Deferred::default() {
+        tracing::info!(
+            keys = restored.keys,
+            indexes = restored.indexes,
+            foreign_keys = restored.foreign_keys,
+            "restored what an interrupted snapshot had set aside"
+        );
+    }
     let mut plans = Vec::new();
     for (m, policy) in config.mappings.iter().zip(&config.conflicts) {
         plans.push(
@@ -598,6 +632,7 @@ async fn run_once(
         target.forget_checkpoint(&config.slot).await?;
     }
     let checkpoint = target.read_checkpoint(&config.slot).await?;
+
     let slot = slot_position(&source, &config.slot).await?;
     let stream_config = ReplicationStreamConfig::builder(&config.slot, &config.publication)
         .with_protocol_version(1)
@@ -667,6 +702,15 @@ async fn run_once(
                         table: tables.join(", "),
                         message: db_message(&e),
                     })?;
+                let deferred = crate::deferred::set_aside(pg, &config.slot, &tables).await?;
+                if deferred != crate::deferred::Deferred::default() {
+                    tracing::info!(
+                        keys = deferred.keys,
+                        indexes = deferred.indexes,
+                        foreign_keys = deferred.foreign_keys,
+                        "keys, indexes and foreign keys set aside until the snapshot is loaded"
+                    );
+                }
                 let (pieces, estimate) = snapshot_pieces(
                     &source,
                     &plans,
@@ -696,6 +740,19 @@ async fn run_once(
                 let mut total = 0;
                 for r in results {
                     total += r?.1;
+                }
+                let loaded = started.elapsed();
+                if let Some(pg) = target.postgres() {
+                    let built = crate::deferred::restore(pg, &config.slot).await?;
+                    if built != crate::deferred::Deferred::default() {
+                        tracing::info!(
+                            keys = built.keys,
+                            indexes = built.indexes,
+                            foreign_keys = built.foreign_keys,
+                            seconds = (started.elapsed() - loaded).as_secs_f64(),
+                            "keys, indexes and foreign keys built"
+                        );
+                    }
                 }
                 target.write_checkpoint(&config.slot, consistent).await?;
                 tracing::info!(

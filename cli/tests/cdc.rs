@@ -601,3 +601,170 @@ async fn a_realistic_mysql_schema_translates_to_ddl_that_postgres_accepts() {
         "ON UPDATE CURRENT_TIMESTAMP became a trigger"
     );
 }
+
+/// Every index and constraint of the target tables, as PostgreSQL prints them.
+async fn declared(target: &Client) -> Vec<String> {
+    let mut out: Vec<String> = target
+        .query(
+            "SELECT indexdef FROM pg_indexes WHERE tablename IN ('ledger', 'accounts')
+             UNION ALL
+             SELECT conrelid::regclass::text || ' ' || conname || ' ' || pg_get_constraintdef(oid)
+             FROM pg_constraint WHERE conrelid IN ('ledger'::regclass, 'accounts'::regclass)",
+            &[],
+        )
+        .await
+        .expect("catalog")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_a_snapshot_that_set_indexes_aside_restores_them_exactly_and_verifies_clean()
+{
+    let (src, tgt) = tokio::join!(Postgres::start(), Postgres::start());
+    let (src, tgt) = (src.expect("source pg"), tgt.expect("target pg"));
+    src.create_database("legacy").await.expect("db");
+    tgt.create_database("new").await.expect("db");
+    let source = src.connect("legacy").await.expect("source");
+    let target = tgt.connect("new").await.expect("target");
+    source
+        .batch_execute(
+            "CREATE TABLE accounts (id int PRIMARY KEY, name text NOT NULL);
+             INSERT INTO accounts SELECT g, 'account ' || g FROM generate_series(0, 99) g;
+             CREATE TABLE events (id bigserial PRIMARY KEY, account int NOT NULL, amount bigint NOT NULL, note text);
+             INSERT INTO events (account, amount, note)
+                 SELECT g % 100, g, CASE WHEN g % 3 = 0 THEN NULL ELSE 'note ' || g END
+                 FROM generate_series(1, 400000) g;",
+        )
+        .await
+        .expect("source schema");
+    target
+        .batch_execute(
+            "CREATE TABLE accounts (id int PRIMARY KEY, name text NOT NULL);
+             CREATE INDEX accounts_name ON accounts (name);
+             CREATE TABLE ledger (id bigint PRIMARY KEY, account int NOT NULL REFERENCES accounts (id),
+                 amount_cents bigint NOT NULL CHECK (amount_cents >= 0), note text);
+             CREATE INDEX ledger_account ON ledger (account, amount_cents DESC);
+             CREATE INDEX ledger_note ON ledger (lower(note)) WHERE note IS NOT NULL;
+             CREATE UNIQUE INDEX ledger_amount ON ledger (amount_cents);",
+        )
+        .await
+        .expect("target schema");
+    let before = declared(&target).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("cdc.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[source]\nurl = \"{}\"\n[target]\nurl = \"{}\"\n[apply]\nbatch_ms = 10\n\n\
+             [[map]]\ntarget = \"accounts\"\nsql = \"SELECT id, name FROM accounts\"\n\n\
+             [[map]]\ntarget = \"ledger\"\nsql = \"SELECT id, account, amount AS amount_cents, note FROM events\"\n",
+            src.url("legacy"),
+            tgt.url("new"),
+        ),
+    )
+    .expect("config");
+    let run = |log: &str| {
+        let log = std::fs::File::create(dir.path().join(log)).expect("log");
+        Proc(
+            Command::new(strangler_bin())
+                .args(["cdc", "run", "--config"])
+                .arg(&config)
+                .env("STRANGLER_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log)
+                .spawn()
+                .expect("spawn strangler cdc"),
+        )
+    };
+    let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap_or_default();
+    let first = run("first.log");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !read("first.log").contains("set aside until the snapshot is loaded") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the snapshot never set indexes aside:\n{}",
+            read("first.log")
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(first); // SIGKILL, mid-copy
+    // Killed half-way: both keys, every index (the unique one too) and the foreign
+    // key are gone from the target and written down; the CHECK stays.
+    let during = declared(&target).await;
+    for gone in [
+        "ledger_pkey",
+        "accounts_pkey",
+        "INDEX ledger_account ON",
+        "INDEX ledger_note ON",
+        "INDEX ledger_amount ON",
+        "INDEX accounts_name ON",
+        "FOREIGN KEY",
+    ] {
+        assert!(
+            !during.iter().any(|d| d.contains(gone)),
+            "{gone}: {during:?}\n{}",
+            read("first.log")
+        );
+    }
+    assert!(during.iter().any(|d| d.contains("CHECK")), "{during:?}");
+    let pending: i64 = target
+        .query_one("SELECT count(*) FROM strangler.cdc_deferred", &[])
+        .await
+        .expect("deferred")
+        .get(0);
+    assert_eq!(
+        pending, 7,
+        "two keys, four indexes and a foreign key set aside"
+    );
+
+    let second = run("second.log");
+    wait_until(
+        Duration::from_secs(60),
+        "the second snapshot to finish",
+        || async { read("second.log").contains("snapshot complete") },
+    )
+    .await;
+    assert_eq!(declared(&target).await, before, "{}", read("second.log"));
+    let pending: i64 = target
+        .query_one("SELECT count(*) FROM strangler.cdc_deferred", &[])
+        .await
+        .expect("deferred")
+        .get(0);
+    assert_eq!(pending, 0);
+    // Writes after the snapshot stream through the rebuilt indexes.
+    source
+        .batch_execute("INSERT INTO events (account, amount, note) VALUES (7, 400001, 'after')")
+        .await
+        .expect("write");
+    wait_until(Duration::from_secs(20), "the write to stream", || async {
+        target
+            .query_one("SELECT count(*) FROM ledger WHERE note = 'after'", &[])
+            .await
+            .map(|r| r.get::<_, i64>(0) == 1)
+            .unwrap_or(false)
+    })
+    .await;
+    let verify = Command::new(strangler_bin())
+        .args(["cdc", "verify", "--config"])
+        .arg(&config)
+        .output()
+        .expect("verify");
+    assert!(
+        verify.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    assert!(
+        read("second.log").contains("keys, indexes and foreign keys built"),
+        "{}",
+        read("second.log")
+    );
+    drop(second);
+}

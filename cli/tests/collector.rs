@@ -329,14 +329,40 @@ async fn malformed_otlp_gets_a_clear_error_and_the_collector_keeps_serving() {
         .await
         .expect("post");
     assert_eq!(r.status().as_u16(), 200, "{:?}", r.text().await);
-    let metrics_signal = client
-        .post(collector.http_url("/v1/metrics"))
+    // Metrics over OTLP/HTTP: JSON (and protobuf) stored once acknowledged; garbage
+    // is a 400 that says what it expected; logs are not stored, and say so.
+    let metrics_post = |content_type: &'static str, body: Vec<u8>| {
+        client
+            .post(collector.http_url("/v1/metrics"))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+    };
+    let gauge = serde_json::json!({"resourceMetrics": [{"scopeMetrics": [{"metrics": [{
+        "name": "queue.depth", "gauge": {"dataPoints": [{"asInt": "7",
+        "timeUnixNano": "1700000000000000000"}]}}]}]}]});
+    let r = metrics_post("application/json", gauge.to_string().into_bytes())
+        .await
+        .expect("post");
+    assert_eq!(r.status().as_u16(), 200, "{:?}", r.text().await);
+    let r = metrics_post("application/x-protobuf", b"\xff\xff".to_vec())
+        .await
+        .expect("post");
+    assert_eq!(r.status().as_u16(), 400);
+    assert!(
+        r.text()
+            .await
+            .unwrap_or_default()
+            .contains("ExportMetricsServiceRequest")
+    );
+    let logs_signal = client
+        .post(collector.http_url("/v1/logs"))
         .header("content-type", "application/x-protobuf")
         .body(Vec::<u8>::new())
         .send()
         .await
         .expect("post");
-    assert_eq!(metrics_signal.status().as_u16(), 501);
+    assert_eq!(logs_signal.status().as_u16(), 501);
     assert!(
         collector
             .metric("strangler_collector_requests_malformed_total")
@@ -602,8 +628,8 @@ async fn no_acknowledged_span_is_lost_or_stored_twice_across_a_clickhouse_outage
 }
 
 #[tokio::test]
-async fn the_routers_aggregates_arrive_as_metric_points_with_exact_counts() {
-    let ch = ClickHouse::start().await.expect("clickhouse");
+async fn the_routers_aggregates_arrive_as_metric_points_with_exact_counts_across_an_outage() {
+    let mut ch = ClickHouse::start().await.expect("clickhouse");
     let collector = Collector::start(&ch.http_url(), "").await;
     collector.wait_ready().await;
     let legacy = support::Upstream::start("legacy").await;
@@ -645,4 +671,55 @@ async fn the_routers_aggregates_arrive_as_metric_points_with_exact_counts() {
     assert!((counted - 30.0).abs() < f64::EPSILON, "{counted}");
     let buckets = sum("SELECT toFloat64(sum(arraySum(bucket_counts))) FROM strangler.metric_points WHERE name = 'strangler.request.duration' AND has(attr_values, 'orders')").await;
     assert!((buckets - 30.0).abs() < f64::EPSILON, "{buckets}");
+
+    // ClickHouse goes away: the collector spools the points and acknowledges them
+    // (the router's exports keep succeeding), then stores them once it is back.
+    ch.stop();
+    router.get_orders_as_users(20, |_| async {}).await;
+    support::wait_until(Duration::from_secs(10), "points spooled", || async {
+        collector
+            .metric("strangler_collector_metric_points_spooled_total")
+            .await
+            > 0
+    })
+    .await;
+    ch.restart().await.expect("clickhouse back");
+    let db = ch_client(&ch);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let requests = db
+            .query("SELECT sum(value) FROM strangler.metric_points WHERE name = 'strangler.requests' AND has(attr_values, 'orders')")
+            .fetch_one::<f64>()
+            .await
+            .unwrap_or(-1.0);
+        if (requests - 50.0).abs() < f64::EPSILON {
+            break;
+        }
+        assert!(
+            requests <= 50.0 && Instant::now() < deadline,
+            "{requests} of 50 requests stored after the outage\n{}",
+            collector.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // (Counted just after the replayed rows are in and their spool files gone.)
+    support::wait_until(Duration::from_secs(5), "the replay counted", || async {
+        collector
+            .metric("strangler_collector_metric_points_replayed_total")
+            .await
+            > 0
+    })
+    .await;
+    assert!(
+        !router.log().contains("metrics export to"),
+        "every export was acknowledged (stored or spooled):\n{}",
+        router.log()
+    );
+    // Every count lands in route_stats once: the views see the same 50.
+    let counted = db
+        .query("SELECT toFloat64(sum(requests)) FROM strangler.route_stats WHERE route = 'orders'")
+        .fetch_one::<f64>()
+        .await
+        .unwrap_or(-1.0);
+    assert!((counted - 50.0).abs() < f64::EPSILON, "{counted}");
 }

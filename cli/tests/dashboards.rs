@@ -400,7 +400,7 @@ async fn the_dashboards_show_known_traffic_in_the_api_grafana_cli_and_a_real_bro
             .all(|p| (0.0..=1.0).contains(&p["legacy_share"].as_f64().unwrap_or(-1.0)))
     );
     let traffic: u64 = client
-        .query("SELECT toUInt64(countMerge(requests)) FROM strangler.traffic_minute WHERE backend = 'legacy'")
+        .query("SELECT toUInt64(sum(requests)) FROM strangler.route_stats WHERE backend = 'legacy' AND shadow = 0")
         .fetch_one()
         .await
         .expect("traffic");

@@ -151,7 +151,7 @@ async fn main() {
     let pid = collector.id();
     let deadline = Instant::now() + Duration::from_secs(30);
     while client
-        .query("SELECT count() FROM strangler.route_minute")
+        .query("SELECT count() FROM strangler.schema_migrations WHERE version = 20")
         .fetch_one::<u64>()
         .await
         .is_err()

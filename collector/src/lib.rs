@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod metric_model;
+pub mod metric_writer;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;

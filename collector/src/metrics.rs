@@ -22,6 +22,12 @@ pub struct Metrics {
     pub malformed: IntCounter,
     /// Bytes in the spool.
     pub spool_bytes: IntGauge,
+    /// Metric points inserted into the store directly.
+    pub points_written: IntCounter,
+    /// Metric points written to the spool.
+    pub points_spooled: IntCounter,
+    /// Metric points moved from the spool into the store.
+    pub points_replayed: IntCounter,
 }
 
 impl Default for Metrics {
@@ -51,6 +57,21 @@ impl Metrics {
             .register(Box::new(spool_bytes.clone()))
             .unwrap_or_else(|e| panic!("cannot register: {e}"));
         Self {
+            points_written: counter(
+                &registry,
+                "strangler_collector_metric_points_written_total",
+                "OTLP metric points inserted into ClickHouse directly",
+            ),
+            points_spooled: counter(
+                &registry,
+                "strangler_collector_metric_points_spooled_total",
+                "OTLP metric points written to the spool while ClickHouse was away",
+            ),
+            points_replayed: counter(
+                &registry,
+                "strangler_collector_metric_points_replayed_total",
+                "OTLP metric points moved from the spool into ClickHouse",
+            ),
             received: counter(
                 &registry,
                 "strangler_collector_spans_received_total",

@@ -99,8 +99,19 @@ pub async fn run(config: CollectorConfig) -> Result<(), RunError> {
             .accept_compressed(CompressionEncoding::Gzip)
             .send_compressed(CompressionEncoding::Gzip)
             .max_decoding_message_size(config.max_body_bytes);
+    // Metric points spool next to the spans, in a folder of their own.
+    let metric_spool = Arc::new(Spool::open(
+        &config.spool_dir.join("metrics"),
+        config.spool_max_bytes,
+    )?);
+    let metrics_writer = crate::metric_writer::MetricsWriter::start(
+        Arc::clone(&store),
+        metric_spool,
+        metrics.clone(),
+        config.pipeline.insert_timeout,
+    );
     let metrics_service = opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsServiceServer::new(
-        crate::receive::grpc::GrpcMetricsReceiver::new(Arc::clone(&store), config.pipeline.insert_timeout),
+        crate::receive::grpc::GrpcMetricsReceiver::new(metrics_writer.clone()),
     )
     .accept_compressed(CompressionEncoding::Gzip)
     .send_compressed(CompressionEncoding::Gzip)
@@ -114,6 +125,7 @@ pub async fn run(config: CollectorConfig) -> Result<(), RunError> {
         );
     let http_app = otlp_http_router(HttpReceiver {
         pipeline,
+        metrics_writer,
         metrics: metrics.clone(),
         max_body_bytes: config.max_body_bytes,
     });

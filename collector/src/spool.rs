@@ -3,8 +3,12 @@
 //! or fsynced here, so an acknowledged span survives a ClickHouse outage and a
 //! collector crash.
 
+use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 use crate::model::SpanRow;
 
@@ -33,25 +37,26 @@ pub enum SpoolError {
 
 /// Spooled batches merged for one replay insert.
 #[derive(Debug)]
-pub struct Merged {
+pub struct Merged<R = SpanRow> {
     /// The files the rows came from, removed once the insert succeeds.
     pub files: Vec<PathBuf>,
     /// The rows, oldest first.
-    pub rows: Vec<SpanRow>,
+    pub rows: Vec<R>,
 }
 
-/// A directory of numbered batch files.
+/// A directory of numbered batch files of rows `R` (spans, or metric points).
 #[derive(Debug)]
-pub struct Spool {
+pub struct Spool<R = SpanRow> {
     dir: PathBuf,
     max_bytes: u64,
     used: AtomicU64,
     next: AtomicU64,
+    rows: PhantomData<fn() -> R>,
 }
 
 const SUFFIX: &str = ".batch.json";
 
-impl Spool {
+impl<R: Serialize + DeserializeOwned> Spool<R> {
     /// Opens (or creates) the spool in `dir`, counting what a previous run left.
     pub fn open(dir: &Path, max_bytes: u64) -> Result<Self, SpoolError> {
         let io = |path: &Path, e: std::io::Error| SpoolError::Io {
@@ -80,6 +85,7 @@ impl Spool {
             max_bytes,
             used: AtomicU64::new(used),
             next: AtomicU64::new(next),
+            rows: PhantomData,
         })
     }
 
@@ -89,7 +95,7 @@ impl Spool {
     }
 
     /// Writes a batch durably (temp file, fsync, rename, fsync of the directory).
-    pub fn push(&self, rows: &[SpanRow]) -> Result<(), SpoolError> {
+    pub fn push(&self, rows: &[R]) -> Result<(), SpoolError> {
         let bytes = serde_json::to_vec(rows).map_err(|e| SpoolError::Io {
             path: self.dir.clone(),
             message: e.to_string(),
@@ -125,7 +131,7 @@ impl Spool {
 
     /// The oldest batches, merged up to about `max_rows` rows, with their files (so
     /// a long outage replays in a few large inserts rather than one per export).
-    pub fn oldest_merged(&self, max_rows: usize) -> Result<Option<Merged>, SpoolError> {
+    pub fn oldest_merged(&self, max_rows: usize) -> Result<Option<Merged<R>>, SpoolError> {
         let mut paths = Vec::new();
         let mut rows = Vec::new();
         for name in self.names()? {
@@ -164,7 +170,7 @@ impl Spool {
         Ok(names)
     }
 
-    fn read_batch(&self, path: &Path) -> Result<Vec<SpanRow>, SpoolError> {
+    fn read_batch(&self, path: &Path) -> Result<Vec<R>, SpoolError> {
         let bytes = std::fs::read(path).map_err(|e| SpoolError::Io {
             path: path.to_path_buf(),
             message: e.to_string(),
@@ -215,7 +221,7 @@ mod tests {
         drop(spool);
         // A write interrupted before its rename was never acknowledged: dropped at open.
         std::fs::write(dir.path().join("00000000000000000099.tmp"), b"half").expect("write");
-        let spool = Spool::open(dir.path(), 1 << 20).expect("reopen");
+        let spool: Spool = Spool::open(dir.path(), 1 << 20).expect("reopen");
         assert!(spool.used_bytes() > 0);
         let merged = spool.oldest_merged(3).expect("read").expect("some");
         assert_eq!(merged.files.len(), 2);

@@ -6,11 +6,11 @@ SELECT
 FROM
 (
     SELECT
-        toDateTime(intDiv(toUInt32(minute), $__interval_s) * $__interval_s, 'UTC') AS time,
-        countMergeIf(requests, backend = 'legacy') AS legacy,
-        countMergeIf(requests, backend = 'new') AS new
-    FROM ${database}.traffic_minute
-    WHERE $__timeFilter(minute)
+        toDateTime(intDiv(toUInt32(time), $__interval_s) * $__interval_s, 'UTC') AS time,
+        sumIf(requests, backend = 'legacy' AND shadow = 0) AS legacy,
+        sumIf(requests, backend = 'new' AND shadow = 0) AS new
+    FROM ${database}.route_stats
+    WHERE $__timeFilter(time)
     GROUP BY time
 )
 WHERE legacy + new > 0

@@ -1,9 +1,10 @@
 -- Requests per route and time bucket (the overview's sparklines).
 SELECT
-    toDateTime(intDiv(toUInt32(minute), $__interval_s) * $__interval_s, 'UTC') AS time,
+    toDateTime(intDiv(toUInt32(time), $__interval_s) * $__interval_s, 'UTC') AS time,
     route,
-    countMerge(requests) AS requests
-FROM ${database}.route_minute
-WHERE $__timeFilter(minute) AND shadow = 0
+    sum(requests) AS requests
+FROM ${database}.route_stats
+WHERE route != '' AND shadow = 0 AND $__timeFilter(time)
 GROUP BY time, route
+HAVING requests > 0
 ORDER BY time, route

@@ -2,7 +2,7 @@
 SELECT DISTINCT route
 FROM
 (
-    SELECT route FROM ${database}.route_minute
+    SELECT DISTINCT route FROM ${database}.route_stats
     UNION ALL
     SELECT route FROM ${database}.route_events
 )

@@ -71,6 +71,11 @@ pub mod attr {
 
     /// The route that matched.
     pub const ROUTE: &str = "strangler.route";
+    /// Resource attribute of a router that exports its aggregates: the collector
+    /// counts its requests from those, not from its spans.
+    pub const COUNTED: &str = "strangler.counted";
+    /// [`COUNTED`]'s value.
+    pub const COUNTED_BY_AGGREGATES: &str = "aggregates";
     /// `legacy` or `new`.
     pub const BACKEND: &str = "strangler.backend";
     /// `override`, `flag`, `default` or `fallback`.

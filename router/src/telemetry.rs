@@ -221,9 +221,16 @@ impl Telemetry {
     /// Sets up tracing; spans are exported only when `otlp_endpoint` is set, but trace
     /// context is always created and propagated.
     pub fn new(config: &TelemetryConfig, metrics: &Metrics) -> Result<Self, TelemetryError> {
-        let resource = Resource::builder()
-            .with_service_name(config.service_name.clone())
-            .build();
+        let mut resource = Resource::builder().with_service_name(config.service_name.clone());
+        if config.metrics_endpoint.is_some() {
+            // The collector then counts this router's requests from its aggregates
+            // and must not count its (sampled) spans a second time.
+            resource = resource.with_attribute(KeyValue::new(
+                strangler_model::names::attr::COUNTED,
+                strangler_model::names::attr::COUNTED_BY_AGGREGATES,
+            ));
+        }
+        let resource = resource.build();
         // The router makes the sampling decision itself (see [`Telemetry::head`]);
         // the SDK records every span it is asked to start.
         let mut builder = SdkTracerProvider::builder()

@@ -52,6 +52,10 @@ impl MariaDb {
                 .map_err(io_err(format!("creating {sub} dir")))?;
         }
         let mut cmd = tokio::process::Command::new(install_db);
+        // The bootstrap server's temporary tables go to TMPDIR (default /tmp), named
+        // by its thread ids: two installs at once (tests in parallel) can remove each
+        // other's files and fail. Each gets its own.
+        cmd.env("TMPDIR", dir.path().join("tmp"));
         cmd.arg("--no-defaults")
             .arg(format!("--datadir={}", dir.path().join("data").display()))
             .args([

@@ -119,8 +119,10 @@ fn render(
         "[telemetry]\n\
          # Traces go to the strangler collector (collector.toml); unset to export nothing.\n\
          otlp_endpoint = \"http://127.0.0.1:4317\"\n\
-         # The routes' exact request counts and latency histograms, as OTLP metrics.\n\
+         # The routes' exact request counts and latency histograms, as OTLP metrics:\n\
+         # every view counts from these, so spans are examples (sample_ratio 0.01).\n\
          metrics_endpoint = \"http://127.0.0.1:4317\"\n\
+         # sample_ratio = 0.01\n\
          service_name = \"strangler-router\"\n\n",
     );
     if routes.is_empty() {

@@ -64,21 +64,15 @@ impl TraceService for GrpcReceiver {
     }
 }
 
-/// The gRPC metrics receiver: points go straight into ClickHouse and an export is
-/// acknowledged only once they are stored; otherwise it is refused as `UNAVAILABLE`
-/// (retryable), and a delta exporter such as the router's resends the counts.
+/// The gRPC metrics receiver (see [`crate::metric_writer::MetricsWriter`]).
 pub struct GrpcMetricsReceiver {
-    store: std::sync::Arc<crate::store::clickhouse::ClickHouseStore>,
-    timeout: Duration,
+    writer: crate::metric_writer::MetricsWriter,
 }
 
 impl GrpcMetricsReceiver {
-    /// A receiver writing to `store`, each insert bounded by `timeout`.
-    pub fn new(
-        store: std::sync::Arc<crate::store::clickhouse::ClickHouseStore>,
-        timeout: Duration,
-    ) -> Self {
-        Self { store, timeout }
+    /// A receiver storing through `writer`.
+    pub fn new(writer: crate::metric_writer::MetricsWriter) -> Self {
+        Self { writer }
     }
 }
 
@@ -95,20 +89,10 @@ impl opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server:
         Response<opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse>,
         Status,
     > {
-        let rows = crate::metric_model::metric_rows_from_request(request.into_inner());
-        if !rows.is_empty() {
-            match tokio::time::timeout(self.timeout, self.store.insert_metrics(&rows)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(Status::unavailable(e.to_string())),
-                Err(_) => {
-                    return Err(Status::unavailable(format!(
-                        "storing {} metric points took longer than {:?}",
-                        rows.len(),
-                        self.timeout
-                    )));
-                }
-            }
-        }
+        self.writer
+            .write(request.into_inner())
+            .await
+            .map_err(Status::unavailable)?;
         Ok(Response::new(
             opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse {
                 partial_success: None,

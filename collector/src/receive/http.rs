@@ -1,4 +1,5 @@
-//! OTLP/HTTP: `POST /v1/traces` with protobuf or JSON bodies, gzip accepted.
+//! OTLP/HTTP: `POST /v1/traces` and `POST /v1/metrics` with protobuf or JSON
+//! bodies, gzip accepted.
 
 use std::io::Read;
 
@@ -7,6 +8,9 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
@@ -21,6 +25,8 @@ use crate::pipeline::{Pipeline, SubmitError};
 pub struct HttpReceiver {
     /// Where spans go.
     pub pipeline: Pipeline,
+    /// Where metric points go.
+    pub metrics_writer: crate::metric_writer::MetricsWriter,
     /// Counters.
     pub metrics: Metrics,
     /// Largest body accepted, before and after decompression.
@@ -47,27 +53,25 @@ pub fn router(receiver: HttpReceiver) -> axum::Router {
     let max = receiver.max_body_bytes;
     axum::Router::new()
         .route("/v1/traces", post(export))
-        .route("/v1/metrics", post(metrics_over_grpc_only))
+        .route("/v1/metrics", post(export_metrics))
         .route("/v1/logs", post(not_stored))
         .layer(axum::extract::DefaultBodyLimit::max(max))
         .with_state(receiver)
 }
 
-async fn metrics_over_grpc_only() -> Response {
-    plain(
-        StatusCode::NOT_IMPLEMENTED,
-        "strangler's collector takes OTLP metrics over gRPC (port 4317) only, for now",
-    )
-}
-
 async fn not_stored() -> Response {
     plain(
         StatusCode::NOT_IMPLEMENTED,
-        "strangler's collector stores traces only; send metrics and logs elsewhere",
+        "strangler's collector stores traces and metrics only; send logs elsewhere",
     )
 }
 
-async fn export(State(receiver): State<HttpReceiver>, headers: HeaderMap, body: Bytes) -> Response {
+/// The body's encoding and its bytes, decompressed; or the refusal to send.
+fn read_body(
+    receiver: &HttpReceiver,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(Encoding, Vec<u8>), Box<Response>> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -82,12 +86,12 @@ async fn export(State(receiver): State<HttpReceiver>, headers: HeaderMap, body: 
         "application/json" => Encoding::Json,
         other => {
             receiver.metrics.malformed.inc();
-            return plain(
+            return Err(Box::new(plain(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 format!(
                     "content-type {other:?} is not OTLP; use application/x-protobuf or application/json"
                 ),
-            );
+            )));
         }
     };
     let body = match headers
@@ -104,49 +108,122 @@ async fn export(State(receiver): State<HttpReceiver>, headers: HeaderMap, body: 
             {
                 Ok(_) if out.len() > receiver.max_body_bytes => {
                     receiver.metrics.malformed.inc();
-                    return plain(
+                    return Err(Box::new(plain(
                         StatusCode::PAYLOAD_TOO_LARGE,
                         format!(
                             "decompressed body exceeds {} bytes",
                             receiver.max_body_bytes
                         ),
-                    );
+                    )));
                 }
                 Ok(_) => out,
                 Err(e) => {
                     receiver.metrics.malformed.inc();
-                    return plain(
+                    return Err(Box::new(plain(
                         StatusCode::BAD_REQUEST,
                         format!("body is not valid gzip: {e}"),
-                    );
+                    )));
                 }
             }
         }
         Some(other) => {
             receiver.metrics.malformed.inc();
-            return plain(
+            return Err(Box::new(plain(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 format!("content-encoding {other:?} is not supported; use gzip or none"),
-            );
+            )));
         }
     };
-    let request = match encoding {
-        Encoding::Protobuf => {
-            ExportTraceServiceRequest::decode(&body[..]).map_err(|e| e.to_string())
-        }
-        Encoding::Json => {
-            serde_json::from_slice::<ExportTraceServiceRequest>(&body).map_err(|e| e.to_string())
-        }
+    Ok((encoding, body))
+}
+
+/// The body as the OTLP message `M` (named `what` in the refusal), in either
+/// encoding; a malformed one is counted and refused with a 400 that says why.
+fn decode<M: Message + Default + serde::de::DeserializeOwned>(
+    receiver: &HttpReceiver,
+    headers: &HeaderMap,
+    body: &Bytes,
+    what: &str,
+) -> Result<(Encoding, M), Box<Response>> {
+    let (encoding, body) = read_body(receiver, headers, body)?;
+    let decoded = match encoding {
+        Encoding::Protobuf => M::decode(&body[..]).map_err(|e| e.to_string()),
+        Encoding::Json => serde_json::from_slice::<M>(&body).map_err(|e| e.to_string()),
     };
-    let request = match request {
-        Ok(r) => r,
+    match decoded {
+        Ok(message) => Ok((encoding, message)),
         Err(e) => {
             receiver.metrics.malformed.inc();
-            return plain(
+            Err(Box::new(plain(
                 StatusCode::BAD_REQUEST,
-                format!("not an OTLP ExportTraceServiceRequest: {e}"),
-            );
+                format!("not an OTLP {what}: {e}"),
+            )))
         }
+    }
+}
+
+/// An empty OTLP export response in the request's encoding.
+fn acknowledged(encoding: Encoding, protobuf: Vec<u8>) -> Response {
+    match encoding {
+        Encoding::Protobuf => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/x-protobuf")],
+            protobuf,
+        )
+            .into_response(),
+        Encoding::Json => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            "{}",
+        )
+            .into_response(),
+    }
+}
+
+/// A refusal the exporter should retry after a second.
+fn retry_later(status: StatusCode, message: String) -> Response {
+    let mut response = plain(status, message);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
+async fn export_metrics(
+    State(receiver): State<HttpReceiver>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (encoding, request) = match decode::<ExportMetricsServiceRequest>(
+        &receiver,
+        &headers,
+        &body,
+        "ExportMetricsServiceRequest",
+    ) {
+        Ok(decoded) => decoded,
+        Err(refused) => return *refused,
+    };
+    match receiver.metrics_writer.write(request).await {
+        Ok(()) => acknowledged(
+            encoding,
+            ExportMetricsServiceResponse {
+                partial_success: None,
+            }
+            .encode_to_vec(),
+        ),
+        Err(e) => retry_later(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
+async fn export(State(receiver): State<HttpReceiver>, headers: HeaderMap, body: Bytes) -> Response {
+    let (encoding, request) = match decode::<ExportTraceServiceRequest>(
+        &receiver,
+        &headers,
+        &body,
+        "ExportTraceServiceRequest",
+    ) {
+        Ok(decoded) => decoded,
+        Err(refused) => return *refused,
     };
     let rows = match rows_from_request(request) {
         Ok(rows) => rows,
@@ -156,36 +233,18 @@ async fn export(State(receiver): State<HttpReceiver>, headers: HeaderMap, body: 
         }
     };
     match receiver.pipeline.submit(rows).await {
-        Ok(()) => {
-            let response = ExportTraceServiceResponse {
+        Ok(()) => acknowledged(
+            encoding,
+            ExportTraceServiceResponse {
                 partial_success: None,
-            };
-            match encoding {
-                Encoding::Protobuf => (
-                    StatusCode::OK,
-                    [(header::CONTENT_TYPE, "application/x-protobuf")],
-                    response.encode_to_vec(),
-                )
-                    .into_response(),
-                Encoding::Json => (
-                    StatusCode::OK,
-                    [(header::CONTENT_TYPE, "application/json")],
-                    "{}",
-                )
-                    .into_response(),
             }
+            .encode_to_vec(),
+        ),
+        Err(e @ SubmitError::Busy { .. }) => {
+            retry_later(StatusCode::TOO_MANY_REQUESTS, e.to_string())
         }
-        Err(e @ (SubmitError::Busy { .. } | SubmitError::Unavailable(_))) => {
-            let status = if matches!(e, SubmitError::Busy { .. }) {
-                StatusCode::TOO_MANY_REQUESTS
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
-            let mut response = plain(status, e.to_string());
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            response
+        Err(e @ SubmitError::Unavailable(_)) => {
+            retry_later(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
         }
         Err(e @ SubmitError::TooLarge { .. }) => {
             plain(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())

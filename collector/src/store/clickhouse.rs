@@ -214,6 +214,124 @@ GROUP BY minute, route",
 PARTITION BY toDate(time)
 ORDER BY (name, time, instance)",
     ),
+    (
+        13,
+        "route counts",
+        // What every view counts: requests, errors, latency buckets and shadow-pair
+        // outcomes per second, route, side, role and fallback, fed both by spans
+        // (one row each) and by the router's aggregates (a row per sum and per
+        // histogram bucket). A router that exports aggregates marks its resource
+        // `strangler.counted`, so a request is counted once whichever way it came.
+        // Latency is kept as the router's exponential buckets (bucket i holds
+        // (2^(i/32), 2^((i+1)/32)] µs): percentiles are read within 1.1 %.
+        "CREATE TABLE IF NOT EXISTS {db}.route_stats (
+    time DateTime,
+    route String,
+    backend String,
+    shadow UInt8,
+    fallback UInt8,
+    bucket Int16,
+    requests UInt64,
+    errors UInt64,
+    hits UInt64,
+    diff_match UInt64,
+    diff_mismatch UInt64
+) ENGINE = SummingMergeTree((requests, errors, hits, diff_match, diff_mismatch))
+PARTITION BY toDate(time)
+ORDER BY (route, backend, shadow, fallback, time, bucket)",
+    ),
+    (
+        14,
+        "route counts from the spans stored so far",
+        // Runs while inserts are refused (the store is migrating), so an empty table
+        // means this has not run yet: a rerun after a crash adds nothing twice.
+        "INSERT INTO {db}.route_stats
+SELECT
+    start_time AS time,
+    route,
+    backend,
+    shadow,
+    toUInt8(decision = 'fallback' AND shadow = 0) AS fallback,
+    -- The router's histogram buckets: (2^(i/32), 2^((i+1)/32)] microseconds.
+    toInt16(if(duration_ns < 2000, -1, least(863, ceil(log2(intDiv(duration_ns, 1000)) * 32) - 1))) AS bucket,
+    toUInt64(1) AS requests,
+    toUInt64(http_status >= 500 OR status_code = 'error') AS errors,
+    toUInt64(1) AS hits,
+    toUInt64(diff = 'match') AS diff_match,
+    toUInt64(diff = 'mismatch') AS diff_mismatch
+FROM {db}.spans
+WHERE (route != '' OR (kind = 'server' AND shadow = 0 AND backend != ''))
+    AND indexOf(resource_keys, 'strangler.counted') = 0
+    AND (SELECT count() FROM {db}.route_stats) = 0",
+    ),
+    (
+        15,
+        "route counts feed from spans",
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.route_stats_spans_mv TO {db}.route_stats
+AS SELECT
+    start_time AS time,
+    route,
+    backend,
+    shadow,
+    toUInt8(decision = 'fallback' AND shadow = 0) AS fallback,
+    -- The router's histogram buckets: (2^(i/32), 2^((i+1)/32)] microseconds.
+    toInt16(if(duration_ns < 2000, -1, least(863, ceil(log2(intDiv(duration_ns, 1000)) * 32) - 1))) AS bucket,
+    toUInt64(1) AS requests,
+    toUInt64(http_status >= 500 OR status_code = 'error') AS errors,
+    toUInt64(1) AS hits,
+    toUInt64(diff = 'match') AS diff_match,
+    toUInt64(diff = 'mismatch') AS diff_mismatch
+FROM {db}.spans
+WHERE (route != '' OR (kind = 'server' AND shadow = 0 AND backend != ''))
+    AND indexOf(resource_keys, 'strangler.counted') = 0",
+    ),
+    (
+        16,
+        "route counts feed from the router's sums",
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.route_stats_sums_mv TO {db}.route_stats
+AS SELECT
+    toDateTime(intDiv(start_ns, 1000000000)) AS time,
+    -- The router counts requests no route matched under (legacy).
+    if(attr_values[indexOf(attr_keys, 'strangler.route')] = '(legacy)', '', attr_values[indexOf(attr_keys, 'strangler.route')]) AS route,
+    attr_values[indexOf(attr_keys, 'strangler.backend')] AS backend,
+    toUInt8(attr_values[indexOf(attr_keys, 'strangler.role')] = 'shadow') AS shadow,
+    toUInt8(attr_values[indexOf(attr_keys, 'strangler.decision')] = 'fallback' AND shadow = 0) AS fallback,
+    toInt16(-1) AS bucket,
+    toUInt64(if(name = 'strangler.requests', value, 0)) AS requests,
+    toUInt64(if(name = 'strangler.errors', value, 0)) AS errors,
+    toUInt64(0) AS hits,
+    toUInt64(if(name = 'strangler.shadow.pairs' AND attr_values[indexOf(attr_keys, 'strangler.outcome')] = 'match', value, 0)) AS diff_match,
+    toUInt64(if(name = 'strangler.shadow.pairs' AND attr_values[indexOf(attr_keys, 'strangler.outcome')] = 'mismatch', value, 0)) AS diff_mismatch
+FROM {db}.metric_points
+WHERE name IN ('strangler.requests', 'strangler.errors', 'strangler.shadow.pairs')",
+    ),
+    (
+        17,
+        "route counts feed from the router's latency histograms",
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.route_stats_buckets_mv TO {db}.route_stats
+AS SELECT
+    toDateTime(intDiv(start_ns, 1000000000)) AS time,
+    -- The router counts requests no route matched under (legacy).
+    if(attr_values[indexOf(attr_keys, 'strangler.route')] = '(legacy)', '', attr_values[indexOf(attr_keys, 'strangler.route')]) AS route,
+    attr_values[indexOf(attr_keys, 'strangler.backend')] AS backend,
+    toUInt8(attr_values[indexOf(attr_keys, 'strangler.role')] = 'shadow') AS shadow,
+    toUInt8(attr_values[indexOf(attr_keys, 'strangler.decision')] = 'fallback' AND shadow = 0) AS fallback,
+    toInt16(bucket_offset + i - 1) AS bucket,
+    toUInt64(0) AS requests,
+    toUInt64(0) AS errors,
+    n AS hits,
+    toUInt64(0) AS diff_match,
+    toUInt64(0) AS diff_mismatch
+FROM {db}.metric_points
+ARRAY JOIN bucket_counts AS n, arrayEnumerate(bucket_counts) AS i
+WHERE name = 'strangler.request.duration' AND kind = 'exponential_histogram' AND scale = 5 AND n > 0",
+    ),
+    // The per-minute tables these fed are no longer read (route_stats counts the same
+    // and the aggregates too); their feeds would only slow every insert down. The
+    // tables stay, with their history, for dashboards a user built on them.
+    (18, "retire the per-minute feed", "DROP TABLE IF EXISTS {db}.route_minute_mv"),
+    (19, "retire the traffic feed", "DROP TABLE IF EXISTS {db}.traffic_minute_mv"),
+    (20, "retire the fallback feed", "DROP TABLE IF EXISTS {db}.fallback_minute_mv"),
 ];
 /// The name of the span the CLI sends for each route lifecycle change.
 pub use strangler_model::names::span::ROUTE_CHANGE as ROUTE_CHANGE_SPAN;

@@ -358,10 +358,16 @@ pub struct TelemetryConfig {
     pub metrics_interval: std::time::Duration,
 }
 
-/// The default `telemetry.sample_ratio`. Every request's span is kept for now: the
-/// old-vs-new views and the rollout evidence still count requests from spans. Once
-/// they read the router's aggregates it drops (see docs/router.md).
-pub const DEFAULT_SAMPLE_RATIO: f64 = 1.0;
+/// The default `telemetry.sample_ratio` when the router exports its aggregates
+/// (`metrics_endpoint` set): the views count from the aggregates, so spans are only
+/// for looking at examples, and one request in a hundred, plus every error,
+/// fallback, slow request and (capped) mismatch, is plenty of examples while the
+/// span cost stays a percent of what it was.
+pub const DEFAULT_SAMPLE_RATIO: f64 = 0.01;
+
+/// The default `telemetry.sample_ratio` without aggregates: spans are then the only
+/// counts the collector gets, and a sample would make every view a sample too.
+pub const DEFAULT_SAMPLE_RATIO_WITHOUT_METRICS: f64 = 1.0;
 
 /// Where a credential comes from. Read once, at start-up, by [`Secrets::read`].
 #[derive(Debug, Clone, PartialEq, Eq)]

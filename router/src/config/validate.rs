@@ -423,11 +423,25 @@ fn telemetry(raw: RawTelemetry) -> Result<TelemetryConfig, String> {
             ));
         }
     };
-    let sample_ratio = raw.sample_ratio.unwrap_or(super::DEFAULT_SAMPLE_RATIO);
+    let sample_ratio = raw
+        .sample_ratio
+        .unwrap_or(if raw.metrics_endpoint.is_some() {
+            super::DEFAULT_SAMPLE_RATIO
+        } else {
+            super::DEFAULT_SAMPLE_RATIO_WITHOUT_METRICS
+        });
     if !(0.0..=1.0).contains(&sample_ratio) {
         return Err(format!(
             "telemetry.sample_ratio = {sample_ratio}: expected a share between 0.0 and 1.0"
         ));
+    }
+    if sample_ratio < 1.0 && raw.metrics_endpoint.is_none() && raw.otlp_endpoint.is_some() {
+        // Not an error (spans as examples only can be what someone wants), but the
+        // collector's counts would then be a sample: say so once, at load.
+        tracing::warn!(
+            "telemetry.sample_ratio = {sample_ratio} without telemetry.metrics_endpoint: \
+             the collector counts requests from spans alone, so its numbers will be a sample"
+        );
     }
     Ok(TelemetryConfig {
         sample_ratio,

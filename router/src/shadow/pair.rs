@@ -120,7 +120,7 @@ pub fn plan(
     };
     let Some(permit) = permit else {
         if !calibration {
-            route.stats.record_pair(PairOutcome::Skipped, &[]);
+            route.stats.record_pair(primary, PairOutcome::Skipped, &[]);
         }
         if let Some(span) = span {
             crate::proxy::span::skipped(span);
@@ -178,7 +178,11 @@ impl Pair {
         if copy.body.len() + chunk.len() > copy.max_body_bytes {
             self.route.state.shadow.skipped();
             if !self.calibration {
-                self.route.stats.record_pair(PairOutcome::Skipped, &[]);
+                self.route.stats.record_pair(
+                    self.shadow_backend.other(),
+                    PairOutcome::Skipped,
+                    &[],
+                );
             }
             return false;
         }
@@ -286,7 +290,9 @@ impl Pair {
         }
         if !self.calibration {
             self.route.state.shadow.skipped();
-            self.route.stats.record_pair(PairOutcome::Skipped, &[]);
+            self.route
+                .stats
+                .record_pair(self.shadow_backend.other(), PairOutcome::Skipped, &[]);
         }
         // An unsampled request's skipped pair is no reason for a span.
         if let PrimarySpan::Live(mut span) = span {
@@ -336,7 +342,9 @@ async fn compare_and_record(pair: Pair, primary: PrimarySpan, primary_backend: B
         Some(Verdict::Mismatch(p)) => (diff::MISMATCH, PairOutcome::Mismatch, p.clone()),
         Some(Verdict::Skipped(_)) => (diff::SKIPPED, PairOutcome::Skipped, Vec::new()),
     };
-    pair.route.stats.record_pair(outcome, &paths);
+    pair.route
+        .stats
+        .record_pair(primary_backend, outcome, &paths);
     let differences = match (&verdict, &shadow) {
         (Some(Verdict::Mismatch(p)), Ok(s)) => differences(&pair.primary, s, p),
         _ => Vec::new(),

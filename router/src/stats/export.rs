@@ -23,6 +23,7 @@ use strangler_model::names::attr;
 
 use super::histogram::{OFFSET, SCALE};
 use super::{CLASSES, CellSnapshot, Counts, PairSnapshot, Stats};
+use strangler_model::Backend;
 
 /// Metric names.
 pub mod name {
@@ -43,7 +44,7 @@ type CellKey = (String, &'static str, &'static str, &'static str, usize);
 #[derive(Debug, Default, Clone)]
 pub struct Baseline {
     cells: HashMap<CellKey, (u64, u64, Counts)>,
-    pairs: HashMap<String, PairSnapshot>,
+    pairs: HashMap<(String, &'static str), PairSnapshot>,
     /// When the acknowledged numbers were taken, nanoseconds since the epoch.
     at_ns: u64,
 }
@@ -151,29 +152,30 @@ pub fn request(
             }
             next.cells.insert(key, (total, failed, latency));
         }
-        let p = route.pairs();
-        let seen = baseline
-            .pairs
-            .get(route.name())
-            .cloned()
-            .unwrap_or_default();
-        for (outcome, now_n, then_n) in [
-            ("match", p.matched, seen.matched),
-            ("mismatch", p.differing, seen.differing),
-            ("error", p.errors, seen.errors),
-            ("skipped", p.skipped, seen.skipped),
-        ] {
-            if now_n > then_n {
-                pairs.push(point(
-                    vec![
-                        kv(attr::ROUTE, route.name()),
-                        kv("strangler.outcome", outcome),
-                    ],
-                    now_n - then_n,
-                ));
+        for primary in Backend::ALL {
+            let p = route.pairs_by_primary(primary);
+            let key = (route.name().to_string(), primary.as_str());
+            let seen = baseline.pairs.get(&key).cloned().unwrap_or_default();
+            for (outcome, now_n, then_n) in [
+                ("match", p.matched, seen.matched),
+                ("mismatch", p.differing, seen.differing),
+                ("error", p.errors, seen.errors),
+                ("skipped", p.skipped, seen.skipped),
+            ] {
+                if now_n > then_n {
+                    pairs.push(point(
+                        vec![
+                            kv(attr::ROUTE, route.name()),
+                            // The side that answered the client: the pair counts there.
+                            kv(attr::BACKEND, primary.as_str()),
+                            kv("strangler.outcome", outcome),
+                        ],
+                        now_n - then_n,
+                    ));
+                }
             }
+            next.pairs.insert(key, p);
         }
-        next.pairs.insert(route.name().to_string(), p);
     }
     let mut metrics = Vec::new();
     if !requests.is_empty() {
@@ -271,7 +273,15 @@ impl Exporter {
             endpoint,
             service,
             instance: format!("{:016x}", rand::random::<u64>()),
-            acked: std::sync::Mutex::new((Baseline::default(), false)),
+            // The first export's counts start now, when counting starts, not at the
+            // first export (the collector dates counts by their interval's start).
+            acked: std::sync::Mutex::new((
+                Baseline {
+                    at_ns: now_ns(),
+                    ..Baseline::default()
+                },
+                false,
+            )),
             runtime: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?,

@@ -131,13 +131,33 @@ fn cell_index(backend: Backend, reason: Reason, role: Role, class: usize) -> usi
         + class
 }
 
-/// Shadow-pair counts of a route.
+/// Shadow-pair outcome counts under one primary side.
 #[derive(Debug, Default)]
-struct Pairs {
+struct PairCounts {
     matched: AtomicU64,
     differing: AtomicU64,
     errors: AtomicU64,
     skipped: AtomicU64,
+}
+
+impl PairCounts {
+    fn snapshot(&self) -> PairSnapshot {
+        PairSnapshot {
+            matched: self.matched.load(Ordering::Relaxed),
+            differing: self.differing.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            skipped: self.skipped.load(Ordering::Relaxed),
+            paths: Vec::new(),
+        }
+    }
+}
+
+/// Shadow-pair counts of a route.
+#[derive(Debug, Default)]
+struct Pairs {
+    /// By the primary's side (indexed like [`Backend::ALL`]): the collector counts
+    /// a pair where the primary request counts, as it does for a pair's span.
+    by_primary: [PairCounts; 2],
     /// Differing paths (array positions collapsed) and how often each differed.
     paths: Mutex<HashMap<String, u64>>,
 }
@@ -222,12 +242,13 @@ impl RouteStats {
 
     /// Counts one shadow pair's outcome and, when it differed, its paths. Runs
     /// after the client has its answer, so the lock here is off the request path.
-    pub fn record_pair(&self, outcome: PairOutcome, paths: &[String]) {
+    pub fn record_pair(&self, primary: Backend, outcome: PairOutcome, paths: &[String]) {
+        let counts = &self.pairs.by_primary[backend_index(primary)];
         let counter = match outcome {
-            PairOutcome::Match => &self.pairs.matched,
-            PairOutcome::Mismatch => &self.pairs.differing,
-            PairOutcome::Error => &self.pairs.errors,
-            PairOutcome::Skipped => &self.pairs.skipped,
+            PairOutcome::Match => &counts.matched,
+            PairOutcome::Mismatch => &counts.differing,
+            PairOutcome::Error => &counts.errors,
+            PairOutcome::Skipped => &counts.skipped,
         };
         counter.fetch_add(1, Ordering::Relaxed);
         if paths.is_empty() {
@@ -291,13 +312,23 @@ impl RouteStats {
             .map(|(p, n)| (p.clone(), *n))
             .collect();
         paths.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        PairSnapshot {
-            matched: self.pairs.matched.load(Ordering::Relaxed),
-            differing: self.pairs.differing.load(Ordering::Relaxed),
-            errors: self.pairs.errors.load(Ordering::Relaxed),
-            skipped: self.pairs.skipped.load(Ordering::Relaxed),
+        let mut total = PairSnapshot {
             paths,
+            ..PairSnapshot::default()
+        };
+        for counts in &self.pairs.by_primary {
+            let one = counts.snapshot();
+            total.matched += one.matched;
+            total.differing += one.differing;
+            total.errors += one.errors;
+            total.skipped += one.skipped;
         }
+        total
+    }
+
+    /// The shadow-pair counts of pairs whose primary `primary` answered (no paths).
+    pub fn pairs_by_primary(&self, primary: Backend) -> PairSnapshot {
+        self.pairs.by_primary[backend_index(primary)].snapshot()
     }
 }
 
@@ -636,11 +667,12 @@ mod tests {
         let stats = Stats::default();
         let r = stats.route("orders");
         r.record_pair(
+            Backend::Legacy,
             PairOutcome::Mismatch,
             &["/0/total".into(), "/1/total".into(), "/2/id".into()],
         );
-        r.record_pair(PairOutcome::Mismatch, &["/total".into()]);
-        r.record_pair(PairOutcome::Match, &[]);
+        r.record_pair(Backend::Legacy, PairOutcome::Mismatch, &["/total".into()]);
+        r.record_pair(Backend::Legacy, PairOutcome::Match, &[]);
         let p = r.pairs();
         assert_eq!((p.matched, p.differing, p.compared()), (1, 2, 3));
         assert_eq!(
@@ -652,7 +684,11 @@ mod tests {
             ]
         );
         for i in 0..100 {
-            r.record_pair(PairOutcome::Mismatch, &[format!("/field{i}")]);
+            r.record_pair(
+                Backend::Legacy,
+                PairOutcome::Mismatch,
+                &[format!("/field{i}")],
+            );
         }
         let p = r.pairs();
         assert_eq!(p.paths.len(), MAX_PATHS + 1);
