@@ -215,8 +215,10 @@ async fn counts_error_rates_p99_and_rollout_verdicts_are_the_same_at_sample_rati
             x["p99_ms"].as_f64().expect("p99"),
             y["p99_ms"].as_f64().expect("p99"),
         );
-        // Two routers timing the same upstream work: the same cluster of 40 ms answers.
-        assert!((pa - pb).abs() <= 0.1 * pa, "p99 {pa} vs {pb} ms");
+        // Two routers timing their own requests to the same upstream: both land in
+        // the cluster of 40 ms answers, give or take this machine's scheduling (the
+        // exact bound is checked below, at 1.0, against every span).
+        assert!((pa - pb).abs() <= 0.25 * pa, "p99 {pa} vs {pb} ms");
     }
     // The overview agrees too (error rates, fallbacks, shares).
     let overview = |collector: &Collector| {

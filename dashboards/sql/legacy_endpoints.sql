@@ -2,7 +2,11 @@
 -- still on legacy), its request paths grouped into templates: whole segments of
 -- digits become {id}, UUIDs {uuid}, hex strings of 16+ characters {hash}. Per
 -- template: methods, requests, share of all legacy traffic, errors, p50/p99, and
--- the routes that already cover it. Feeds `strangler routes suggest`.
+-- the routes that already cover it. Feeds `strangler routes suggest`. Read from
+-- the spans drawn at random (a router at sample_ratio 0.01 keeps 1 %; spans kept
+-- for their outcome, strangler.sampled = outcome, are left out, or errors and slow
+-- requests would be over-represented): shares, error rates and percentiles are
+-- estimates, requests are the sample's.
 SELECT
     template,
     arrayStringConcat(arraySort(groupUniqArray(http_method)), ',') AS methods,
@@ -11,7 +15,8 @@ SELECT
         SELECT count()
         FROM ${database}.spans
         WHERE kind = 'server' AND shadow = 0 AND backend = 'legacy'
-            AND indexOf(attr_keys, 'url.path') > 0 AND $__timeFilter(start_time)
+            AND indexOf(attr_keys, 'url.path') > 0 AND indexOf(attr_keys, 'strangler.sampled') = 0
+            AND $__timeFilter(start_time)
     ) AS share,
     countIf(status_code = 'error' OR http_status >= 500) AS errors,
     quantileExact(0.5)(duration_ns) / 1000000 AS p50_ms,
@@ -38,7 +43,8 @@ FROM
             '(.)/\\z', '\\1') AS template
     FROM ${database}.spans
     WHERE kind = 'server' AND shadow = 0 AND backend = 'legacy'
-        AND indexOf(attr_keys, 'url.path') > 0 AND $__timeFilter(start_time)
+        AND indexOf(attr_keys, 'url.path') > 0 AND indexOf(attr_keys, 'strangler.sampled') = 0
+        AND $__timeFilter(start_time)
 )
 GROUP BY template
 ORDER BY requests DESC, template

@@ -76,6 +76,11 @@ pub mod attr {
     pub const COUNTED: &str = "strangler.counted";
     /// [`COUNTED`]'s value.
     pub const COUNTED_BY_AGGREGATES: &str = "aggregates";
+    /// On a span the router kept for its outcome (an error, a fallback, a slow
+    /// request, a differing pair) rather than drew at random.
+    pub const SAMPLED: &str = "strangler.sampled";
+    /// [`SAMPLED`]'s value.
+    pub const SAMPLED_FOR_OUTCOME: &str = "outcome";
     /// `legacy` or `new`.
     pub const BACKEND: &str = "strangler.backend";
     /// `override`, `flag`, `default` or `fallback`.

@@ -339,8 +339,14 @@ impl Telemetry {
         &self,
         deferred: &Deferred,
         name: String,
-        attributes: Vec<KeyValue>,
+        mut attributes: Vec<KeyValue>,
     ) -> Span {
+        // Kept for its outcome, not drawn at random: views that estimate shares from
+        // spans leave these out (they would over-represent errors and slow requests).
+        attributes.push(KeyValue::new(
+            strangler_model::names::attr::SAMPLED,
+            strangler_model::names::attr::SAMPLED_FOR_OUTCOME,
+        ));
         let parent = deferred.parent.clone().map_or_else(Context::new, |sc| {
             Context::new().with_remote_span_context(sc)
         });
