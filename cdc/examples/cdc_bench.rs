@@ -204,11 +204,13 @@ async fn main() {
     let dump_time = started.elapsed();
 
     let config_text = format!(
-        "[source]\nurl = \"{}\"\n[target]\nurl = \"{}\"\n[apply]\nheartbeat_ms = 1000\n\
+        "[source]\nurl = \"{}\"\n[target]\nurl = \"{}\"\n[apply]\nheartbeat_ms = 1000\nsnapshot_parallelism = {}\n\
          [[map]]\ntarget = \"bench_orders\"\nsql = \"SELECT * FROM bench_orders\"\n\
          [[map]]\ntarget = \"bench_items\"\nsql = \"SELECT * FROM bench_items\"\n",
         src.url("legacy"),
-        tgt.url("viacdc")
+        tgt.url("viacdc"),
+        // Copies at once (tables and key ranges); the default is strangler's own.
+        env("STRANGLER_BENCH_PARALLELISM", 4)
     );
     let config = CdcConfig::parse(&config_text, Path::new("bench.toml")).expect("config");
     let started = Instant::now();
