@@ -460,6 +460,24 @@ impl TablePlan {
         format!("COPY ({}) TO STDOUT", select_on_source(self, range))
     }
 
+    /// The snapshot's SELECT on the source (the body of [`Self::copy_out_range`]).
+    pub fn select_range(&self, range: Option<(i64, i64)>) -> String {
+        select_on_source(self, range)
+    }
+
+    /// The target's columns in the order the COPY writes them, as a SELECT that
+    /// describes their types.
+    pub fn target_columns_sql(&self) -> String {
+        let cols = self
+            .mapping
+            .outputs
+            .iter()
+            .map(|o| ident(&o.column))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!("SELECT {cols} FROM {} LIMIT 0", self.target.quoted())
+    }
+
     /// The source key column when it is one integer column (ranges can split it).
     pub fn integer_key(&self) -> Option<&str> {
         match self.source.key.as_slice() {

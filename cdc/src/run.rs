@@ -254,12 +254,23 @@ async fn copy_table(
             .await
             .map_err(|e| fail(db_message(&e)))?;
     }
+    // Binary COPY when every value already has its target column's type: nothing is
+    // printed as text on the source and parsed again on the target.
+    let binary = same_types(&source, &tx, plan, range).await;
+    let (out_sql, in_sql) = if binary {
+        (
+            format!("{} (FORMAT binary)", plan.copy_out_range(range)),
+            format!("{} (FORMAT binary)", plan.copy_in_sql),
+        )
+    } else {
+        (plan.copy_out_range(range), plan.copy_in_sql.clone())
+    };
     let out = source
-        .copy_out(&plan.copy_out_range(range))
+        .copy_out(&out_sql)
         .await
         .map_err(|e| fail(format!("source: {e}")))?;
     let sink = tx
-        .copy_in::<_, bytes::Bytes>(&plan.copy_in_sql)
+        .copy_in::<_, bytes::Bytes>(&in_sql)
         .await
         .map_err(|e| fail(format!("target: {e}")))?;
     futures::pin_mut!(out);
@@ -269,8 +280,11 @@ async fn copy_table(
         .await
         .map_err(|e| fail(format!("source: {e}")))?
     {
-        let lines = chunk.iter().filter(|b| **b == b'\n').count() as u64;
-        copied.fetch_add(lines, std::sync::atomic::Ordering::Relaxed);
+        if !binary {
+            // Text COPY has one row per line: progress as rows pass.
+            let lines = chunk.iter().filter(|b| **b == b'\n').count() as u64;
+            copied.fetch_add(lines, std::sync::atomic::Ordering::Relaxed);
+        }
         sink.send(chunk)
             .await
             .map_err(|e| fail(format!("target: {}", db_message(&e))))?;
@@ -279,9 +293,35 @@ async fn copy_table(
         .finish()
         .await
         .map_err(|e| fail(format!("target: {}", db_message(&e))))?;
+    if binary {
+        copied.fetch_add(rows, std::sync::atomic::Ordering::Relaxed);
+    }
     tx.commit().await.map_err(|e| fail(e.to_string()))?;
     let _ = source.batch_execute("COMMIT").await;
+    tracing::debug!(table = %plan.target.quoted(), rows, binary, "copy finished");
     Ok(rows)
+}
+
+/// Whether the snapshot SELECT's columns have exactly the target columns' types
+/// (binary COPY needs that; otherwise text COPY lets the target convert).
+async fn same_types(
+    source: &Client,
+    target: &tokio_postgres::Transaction<'_>,
+    plan: &TablePlan,
+    range: Option<(i64, i64)>,
+) -> bool {
+    let (Ok(out), Ok(into)) = (
+        source.prepare(&plan.select_range(range)).await,
+        target.prepare(&plan.target_columns_sql()).await,
+    ) else {
+        return false;
+    };
+    out.columns().len() == into.columns().len()
+        && out
+            .columns()
+            .iter()
+            .zip(into.columns())
+            .all(|(a, b)| a.type_() == b.type_())
 }
 
 /// Copies one table in a snapshot exported by another slot, emptying the target
