@@ -38,9 +38,9 @@ fn failed(what: &str, e: &tokio_postgres::Error) -> CdcError {
         Some(d) => d.message().to_string(),
         None => e.to_string(),
     };
-    CdcError::Snapshot {
-        table: String::new(),
-        message: format!("{what}: {message}"),
+    CdcError::Deferred {
+        what: what.to_string(),
+        message,
     }
 }
 

@@ -49,6 +49,39 @@ pub enum CdcError {
         /// Why.
         message: String,
     },
+    /// The Prometheus endpoint could not listen.
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        /// `[observe] metrics_listen`.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Creating the slot exported no snapshot to copy in.
+    #[error("the source exported no snapshot with the new slot")]
+    NoExportedSnapshot,
+    /// The task applying batches ended without saying why, or panicked.
+    #[error("the applier stopped: {0}")]
+    ApplierStopped(String),
+    /// Setting the target's keys, indexes and foreign keys aside, or building them back.
+    #[error("snapshot keys and indexes: {what}: {message}")]
+    Deferred {
+        /// The step.
+        what: String,
+        /// The database's message.
+        message: String,
+    },
+    /// `cdc verify` waited for the stream to reach the source's position in vain.
+    #[error(
+        "the target has applied up to {applied} but the source is at {goal}; is `strangler cdc run` running?"
+    )]
+    NotCaughtUp {
+        /// The target's checkpoint ("nothing" without one).
+        applied: String,
+        /// The source's position when verify started.
+        goal: Lsn,
+    },
     /// A MySQL/MariaDB source or target failed.
     #[error("{message}")]
     MySql {
@@ -487,10 +520,7 @@ pub async fn run_with(
             if let Some(addr) = config.metrics_listen {
                 crate::observe::serve(addr, Arc::clone(&o))
                     .await
-                    .map_err(|e| CdcError::Snapshot {
-                        table: String::new(),
-                        message: format!("cannot serve metrics on {addr}: {e}"),
-                    })?;
+                    .map_err(|source| CdcError::Metrics { addr, source })?;
             }
             options.observe = Some(Arc::clone(&o));
             o
@@ -712,10 +742,7 @@ async fn run_once(
             let snapshot = stream
                 .exported_snapshot_name()
                 .map(str::to_string)
-                .ok_or_else(|| CdcError::Snapshot {
-                    table: String::new(),
-                    message: "the source exported no snapshot".into(),
-                })?;
+                .ok_or(CdcError::NoExportedSnapshot)?;
             let consistent = slot_position(&source, &config.slot)
                 .await?
                 .unwrap_or_default();
@@ -880,10 +907,7 @@ impl Applier {
                 self.queue = None;
                 return match (&mut self.task).await {
                     Ok(Err(e)) => Err(e),
-                    _ => Err(CdcError::Snapshot {
-                        table: String::new(),
-                        message: "the applier stopped".into(),
-                    }),
+                    _ => Err(CdcError::ApplierStopped("its queue closed".into())),
                 };
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -906,10 +930,7 @@ impl Applier {
             self.queue = None;
             match (&mut self.task).await {
                 Ok(Err(e)) => Err(e),
-                Ok(Ok(())) | Err(_) => Err(CdcError::Snapshot {
-                    table: String::new(),
-                    message: "the applier stopped".into(),
-                }),
+                Ok(Ok(())) | Err(_) => Err(CdcError::ApplierStopped("its queue closed".into())),
             }
         }
     }
@@ -919,10 +940,7 @@ impl Applier {
         self.queue = None;
         match self.task.await {
             Ok(result) => result,
-            Err(e) => Err(CdcError::Snapshot {
-                table: String::new(),
-                message: format!("the applier panicked: {e}"),
-            }),
+            Err(e) => Err(CdcError::ApplierStopped(format!("it panicked: {e}"))),
         }
     }
 }

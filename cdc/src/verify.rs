@@ -297,12 +297,9 @@ async fn wait_applied(
             return Ok(());
         }
         if Instant::now() >= deadline {
-            return Err(CdcError::Snapshot {
-                table: String::new(),
-                message: format!(
-                    "the target has applied up to {} but the source is at {goal}; is `strangler cdc run` running?",
-                    applied.map_or("nothing".into(), |a| a.to_string())
-                ),
+            return Err(CdcError::NotCaughtUp {
+                applied: applied.map_or("nothing".into(), |a| a.to_string()),
+                goal,
             });
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
