@@ -702,7 +702,6 @@ async fn run_once(
         target.forget_checkpoint(&config.slot).await?;
     }
     let checkpoint = target.read_checkpoint(&config.slot).await?;
-
     let slot = slot_position(&source, &config.slot).await?;
     let stream_config = ReplicationStreamConfig::builder(&config.slot, &config.publication)
         .with_protocol_version(1)

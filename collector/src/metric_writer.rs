@@ -14,6 +14,7 @@ use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequ
 use crate::metric_model::MetricRow;
 use crate::metrics::Metrics;
 use crate::spool::Spool;
+use crate::store::SpanStore;
 use crate::store::clickhouse::ClickHouseStore;
 
 /// How often the spool is checked while the store is away.
@@ -97,17 +98,13 @@ impl MetricsWriter {
     async fn replay(self) {
         loop {
             tokio::time::sleep(REPLAY_INTERVAL).await;
-            if !self.healthy.load(Ordering::Acquire) {
-                let ready = self.store.is_migrated()
-                    && tokio::time::timeout(
-                        self.timeout,
-                        self.store.client().query("SELECT 1").fetch_one::<u8>(),
-                    )
+            // The span store's own readiness: reachable and migrated.
+            if !self.healthy.load(Ordering::Acquire)
+                && !tokio::time::timeout(self.timeout, self.store.ping())
                     .await
-                    .is_ok_and(|r| r.is_ok());
-                if !ready {
-                    continue;
-                }
+                    .unwrap_or(false)
+            {
+                continue;
             }
             // Drain what waits before taking direct inserts again, oldest first.
             loop {

@@ -12,6 +12,41 @@ use async_trait::async_trait;
 use super::{SpanStore, StoreError};
 use crate::model::SpanRow;
 
+/// The `route_stats` row of each span (the feed of migration 15 and the backfill of
+/// migration 14: one text, so the two count alike).
+macro_rules! span_route_stats {
+    () => {
+        "    start_time AS time,
+    route,
+    backend,
+    shadow,
+    toUInt8(decision = 'fallback' AND shadow = 0) AS fallback,
+    -- The router's histogram buckets: (2^(i/32), 2^((i+1)/32)] microseconds.
+    toInt16(if(duration_ns < 2000, -1, least(863, ceil(log2(intDiv(duration_ns, 1000)) * 32) - 1))) AS bucket,
+    toUInt64(1) AS requests,
+    toUInt64(http_status >= 500 OR status_code = 'error') AS errors,
+    toUInt64(1) AS hits,
+    toUInt64(diff = 'match') AS diff_match,
+    toUInt64(diff = 'mismatch') AS diff_mismatch
+FROM {db}.spans
+WHERE (route != '' OR (kind = 'server' AND shadow = 0 AND backend != ''))
+    AND indexOf(resource_keys, 'strangler.counted') = 0"
+    };
+}
+
+/// The `route_stats` columns every router metric point shares (migrations 16, 17).
+macro_rules! metric_route_stats_columns {
+    () => {
+        "    toDateTime(intDiv(start_ns, 1000000000)) AS time,
+    -- The router counts requests no route matched under (legacy).
+    if(attr_values[indexOf(attr_keys, 'strangler.route')] = '(legacy)', '', attr_values[indexOf(attr_keys, 'strangler.route')]) AS route,
+    attr_values[indexOf(attr_keys, 'strangler.backend')] AS backend,
+    toUInt8(attr_values[indexOf(attr_keys, 'strangler.role')] = 'shadow') AS shadow,
+    toUInt8(attr_values[indexOf(attr_keys, 'strangler.decision')] = 'fallback' AND shadow = 0) AS fallback,
+"
+    };
+}
+
 /// Versioned, idempotent migrations. Append only: never edit a released step.
 pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (
@@ -245,78 +280,43 @@ ORDER BY (route, backend, shadow, fallback, time, bucket)",
         "route counts from the spans stored so far",
         // Runs while inserts are refused (the store is migrating), so an empty table
         // means this has not run yet: a rerun after a crash adds nothing twice.
-        "INSERT INTO {db}.route_stats
-SELECT
-    start_time AS time,
-    route,
-    backend,
-    shadow,
-    toUInt8(decision = 'fallback' AND shadow = 0) AS fallback,
-    -- The router's histogram buckets: (2^(i/32), 2^((i+1)/32)] microseconds.
-    toInt16(if(duration_ns < 2000, -1, least(863, ceil(log2(intDiv(duration_ns, 1000)) * 32) - 1))) AS bucket,
-    toUInt64(1) AS requests,
-    toUInt64(http_status >= 500 OR status_code = 'error') AS errors,
-    toUInt64(1) AS hits,
-    toUInt64(diff = 'match') AS diff_match,
-    toUInt64(diff = 'mismatch') AS diff_mismatch
-FROM {db}.spans
-WHERE (route != '' OR (kind = 'server' AND shadow = 0 AND backend != ''))
-    AND indexOf(resource_keys, 'strangler.counted') = 0
-    AND (SELECT count() FROM {db}.route_stats) = 0",
+        concat!(
+            "INSERT INTO {db}.route_stats\nSELECT\n",
+            span_route_stats!(),
+            "\n    AND (SELECT count() FROM {db}.route_stats) = 0"
+        ),
     ),
     (
         15,
         "route counts feed from spans",
-        "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.route_stats_spans_mv TO {db}.route_stats
-AS SELECT
-    start_time AS time,
-    route,
-    backend,
-    shadow,
-    toUInt8(decision = 'fallback' AND shadow = 0) AS fallback,
-    -- The router's histogram buckets: (2^(i/32), 2^((i+1)/32)] microseconds.
-    toInt16(if(duration_ns < 2000, -1, least(863, ceil(log2(intDiv(duration_ns, 1000)) * 32) - 1))) AS bucket,
-    toUInt64(1) AS requests,
-    toUInt64(http_status >= 500 OR status_code = 'error') AS errors,
-    toUInt64(1) AS hits,
-    toUInt64(diff = 'match') AS diff_match,
-    toUInt64(diff = 'mismatch') AS diff_mismatch
-FROM {db}.spans
-WHERE (route != '' OR (kind = 'server' AND shadow = 0 AND backend != ''))
-    AND indexOf(resource_keys, 'strangler.counted') = 0",
+        concat!(
+            "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.route_stats_spans_mv TO {db}.route_stats\nAS SELECT\n",
+            span_route_stats!()
+        ),
     ),
     (
         16,
         "route counts feed from the router's sums",
-        "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.route_stats_sums_mv TO {db}.route_stats
-AS SELECT
-    toDateTime(intDiv(start_ns, 1000000000)) AS time,
-    -- The router counts requests no route matched under (legacy).
-    if(attr_values[indexOf(attr_keys, 'strangler.route')] = '(legacy)', '', attr_values[indexOf(attr_keys, 'strangler.route')]) AS route,
-    attr_values[indexOf(attr_keys, 'strangler.backend')] AS backend,
-    toUInt8(attr_values[indexOf(attr_keys, 'strangler.role')] = 'shadow') AS shadow,
-    toUInt8(attr_values[indexOf(attr_keys, 'strangler.decision')] = 'fallback' AND shadow = 0) AS fallback,
-    toInt16(-1) AS bucket,
+        concat!(
+            "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.route_stats_sums_mv TO {db}.route_stats\nAS SELECT\n",
+            metric_route_stats_columns!(),
+            "    toInt16(-1) AS bucket,
     toUInt64(if(name = 'strangler.requests', value, 0)) AS requests,
     toUInt64(if(name = 'strangler.errors', value, 0)) AS errors,
     toUInt64(0) AS hits,
     toUInt64(if(name = 'strangler.shadow.pairs' AND attr_values[indexOf(attr_keys, 'strangler.outcome')] = 'match', value, 0)) AS diff_match,
     toUInt64(if(name = 'strangler.shadow.pairs' AND attr_values[indexOf(attr_keys, 'strangler.outcome')] = 'mismatch', value, 0)) AS diff_mismatch
 FROM {db}.metric_points
-WHERE name IN ('strangler.requests', 'strangler.errors', 'strangler.shadow.pairs')",
+WHERE name IN ('strangler.requests', 'strangler.errors', 'strangler.shadow.pairs')"
+        ),
     ),
     (
         17,
         "route counts feed from the router's latency histograms",
-        "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.route_stats_buckets_mv TO {db}.route_stats
-AS SELECT
-    toDateTime(intDiv(start_ns, 1000000000)) AS time,
-    -- The router counts requests no route matched under (legacy).
-    if(attr_values[indexOf(attr_keys, 'strangler.route')] = '(legacy)', '', attr_values[indexOf(attr_keys, 'strangler.route')]) AS route,
-    attr_values[indexOf(attr_keys, 'strangler.backend')] AS backend,
-    toUInt8(attr_values[indexOf(attr_keys, 'strangler.role')] = 'shadow') AS shadow,
-    toUInt8(attr_values[indexOf(attr_keys, 'strangler.decision')] = 'fallback' AND shadow = 0) AS fallback,
-    toInt16(bucket_offset + i - 1) AS bucket,
+        concat!(
+            "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.route_stats_buckets_mv TO {db}.route_stats\nAS SELECT\n",
+            metric_route_stats_columns!(),
+            "    toInt16(bucket_offset + i - 1) AS bucket,
     toUInt64(0) AS requests,
     toUInt64(0) AS errors,
     n AS hits,
@@ -324,7 +324,8 @@ AS SELECT
     toUInt64(0) AS diff_mismatch
 FROM {db}.metric_points
 ARRAY JOIN bucket_counts AS n, arrayEnumerate(bucket_counts) AS i
-WHERE name = 'strangler.request.duration' AND kind = 'exponential_histogram' AND scale = 5 AND n > 0",
+WHERE name = 'strangler.request.duration' AND kind = 'exponential_histogram' AND scale = 5 AND n > 0"
+        ),
     ),
     // The per-minute tables these fed are no longer read (route_stats counts the same
     // and the aggregates too); their feeds would only slow every insert down. The
