@@ -3,11 +3,16 @@
 //!
 //! (a) snapshot: `strangler cdc` snapshot vs `pg_dump | psql`;
 //! (b) streaming apply rate on a backlog: strangler vs CREATE SUBSCRIPTION;
-//! (c) lag p50/p99 at a steady write rate: strangler vs CREATE SUBSCRIPTION.
+//! (c) lag p50/p99 at a steady write rate: strangler vs CREATE SUBSCRIPTION;
+//! (d) sustained pgbench (scale 10, 4 clients): tps without and with strangler's
+//!     CDC streaming the pgbench tables, and the lag while it runs.
+//!
+//! Ends with one line: `snapshot_ratio=… apply_ratio=… lag_p99_ms=… pgbench_tps_ratio=…`.
 //!
 //! STRANGLER_BENCH_ROWS (default 300000) rows per table, STRANGLER_BENCH_BACKLOG
 //! (default 200000) changes, STRANGLER_BENCH_RATE (default 5000) rows/s for
-//! STRANGLER_BENCH_SECONDS (default 15).
+//! STRANGLER_BENCH_SECONDS (default 15); STRANGLER_BENCH_PGBENCH_SECONDS (default 60,
+//! 0 skips (d)) per pgbench run.
 
 use std::path::Path;
 use std::process::Command;
@@ -278,6 +283,9 @@ async fn main() {
         sub_apply.as_secs_f64() / cdc_apply.as_secs_f64()
     );
 
+    let snapshot_ratio = dump_time.as_secs_f64() / cdc_time.as_secs_f64();
+    let apply_ratio = sub_apply.as_secs_f64() / cdc_apply.as_secs_f64();
+
     // (c) steady-rate lag, one after the other on identical load.
     via_sub
         .batch_execute("ALTER SUBSCRIPTION bench_sub DISABLE")
@@ -326,4 +334,168 @@ async fn main() {
         .batch_execute("ALTER SUBSCRIPTION bench_sub DISABLE; ALTER SUBSCRIPTION bench_sub SET (slot_name = NONE); DROP SUBSCRIPTION bench_sub")
         .await
         .ok();
+
+    let pgbench_seconds = env("STRANGLER_BENCH_PGBENCH_SECONDS", 60);
+    let mut tps_ratio = f64::NAN;
+    if pgbench_seconds > 0 {
+        tps_ratio = sustained_pgbench(&src, &tgt, pgbench_seconds).await;
+    }
+    println!(
+        "snapshot_ratio={snapshot_ratio:.2} apply_ratio={apply_ratio:.2} lag_p99_ms={cdc_p99:.1} pgbench_tps_ratio={tps_ratio:.2}"
+    );
+}
+
+/// pgbench's tps over `seconds` with 4 clients (commits wait for the WAL flush, as
+/// on a real server, which is also when a walsender may send them).
+fn pgbench(src: &Postgres, seconds: u64) -> f64 {
+    let out = Command::new(format!("{BIN}/pgbench"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &src.port().to_string(),
+            "-U",
+            "postgres",
+            "-c",
+            "4",
+            "-j",
+            "2",
+            "-T",
+            &seconds.to_string(),
+            "pgb",
+        ])
+        .env("PGOPTIONS", "-c synchronous_commit=on")
+        .output()
+        .expect("pgbench");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "pgbench failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines()
+        .find_map(|l| l.strip_prefix("tps = "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("pgbench printed no tps")
+}
+
+/// (d): pgbench scale 10 on the source, without and then with CDC streaming its
+/// accounts, tellers and branches to the target (history has no key and is not
+/// mapped). Lag: for each source WAL position sampled every 10 ms, the time until
+/// the target's checkpoint reached it. Returns tps with ÷ tps without.
+async fn sustained_pgbench(src: &Postgres, tgt: &Postgres, seconds: u64) -> f64 {
+    src.create_database("pgb").await.expect("db");
+    tgt.create_database("pgbtarget").await.expect("db");
+    let init = Command::new(format!("{BIN}/pgbench"))
+        .args([
+            "-i",
+            "-q",
+            "-s",
+            "10",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &src.port().to_string(),
+            "-U",
+            "postgres",
+            "pgb",
+        ])
+        .output()
+        .expect("pgbench -i");
+    assert!(init.status.success(), "pgbench -i failed");
+    let schema = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{BIN}/pg_dump -s -h 127.0.0.1 -p {} -U postgres -t pgbench_accounts -t pgbench_tellers -t pgbench_branches pgb | {BIN}/psql -q -h 127.0.0.1 -p {} -U postgres -d pgbtarget -v ON_ERROR_STOP=1 >/dev/null",
+            src.port(),
+            tgt.port()
+        ))
+        .status()
+        .expect("schema");
+    assert!(schema.success());
+    let without = pgbench(src, seconds);
+
+    let config_text = format!(
+        "[source]\nurl = \"{}\"\nslot = \"pgb\"\npublication = \"pgb\"\n[target]\nurl = \"{}\"\n[apply]\nheartbeat_ms = 1000\n\
+         [[map]]\ntarget = \"pgbench_accounts\"\nsql = \"SELECT * FROM pgbench_accounts\"\n\
+         [[map]]\ntarget = \"pgbench_tellers\"\nsql = \"SELECT * FROM pgbench_tellers\"\n\
+         [[map]]\ntarget = \"pgbench_branches\"\nsql = \"SELECT * FROM pgbench_branches\"\n",
+        src.url("pgb"),
+        tgt.url("pgbtarget"),
+    );
+    let config = CdcConfig::parse(&config_text, Path::new("pgbench.toml")).expect("config");
+    let target = tgt.connect("pgbtarget").await.expect("target");
+    let source = src.connect("pgb").await.expect("source");
+    let (stop, task) = start_cdc(&config);
+    let started = Instant::now();
+    while target
+        .query_opt(
+            "SELECT 1 FROM strangler.cdc_checkpoint WHERE slot = 'pgb'",
+            &[],
+        )
+        .await
+        .ok()
+        .flatten()
+        .is_none()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "pgbench snapshot did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let lsn = |text: String| text.parse::<strangler_cdc::Lsn>().map(|l| l.0).unwrap_or(0);
+    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let sampling = Arc::clone(&sampling);
+        tokio::spawn(async move {
+            let mut pending: std::collections::VecDeque<(Instant, u64)> = Default::default();
+            let mut lags = Vec::new();
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(row) = source
+                    .query_one("SELECT pg_current_wal_lsn()::text", &[])
+                    .await
+                {
+                    pending.push_back((Instant::now(), lsn(row.get(0))));
+                }
+                if let Ok(row) = target
+                    .query_one(
+                        "SELECT lsn::text FROM strangler.cdc_checkpoint WHERE slot = 'pgb'",
+                        &[],
+                    )
+                    .await
+                {
+                    let applied = lsn(row.get(0));
+                    while pending.front().is_some_and(|(_, at)| *at <= applied) {
+                        if let Some((t, _)) = pending.pop_front() {
+                            lags.push(t.elapsed().as_secs_f64() * 1000.0);
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            lags
+        })
+    };
+    // pgbench blocks this thread; the CDC run and the sampler have the other.
+    let with = tokio::task::block_in_place(|| pgbench(src, seconds));
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let mut lags = sampler.await.expect("sampler");
+    stop.cancel();
+    let _ = task.await;
+    lags.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        lags.get(((lags.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    println!(
+        "(d) pgbench scale 10, 4 clients, {seconds} s: {without:.0} tps without CDC | {with:.0} tps with CDC streaming ({:.2}x) | lag p50 {:.1} ms p99 {:.1} ms ({} samples)",
+        with / without,
+        pct(0.5),
+        pct(0.99),
+        lags.len()
+    );
+    with / without
 }

@@ -134,6 +134,9 @@ pub struct Batch {
     /// MariaDB source: the GTID position after the batch's last transaction, kept
     /// with the checkpoint.
     pub gtid: Option<String>,
+    /// A part of a source transaction still being received: applied inside the
+    /// target transaction the next part continues, without a checkpoint.
+    pub open: bool,
 }
 
 impl Batch {
@@ -301,84 +304,391 @@ impl Batch {
         *self = Batch::new(tables);
     }
 
-    /// Applies everything in one target transaction, with the checkpoint; returns
-    /// the rows written.
+    /// Applies the batch to a PostgreSQL target: in the target transaction `open`
+    /// says is already begun (an earlier part of the same source transaction), or a
+    /// new one. A whole batch commits with the checkpoint; a part of a source
+    /// transaction still being received ([`Batch::open`]) leaves the transaction
+    /// open for the next part, so a large transaction is applied while it is still
+    /// being decoded and yet lands atomically. On an error the transaction is rolled
+    /// back (nothing of it is kept: the stream resumes from the checkpoint).
     pub async fn apply(
         &mut self,
         target: &mut Client,
         plans: &[TablePlan],
         slot: &str,
+        session: &mut Session,
     ) -> Result<Applied, ApplyError> {
-        let tx = target
-            .transaction()
-            .await
-            .map_err(|e| rejected("the target", "", &e))?;
+        if !session.in_transaction {
+            target
+                .batch_execute("BEGIN")
+                .await
+                .map_err(|e| rejected("the target", "", &e))?;
+            session.in_transaction = true;
+        }
+        let result = self.apply_open(target, plans, slot, session).await;
+        if result.is_err() && session.in_transaction {
+            session.in_transaction = false;
+            let _ = target.batch_execute("ROLLBACK").await;
+        }
+        let applied = result?;
+        if !self.open {
+            target
+                .batch_execute("COMMIT")
+                .await
+                .map_err(|e| rejected("the target", "", &e))?;
+            session.in_transaction = false;
+        }
+        let tables = self.rows.len();
+        *self = Batch::new(tables);
+        Ok(applied)
+    }
+
+    async fn apply_open(
+        &mut self,
+        target: &mut Client,
+        plans: &[TablePlan],
+        slot: &str,
+        session: &mut Session,
+    ) -> Result<Applied, ApplyError> {
         let mut written = 0u64;
         let mut conflicts = 0u64;
         for (t, plan) in plans.iter().enumerate() {
             let table = plan.target.quoted();
             if self.truncated[t] {
-                tx.batch_execute(&format!("TRUNCATE {table}"))
+                target
+                    .batch_execute(&format!("TRUNCATE {table}"))
                     .await
                     .map_err(|e| rejected(&table, "", &e))?;
             }
             let mut changes = self.take_table(t);
             if plan.conflict.detects() {
-                conflicts += crate::conflict::resolve(&tx, plan, &mut changes).await?;
+                conflicts += crate::conflict::resolve(&*target, plan, &mut changes).await?;
             }
             let TableChanges {
                 deleted,
                 present,
                 partial,
+                before,
                 ..
             } = changes;
-            if !deleted.is_empty() {
-                let columns = transpose(plan.source_key().len(), deleted.iter());
-                written += execute(&tx, &plan.delete_sql, &columns)
-                    .await
-                    .map_err(|e| rejected(&table, "", &e))?;
-            }
-            if !present.is_empty() {
-                let columns = transpose(plan.carried.len(), present.iter().map(|(_, v)| v));
-                let n = execute(&tx, &plan.upsert_sql, &columns).await;
-                match n {
-                    Ok(n) => written += n,
-                    Err(e) => {
-                        // Name the row: the transaction is aborted, so roll it back
-                        // and replay the rows one by one in a fresh one.
-                        drop(tx);
-                        let key = blame(target, plan, &present).await;
-                        return Err(rejected(&table, &key, &e));
-                    }
-                }
-                if let Some(sql) = &plan.filtered_out_sql {
-                    written += execute(&tx, sql, &columns)
+            let upserted = if deleted.len() + present.len() >= STAGE_ROWS {
+                session.stage(target, t, plan).await?;
+                // Rows the batch inserted (absent before its first change) go by
+                // plain INSERT, cheaper than an upsert when nothing is in the way.
+                let (inserted, changed): (Vec<&(Key, Values)>, Vec<&(Key, Values)>) = present
+                    .iter()
+                    .partition(|(k, _)| matches!(before.get(k), Some(Some(Before::Absent))));
+                let inserted: Vec<&Values> = inserted.into_iter().map(|(_, v)| v).collect();
+                let changed: Vec<&Values> = changed.into_iter().map(|(_, v)| v).collect();
+                let (n, deletes) =
+                    apply_staged(&*target, plan, &deleted, &inserted, &changed).await;
+                written += deletes;
+                n
+            } else {
+                if !deleted.is_empty() {
+                    let columns = transpose(plan.source_key().len(), deleted.iter());
+                    written += execute(&*target, &plan.delete_sql, &columns)
                         .await
                         .map_err(|e| rejected(&table, "", &e))?;
                 }
+                if present.is_empty() {
+                    Ok(0)
+                } else {
+                    let columns = transpose(plan.carried.len(), present.iter().map(|(_, v)| v));
+                    let n = execute(&*target, &plan.upsert_sql, &columns).await;
+                    if n.is_ok()
+                        && let Some(sql) = &plan.filtered_out_sql
+                    {
+                        written += execute(&*target, sql, &columns)
+                            .await
+                            .map_err(|e| rejected(&table, "", &e))?;
+                    }
+                    n
+                }
+            };
+            match upserted {
+                Ok(n) => written += n,
+                Err(e) => {
+                    // Name the row: the transaction is aborted, so roll it back
+                    // and replay the rows one by one in a fresh one.
+                    session.in_transaction = false;
+                    let _ = target.batch_execute("ROLLBACK").await;
+                    let key = blame(target, plan, &present).await;
+                    return Err(rejected(&table, &key, &e));
+                }
             }
             for (_, values) in partial {
-                written += apply_partial(&tx, plan, &values).await?;
+                written += apply_partial(&*target, plan, &values).await?;
             }
         }
-        write_checkpoint(&tx, slot, self.end_lsn).await?;
-        if let Some(gtid) = &self.gtid {
-            tx.execute(
-                &format!("UPDATE {CHECKPOINT_TABLE} SET gtid = $2 WHERE slot = $1"),
-                &[&slot, gtid],
-            )
-            .await
-            .map_err(ApplyError::Checkpoint)?;
+        if !self.open {
+            write_checkpoint(&*target, slot, self.end_lsn).await?;
+            if let Some(gtid) = &self.gtid {
+                target
+                    .execute(
+                        &format!("UPDATE {CHECKPOINT_TABLE} SET gtid = $2 WHERE slot = $1"),
+                        &[&slot, gtid],
+                    )
+                    .await
+                    .map_err(ApplyError::Checkpoint)?;
+            }
         }
-        tx.commit()
-            .await
-            .map_err(|e| rejected("the target", "", &e))?;
-        let tables = self.rows.len();
-        *self = Batch::new(tables);
         Ok(Applied {
             rows: written,
             conflicts,
         })
+    }
+}
+
+/// Rows of one table at which a batch goes through the staging table (binary COPY,
+/// then set-based statements) rather than as array parameters of one statement:
+/// below it one round trip matters more than throughput.
+pub const STAGE_ROWS: usize = 256;
+
+/// A PostgreSQL target session's state between batches.
+#[derive(Debug, Default)]
+pub struct Session {
+    /// A transaction is open: an earlier part of a source transaction was applied.
+    pub in_transaction: bool,
+    /// Plans whose staging table this session has created.
+    staged: Vec<bool>,
+}
+
+impl Session {
+    /// Creates plan `t`'s staging table in this session when it has not yet.
+    async fn stage(
+        &mut self,
+        target: &Client,
+        t: usize,
+        plan: &TablePlan,
+    ) -> Result<(), ApplyError> {
+        if self.staged.len() <= t {
+            self.staged.resize(t + 1, false);
+        }
+        if !self.staged[t] {
+            target
+                .batch_execute(&plan.stage.create)
+                .await
+                .map_err(|e| rejected(&plan.target.quoted(), "", &e))?;
+            self.staged[t] = true;
+        }
+        Ok(())
+    }
+}
+
+/// Loads the changed rows into the staging table by binary COPY (after emptying
+/// it): each present row's carried values, each deleted row's key (other columns
+/// NULL), and the flag.
+pub(crate) async fn stage_rows(
+    target: &impl tokio_postgres::GenericClient,
+    plan: &TablePlan,
+    deleted: &[Key],
+    inserted: &[&Values],
+    changed: &[&Values],
+) -> Result<(), tokio_postgres::Error> {
+    use crate::plan::{STAGE_CHANGED, STAGE_DELETED, STAGE_INSERTED};
+    use tokio_postgres::binary_copy::BinaryCopyInWriter;
+    use tokio_postgres::types::Type;
+    let width = plan.carried.len();
+    let mut types = vec![Type::TEXT; width];
+    types.push(Type::INT2);
+    // Emptied first: an earlier part of the same target transaction (a large source
+    // transaction, a snapshot's earlier chunk) left its rows there.
+    target
+        .batch_execute(&format!("TRUNCATE {}", plan.stage.table))
+        .await?;
+    let sink = target
+        .client()
+        .copy_in::<_, bytes::Bytes>(&plan.stage.copy_in)
+        .await?;
+    let writer = BinaryCopyInWriter::new(sink, &types);
+    futures::pin_mut!(writer);
+    let mut row: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(width + 1);
+    for (rows, kind) in [(inserted, &STAGE_INSERTED), (changed, &STAGE_CHANGED)] {
+        for values in rows {
+            row.clear();
+            row.extend(values.iter().map(|v| v as &(dyn ToSql + Sync)));
+            row.push(kind);
+            writer.as_mut().write(&row).await?;
+        }
+    }
+    if !deleted.is_empty() {
+        let positions: Vec<Option<usize>> = plan
+            .carried
+            .iter()
+            .map(|c| plan.source_key().iter().position(|k| *k == c.name))
+            .collect();
+        let null: Option<String> = None;
+        for key in deleted {
+            row.clear();
+            row.extend(positions.iter().map(|p| match p.and_then(|i| key.get(i)) {
+                Some(v) => v as &(dyn ToSql + Sync),
+                None => &null as &(dyn ToSql + Sync),
+            }));
+            row.push(&STAGE_DELETED);
+            writer.as_mut().write(&row).await?;
+        }
+    }
+    writer.finish().await?;
+    Ok(())
+}
+
+/// Applies one table's large batch: the rows it inserted straight into the target
+/// by COPY when the mapping only copies columns of the same types (under a
+/// savepoint: if one is already there, they are staged with the rest instead),
+/// everything else through the staging table. Returns the present rows written
+/// (or why not) and the rows deleted.
+pub(crate) async fn apply_staged(
+    db: &impl tokio_postgres::GenericClient,
+    plan: &TablePlan,
+    deleted: &[Key],
+    inserted: &[&Values],
+    changed: &[&Values],
+) -> (Result<u64, tokio_postgres::Error>, u64) {
+    let mut written = 0;
+    let mut inserted = inserted;
+    if !inserted.is_empty()
+        && let Some(direct) = &plan.direct_copy
+    {
+        match copy_direct(db, direct, inserted).await {
+            Ok(n) => {
+                written += n;
+                inserted = &[];
+            }
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {}
+            Err(e) => return (Err(e), 0),
+        }
+    }
+    if deleted.is_empty() && inserted.is_empty() && changed.is_empty() {
+        return (Ok(written), 0);
+    }
+    if let Err(e) = stage_rows(db, plan, deleted, inserted, changed).await {
+        return (Err(e), 0);
+    }
+    let mut removed = 0;
+    if !deleted.is_empty() {
+        match db.execute(&plan.stage.delete, &[]).await {
+            Ok(n) => removed = n,
+            Err(e) => return (Err(e), 0),
+        }
+    }
+    let n = write_staged(db, plan, !inserted.is_empty(), !changed.is_empty()).await;
+    let n = match (n, &plan.stage.filtered_out) {
+        (Ok(n), Some(sql)) if !(inserted.is_empty() && changed.is_empty()) => {
+            db.execute(sql, &[]).await.map(|m| n + m)
+        }
+        (n, _) => n,
+    };
+    (n.map(|n| n + written), removed)
+}
+
+/// COPY of the inserted rows straight into the target (text format, the carried
+/// values in the target's column order), under a savepoint that is rolled back if
+/// the COPY fails.
+async fn copy_direct(
+    db: &impl tokio_postgres::GenericClient,
+    direct: &crate::plan::DirectCopy,
+    rows: &[&Values],
+) -> Result<u64, tokio_postgres::Error> {
+    db.batch_execute("SAVEPOINT strangler_copy").await?;
+    let copied = async {
+        use futures::SinkExt as _;
+        let sink = db.client().copy_in::<_, bytes::Bytes>(&direct.sql).await?;
+        futures::pin_mut!(sink);
+        let mut buf = bytes::BytesMut::with_capacity(128 * 1024);
+        for values in rows {
+            for (i, &c) in direct.columns.iter().enumerate() {
+                if i > 0 {
+                    buf.extend_from_slice(b"\t");
+                }
+                match values.get(c).and_then(Option::as_deref) {
+                    None => buf.extend_from_slice(b"\\N"),
+                    Some(v) => copy_text(&mut buf, v),
+                }
+            }
+            buf.extend_from_slice(b"\n");
+            if buf.len() >= 64 * 1024 {
+                sink.send(buf.split().freeze()).await?;
+            }
+        }
+        if !buf.is_empty() {
+            sink.send(buf.split().freeze()).await?;
+        }
+        sink.finish().await
+    }
+    .await;
+    match copied {
+        Ok(n) => {
+            db.batch_execute("RELEASE SAVEPOINT strangler_copy").await?;
+            Ok(n)
+        }
+        Err(e) => {
+            db.batch_execute(
+                "ROLLBACK TO SAVEPOINT strangler_copy; RELEASE SAVEPOINT strangler_copy",
+            )
+            .await?;
+            Err(e)
+        }
+    }
+}
+
+/// Appends `v` as a COPY text field: backslash, tab, newline and carriage return
+/// escaped, everything else as is.
+fn copy_text(buf: &mut bytes::BytesMut, v: &str) {
+    let bytes = v.as_bytes();
+    let mut start = 0;
+    for (i, b) in bytes.iter().enumerate() {
+        let escaped: &[u8] = match b {
+            b'\\' => b"\\\\",
+            b'\t' => b"\\t",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            _ => continue,
+        };
+        buf.extend_from_slice(&bytes[start..i]);
+        buf.extend_from_slice(escaped);
+        start = i + 1;
+    }
+    buf.extend_from_slice(&bytes[start..]);
+}
+
+/// Writes the staged rows that are present: those the batch inserted by plain
+/// INSERT under a savepoint (when one is already in the target after all, e.g.
+/// written there directly, the savepoint is rolled back and every present row is
+/// upserted instead), those it changed by upsert. Returns the rows written.
+pub(crate) async fn write_staged(
+    db: &impl tokio_postgres::GenericClient,
+    plan: &TablePlan,
+    inserted: bool,
+    changed: bool,
+) -> Result<u64, tokio_postgres::Error> {
+    if !inserted {
+        return if changed {
+            db.execute(&plan.stage.upsert_changed, &[]).await
+        } else {
+            Ok(0)
+        };
+    }
+    db.batch_execute("SAVEPOINT strangler_insert").await?;
+    match db.execute(&plan.stage.insert, &[]).await {
+        Ok(n) => {
+            db.batch_execute("RELEASE SAVEPOINT strangler_insert")
+                .await?;
+            let m = if changed {
+                db.execute(&plan.stage.upsert_changed, &[]).await?
+            } else {
+                0
+            };
+            Ok(n + m)
+        }
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+            db.batch_execute(
+                "ROLLBACK TO SAVEPOINT strangler_insert; RELEASE SAVEPOINT strangler_insert",
+            )
+            .await?;
+            db.execute(&plan.stage.upsert, &[]).await
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -426,7 +736,7 @@ pub(crate) async fn text_rows(
 
 /// Runs mapping SQL with `text[]` parameters; rows affected.
 pub(crate) async fn execute(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &impl tokio_postgres::GenericClient,
     sql: &str,
     columns: &[Vec<Option<String>>],
 ) -> Result<u64, tokio_postgres::Error> {
@@ -483,7 +793,7 @@ async fn blame(target: &mut Client, plan: &TablePlan, rows: &[(Key, Values)]) ->
 /// An update whose unchanged TOAST columns were not sent: update only the target
 /// columns computable from what was sent; the others keep their values.
 async fn apply_partial(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &impl tokio_postgres::GenericClient,
     plan: &TablePlan,
     values: &[Option<Option<String>>],
 ) -> Result<u64, ApplyError> {

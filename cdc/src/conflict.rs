@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use strangler_model::{History, HistoryError, Invalid, State};
-use tokio_postgres::Transaction;
 
 use crate::apply::{ApplyError, Before, Key, TableChanges, Values, text_rows, transpose};
 use crate::plan::TablePlan;
@@ -298,7 +297,7 @@ pub(crate) fn drop_changes(changes: &mut TableChanges, skip: &[Key]) {
 /// the target wins) and returns how many there were. Rows whose before image is not
 /// known (no full old row from the source) are not checked.
 pub async fn resolve(
-    tx: &Transaction<'_>,
+    tx: &impl tokio_postgres::GenericClient,
     plan: &TablePlan,
     changes: &mut TableChanges,
 ) -> Result<u64, ApplyError> {
@@ -364,7 +363,7 @@ pub async fn resolve(
 /// `newer:<column>` on PostgreSQL: the incoming version wins unless the target's
 /// value in output `i` is later (compared as the target column's type).
 async fn newer(
-    tx: &Transaction<'_>,
+    tx: &impl tokio_postgres::GenericClient,
     plan: &TablePlan,
     i: usize,
     incoming: Option<&Mapped>,

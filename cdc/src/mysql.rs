@@ -510,14 +510,21 @@ fn source_select<'a>(plan: &TablePlan, src: &'a Source, t: usize) -> (String, Ve
     )
 }
 
+/// Rows per chunk of a MariaDB snapshot: read on one task, loaded on another.
+const SNAPSHOT_CHUNK: usize = 20_000;
+
 /// Copies every mapped table from one consistent snapshot and returns the binlog
-/// position it is consistent with.
+/// position it is consistent with (and the connection, which the snapshot's reader
+/// borrowed). Reading and loading overlap: a task reads the rows from MariaDB and
+/// turns them into PostgreSQL text, in chunks, while this one loads each chunk by
+/// binary COPY into the plan's staging table and runs the mapping over it into the
+/// target table, all in one target transaction with the checkpoint.
 async fn snapshot(
     config: &CdcConfig,
-    conn: &mut Conn,
+    mut conn: Conn,
     target: &mut Client,
     src: &Source,
-) -> Result<Position, CdcError> {
+) -> Result<(Conn, Position), CdcError> {
     conn.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         .await
         .map_err(mysql_error)?;
@@ -549,37 +556,92 @@ async fn snapshot(
         .await
         .map_err(|e| CdcError::Apply(crate::apply::ApplyError::Checkpoint(e)))?;
     for plan in &src.plans {
-        tx.batch_execute(&format!("TRUNCATE {}", plan.target.quoted()))
-            .await
-            .map_err(|e| snapshot_error(plan, e))?;
+        tx.batch_execute(&format!(
+            "TRUNCATE {}; {}",
+            plan.target.quoted(),
+            plan.stage.create
+        ))
+        .await
+        .map_err(|e| snapshot_error(plan, e))?;
     }
-    for (t, plan) in src.plans.iter().enumerate() {
-        let (sql, convs) = source_select(plan, src, t);
-        let mut result = conn.query_iter(sql).await.map_err(mysql_error)?;
-        let mut chunk: Vec<Vec<Option<String>>> = Vec::new();
-        let mut copied = 0u64;
-        while let Some(row) = result.next().await.map_err(mysql_error)? {
-            let values = row.unwrap();
-            chunk.push(
-                values
-                    .iter()
-                    .zip(&convs)
-                    .map(|(v, c)| snapshot_text(v, c))
-                    .collect(),
-            );
-            if chunk.len() >= 5_000 {
-                copied += upsert(&tx, plan, &mut chunk).await?;
+    let jobs: Vec<(String, Vec<Conv>)> = src
+        .plans
+        .iter()
+        .enumerate()
+        .map(|(t, plan)| {
+            let (sql, convs) = source_select(plan, src, t);
+            (sql, convs.into_iter().cloned().collect())
+        })
+        .collect();
+    type Chunk = (usize, Vec<Vec<Option<String>>>);
+    let (chunks, mut received) = tokio::sync::mpsc::channel::<Chunk>(2);
+    let reader = tokio::spawn(async move {
+        let read = async {
+            for (t, (sql, convs)) in jobs.iter().enumerate() {
+                let mut result = conn.query_iter(sql.as_str()).await.map_err(mysql_error)?;
+                let mut chunk = Vec::with_capacity(SNAPSHOT_CHUNK);
+                while let Some(row) = result.next().await.map_err(mysql_error)? {
+                    let values = row.unwrap();
+                    chunk.push(
+                        values
+                            .iter()
+                            .zip(convs)
+                            .map(|(v, c)| snapshot_text(v, c))
+                            .collect(),
+                    );
+                    if chunk.len() >= SNAPSHOT_CHUNK {
+                        let full =
+                            std::mem::replace(&mut chunk, Vec::with_capacity(SNAPSHOT_CHUNK));
+                        if chunks.send((t, full)).await.is_err() {
+                            return Ok(()); // the loader failed; its error is reported
+                        }
+                    }
+                }
+                if !chunk.is_empty() && chunks.send((t, chunk)).await.is_err() {
+                    return Ok(());
+                }
+            }
+            Ok::<(), CdcError>(())
+        }
+        .await;
+        drop(chunks);
+        (conn, read)
+    });
+    let mut copied = vec![0u64; src.plans.len()];
+    let mut loaded: Result<(), CdcError> = Ok(());
+    while let Some((t, rows)) = received.recv().await {
+        let plan = &src.plans[t];
+        let refs: Vec<&Vec<Option<String>>> = rows.iter().collect();
+        let load = async {
+            crate::apply::apply_staged(&tx, plan, &[], &refs, &[])
+                .await
+                .0
+                .map_err(|e| snapshot_error(plan, e))
+        };
+        match load.await {
+            Ok(n) => copied[t] += n,
+            Err(e) => {
+                loaded = Err(e);
+                break;
             }
         }
-        copied += upsert(&tx, plan, &mut chunk).await?;
-        tracing::info!(table = %plan.target.quoted(), rows = copied, "snapshot copied");
+    }
+    drop(received);
+    let (conn, read) = reader
+        .await
+        .map_err(|e| CdcError::ApplierStopped(format!("the snapshot reader panicked: {e}")))?;
+    read?;
+    loaded?;
+    for (plan, rows) in src.plans.iter().zip(&copied) {
+        tracing::info!(table = %plan.target.quoted(), rows, "snapshot copied");
     }
     write_checkpoint(&tx, &config.slot, position.lsn()).await?;
     tx.commit()
         .await
         .map_err(|e| CdcError::Apply(crate::apply::ApplyError::Checkpoint(e)))?;
+    let mut conn = conn;
     conn.query_drop("COMMIT").await.map_err(mysql_error)?;
-    Ok(position)
+    Ok((conn, position))
 }
 
 fn snapshot_error(plan: &TablePlan, e: tokio_postgres::Error) -> CdcError {
@@ -589,22 +651,6 @@ fn snapshot_error(plan: &TablePlan, e: tokio_postgres::Error) -> CdcError {
             .as_db_error()
             .map_or_else(|| e.to_string(), |d| d.message().to_string()),
     }
-}
-
-async fn upsert(
-    tx: &tokio_postgres::Transaction<'_>,
-    plan: &TablePlan,
-    rows: &mut Vec<Vec<Option<String>>>,
-) -> Result<u64, CdcError> {
-    if rows.is_empty() {
-        return Ok(0);
-    }
-    let columns = crate::apply::transpose(plan.carried.len(), rows.iter());
-    let n = crate::apply::execute(tx, &plan.upsert_sql, &columns)
-        .await
-        .map_err(|e| snapshot_error(plan, e))?;
-    rows.clear();
-    Ok(n)
 }
 
 fn row_data(row: &BinlogRow, names: &[Arc<str>], convs: &[Conv]) -> Result<RowData, String> {
@@ -771,7 +817,11 @@ pub async fn run(
             }
             (Err(e), _) => return Err(e),
         },
-        None if config.snapshot => snapshot(config, &mut conn, &mut target, &src).await?,
+        None if config.snapshot => {
+            let (returned, p) = snapshot(config, conn, &mut target, &src).await?;
+            conn = returned;
+            p
+        }
         None => {
             let p = binlog_end(&mut conn)
                 .await?
@@ -850,7 +900,7 @@ pub async fn run(
         .await
         .map_err(mysql_error)?;
     let stop = options.stop.clone().unwrap_or_default();
-    let mut target = crate::sink::PgSink(target);
+    let mut target = crate::sink::PgSink::new(target);
     let mut batch = Batch::new(src.plans.len());
     // Inside a transaction (BEGIN or rows seen, no commit yet), nothing is applied:
     // a batch holds whole transactions only, so its checkpoint never points into one.

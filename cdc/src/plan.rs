@@ -204,7 +204,56 @@ pub struct TablePlan {
     pub current_sql: String,
     /// How conflicts are resolved (set from the config after checking).
     pub conflict: crate::conflict::Policy,
+    /// The same writes for large batches: through a staging table loaded by COPY.
+    pub stage: StageSql,
+    /// When the mapping only copies columns, each to a target column of the same
+    /// type, with no filter: inserted rows can be COPYed straight into the target.
+    pub direct_copy: Option<DirectCopy>,
 }
+
+/// A COPY of carried values straight into the target table.
+#[derive(Debug, Clone)]
+pub struct DirectCopy {
+    /// `COPY target (columns) FROM STDIN` (text format).
+    pub sql: String,
+    /// Per target column in that statement, the carried column it takes.
+    pub columns: Vec<usize>,
+}
+
+/// A PostgreSQL target's writes of a large batch of one table: the changed rows are
+/// loaded by binary COPY into a temporary table of text columns (the carried
+/// columns, then whether the row was deleted), and applied by set-based statements
+/// that run the mapping over it, as [`TablePlan::upsert_sql`] does over arrays.
+#[derive(Debug, Clone)]
+pub struct StageSql {
+    /// The staging table (`pg_temp.…`).
+    pub table: String,
+    /// Creates the session's staging table when missing (emptied at each commit).
+    pub create: String,
+    /// Loads it: `COPY … FROM STDIN (FORMAT binary)`, carried columns then the kind.
+    pub copy_in: String,
+    /// Plain insert of the rows the batch inserted: no conflict handling, so it
+    /// fails if one is already there (then [`StageSql::upsert`] runs instead).
+    pub insert: String,
+    /// Insert-or-update of the rows the batch changed (not inserted).
+    pub upsert_changed: String,
+    /// Insert-or-update of every row present.
+    pub upsert: String,
+    /// Removal of rows whose new version the filter rejects.
+    pub filtered_out: Option<String>,
+    /// Removal of the rows deleted.
+    pub delete: String,
+}
+
+/// The staging table's column saying what became of each row (a name no source
+/// column is likely to have): one of the `STAGE_*` values.
+const STAGE_KIND: &str = "strangler$kind";
+/// Staged row kind: present, and absent before the batch (inserted by it).
+pub const STAGE_INSERTED: i16 = 0;
+/// Staged row kind: present, and possibly present before (updated by the batch).
+pub const STAGE_CHANGED: i16 = 1;
+/// Staged row kind: deleted (only its key is staged).
+pub const STAGE_DELETED: i16 = 2;
 
 impl TablePlan {
     /// The source key columns.
@@ -517,8 +566,64 @@ fn select_on_source(plan: &TablePlan, range: Option<(i64, i64)>) -> String {
     format!("SELECT {cols} FROM {} AS {q}{filter}", plan.source.quoted())
 }
 
+/// A [`DirectCopy`] when every output is a carried column of the target column's
+/// type, unchanged, and no filter drops rows.
+fn direct_copy(
+    mapping: &Mapping,
+    target: &Table,
+    carried: &[Column],
+    out_cols: &str,
+) -> Option<DirectCopy> {
+    if mapping.filter.is_some() {
+        return None;
+    }
+    let q = ident(&qualifier(mapping));
+    let columns = mapping
+        .outputs
+        .iter()
+        .map(|o| {
+            let [read] = o.reads.iter().collect::<Vec<_>>()[..] else {
+                return None;
+            };
+            let plain = o.sql == ident(read) || o.sql == format!("{q}.{}", ident(read));
+            let i = carried.iter().position(|c| &c.name == read)?;
+            let same = target
+                .column(&o.column)
+                .is_some_and(|t| t.type_sql == carried[i].type_sql);
+            (plain && same).then_some(i)
+        })
+        .collect::<Option<Vec<usize>>>()?;
+    Some(DirectCopy {
+        sql: format!("COPY {} ({out_cols}) FROM STDIN", target.quoted()),
+        columns,
+    })
+}
+
+/// The session's staging table for `target` (a temporary table: one per session,
+/// named from the target so two plans never share one).
+fn stage_table(target: &Table) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (&target.schema, &target.name).hash(&mut h);
+    format!("strangler_stage_{:016x}", h.finish())
+}
+
 fn build(mapping: Mapping, source: Table, target: Table, carried: Vec<Column>) -> TablePlan {
     let q = ident(&qualifier(&mapping));
+    // The changed rows, cast to their source types, read from the staging table.
+    let stage_name = stage_table(&target);
+    let staged = |cols: &[&Column], kinds: &str| {
+        let casts = cols
+            .iter()
+            .map(|c| format!("{}::{} AS {}", ident(&c.name), c.cast, ident(&c.name)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "(SELECT {casts} FROM pg_temp.{stage_name} WHERE {} {kinds}) AS {q}",
+            ident(STAGE_KIND)
+        )
+    };
+    let stage_present = format!("<> {STAGE_DELETED}");
     let unnest = |cols: &[&Column]| {
         let params = (1..=cols.len())
             .map(|i| format!("${i}::text[]"))
@@ -571,11 +676,15 @@ fn build(mapping: Mapping, source: Table, target: Table, carried: Vec<Column>) -
     } else {
         format!("DO UPDATE SET {}", updates.join(", "))
     };
-    let upsert_sql = format!(
-        "INSERT INTO {} ({out_cols}) SELECT {out_exprs} FROM {}{filter} ON CONFLICT ({key_cols}) {conflict}",
-        target.quoted(),
-        unnest(&all)
-    );
+    let insert_from = |rows: String| {
+        format!(
+            "INSERT INTO {} ({out_cols}) SELECT {out_exprs} FROM {rows}{filter}",
+            target.quoted()
+        )
+    };
+    let upsert_from =
+        |rows: String| format!("{} ON CONFLICT ({key_cols}) {conflict}", insert_from(rows));
+    let upsert_sql = upsert_from(unnest(&all));
     let key_exprs = |alias: &str| {
         target
             .key
@@ -591,26 +700,48 @@ fn build(mapping: Mapping, source: Table, target: Table, carried: Vec<Column>) -
         .map(|k| format!("t.{} = d.{}", ident(k), ident(&format!("k_{k}"))))
         .collect::<Vec<_>>()
         .join(" AND ");
-    let filtered_out_sql = mapping.filter.as_ref().map(|f| {
-        format!(
-            "DELETE FROM {} AS t USING (SELECT {} FROM {} WHERE NOT coalesce(({}), false)) AS d WHERE {key_match}",
-            target.quoted(),
-            key_exprs("k_"),
-            unnest(&all),
-            f.sql
-        )
-    });
+    let filtered_out_from = |rows: String| {
+        mapping.filter.as_ref().map(|f| {
+            format!(
+                "DELETE FROM {} AS t USING (SELECT {} FROM {rows} WHERE NOT coalesce(({}), false)) AS d WHERE {key_match}",
+                target.quoted(),
+                key_exprs("k_"),
+                f.sql
+            )
+        })
+    };
+    let filtered_out_sql = filtered_out_from(unnest(&all));
     let key_columns: Vec<&Column> = source
         .key
         .iter()
         .filter_map(|k| carried.iter().find(|c| &c.name == k))
         .collect();
-    let delete_sql = format!(
-        "DELETE FROM {} AS t USING (SELECT {} FROM {}) AS d WHERE {key_match}",
-        target.quoted(),
-        key_exprs("k_"),
-        unnest(&key_columns)
-    );
+    let delete_from = |rows: String| {
+        format!(
+            "DELETE FROM {} AS t USING (SELECT {} FROM {rows}) AS d WHERE {key_match}",
+            target.quoted(),
+            key_exprs("k_"),
+        )
+    };
+    let delete_sql = delete_from(unnest(&key_columns));
+    let stage_columns = carried
+        .iter()
+        .map(|c| format!("{} text", ident(&c.name)))
+        .chain(std::iter::once(format!("{} smallint", ident(STAGE_KIND))))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let stage = StageSql {
+        table: format!("pg_temp.{stage_name}"),
+        create: format!(
+            "CREATE TEMP TABLE IF NOT EXISTS {stage_name} ({stage_columns}) ON COMMIT DELETE ROWS"
+        ),
+        copy_in: format!("COPY pg_temp.{stage_name} FROM STDIN (FORMAT binary)"),
+        insert: insert_from(staged(&all, &format!("= {STAGE_INSERTED}"))),
+        upsert_changed: upsert_from(staged(&all, &format!("= {STAGE_CHANGED}"))),
+        upsert: upsert_from(staged(&all, &stage_present)),
+        filtered_out: filtered_out_from(staged(&all, &stage_present)),
+        delete: delete_from(staged(&key_columns, &format!("= {STAGE_DELETED}"))),
+    };
     let copy_in_sql = format!("COPY {} ({out_cols}) FROM STDIN", target.quoted());
     let as_text = mapping
         .outputs
@@ -693,7 +824,10 @@ fn build(mapping: Mapping, source: Table, target: Table, carried: Vec<Column>) -
         "SELECT {current_cols} FROM {} AS t JOIN unnest({tkey_params}) AS k({tkey_names}) ON {tkey_match}",
         target.quoted()
     );
+    let direct_copy = direct_copy(&mapping, &target, &carried, &out_cols);
     TablePlan {
+        direct_copy,
+        stage,
         rows_text_sql,
         rows_sql,
         current_sql,

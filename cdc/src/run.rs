@@ -686,7 +686,7 @@ async fn sink_and_plans(
     }
     crate::apply::tag_origin(&target, &config.origin).await?;
     ensure_checkpoint_table(&target).await?;
-    Ok((Box::new(crate::sink::PgSink(target)), plans))
+    Ok((Box::new(crate::sink::PgSink::new(target)), plans))
 }
 
 async fn run_once(
@@ -885,7 +885,9 @@ impl Applier {
                     observe.as_deref(),
                 )
                 .await?;
-                feedback.update_applied_lsn(applied.0);
+                if let Some(lsn) = applied {
+                    feedback.update_applied_lsn(lsn.0);
+                }
                 counter.fetch_add(1, std::sync::atomic::Ordering::Release);
             }
             Ok(())
@@ -1000,6 +1002,10 @@ async fn stream_changes(
         .map(|(i, p)| ((p.source.schema.clone(), p.source.name.clone()), i))
         .collect();
     let feedback = Arc::clone(&stream.shared_lsn_feedback);
+    // A large source transaction goes to the target in parts of `batch_rows` that
+    // commit together, so applying it overlaps decoding it; not with conflict
+    // checks, which compare with whole transactions' before images.
+    let parts = target.applies_parts() && !plans.iter().any(|p| p.conflict.detects());
     // Applying runs beside reading: while the target commits one batch, the next
     // is decoded. The slot is told only what the applier has committed.
     let mut applier = Applier::spawn(
@@ -1130,6 +1136,10 @@ async fn stream_changes(
                     && tx_commit > copied_until[t]
                 {
                     batch.insert(t, &plans[t], data)?;
+                    if parts && batch.changes >= config.batch_rows {
+                        batch.open = true;
+                        applier.hand_over(&mut batch).await?;
+                    }
                 }
             }
             EventType::Update {
@@ -1143,6 +1153,10 @@ async fn stream_changes(
                     && tx_commit > copied_until[t]
                 {
                     batch.update(t, &plans[t], old_data.as_ref(), new_data)?;
+                    if parts && batch.changes >= config.batch_rows {
+                        batch.open = true;
+                        applier.hand_over(&mut batch).await?;
+                    }
                 }
             }
             EventType::Delete {
@@ -1155,6 +1169,10 @@ async fn stream_changes(
                     && tx_commit > copied_until[t]
                 {
                     batch.delete(t, &plans[t], old_data)?;
+                    if parts && batch.changes >= config.batch_rows {
+                        batch.open = true;
+                        applier.hand_over(&mut batch).await?;
+                    }
                 }
             }
             EventType::Truncate { tables, .. } if !skipping => {
@@ -1226,7 +1244,7 @@ pub(crate) async fn apply_batch(
     config: &CdcConfig,
     progress: &Progress,
     observe: Option<&crate::observe::Observe>,
-) -> Result<Lsn, CdcError> {
+) -> Result<Option<Lsn>, CdcError> {
     use std::sync::atomic::Ordering::Relaxed;
     let end = batch.end_lsn;
     let txs = batch.transactions as u64;
@@ -1239,22 +1257,28 @@ pub(crate) async fn apply_batch(
         .filter(|(_, n)| **n > 0)
         .map(|(p, n)| (p.target.quoted(), *n))
         .collect();
+    let open = batch.open;
     let applied = target.apply(batch, plans, &config.slot).await?;
     let rows = applied.rows;
     progress.conflicts.fetch_add(applied.conflicts, Relaxed);
+    progress.rows.fetch_add(rows, Relaxed);
     tracing::debug!(
         transactions = txs,
         rows,
+        open,
         ms = t0.elapsed().as_secs_f64() * 1000.0,
         "batch applied"
     );
+    if open {
+        // A part of a transaction: nothing is committed yet, the position stays.
+        return Ok(None);
+    }
     if let Some(o) = observe {
         o.batch(started, t0.elapsed(), end.0, txs, &by_table, oldest);
     }
     progress.applied.store(end.0, Relaxed);
-    progress.rows.fetch_add(rows, Relaxed);
     progress.transactions.fetch_add(txs, Relaxed);
-    Ok(end)
+    Ok(Some(end))
 }
 
 /// Where replication stands, for `strangler cdc status`.

@@ -29,10 +29,23 @@ pub trait Sink: Send {
     fn postgres(&self) -> Option<&Client> {
         None
     }
+    /// Whether a source transaction may be applied in parts ([`Batch::open`]) that
+    /// commit together: the applier then starts on a large transaction before its
+    /// end arrives.
+    fn applies_parts(&self) -> bool {
+        false
+    }
 }
 
 /// A PostgreSQL target.
-pub struct PgSink(pub Client);
+pub struct PgSink(pub Client, pub crate::apply::Session);
+
+impl PgSink {
+    /// A sink writing through `client`.
+    pub fn new(client: Client) -> Self {
+        Self(client, crate::apply::Session::default())
+    }
+}
 
 #[async_trait]
 impl Sink for PgSink {
@@ -42,7 +55,7 @@ impl Sink for PgSink {
         plans: &[TablePlan],
         slot: &str,
     ) -> Result<crate::apply::Applied, ApplyError> {
-        batch.apply(&mut self.0, plans, slot).await
+        batch.apply(&mut self.0, plans, slot, &mut self.1).await
     }
 
     async fn read_checkpoint(&mut self, slot: &str) -> Result<Option<Lsn>, ApplyError> {
@@ -66,5 +79,9 @@ impl Sink for PgSink {
 
     fn postgres(&self) -> Option<&Client> {
         Some(&self.0)
+    }
+
+    fn applies_parts(&self) -> bool {
+        true
     }
 }
