@@ -19,7 +19,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use strangler_cdc::run::{Progress, RunOptions, run_with};
+use strangler_cdc::pipeline::{Progress, RunOptions, run_with};
 use strangler_cdc::{CancellationToken, CdcConfig};
 use strangler_testkit::Postgres;
 use tokio_postgres::Client;

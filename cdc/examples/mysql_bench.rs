@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mysql_async::prelude::Queryable;
-use strangler_cdc::run::{Progress, RunOptions, run_with};
+use strangler_cdc::pipeline::{Progress, RunOptions, run_with};
 use strangler_cdc::{CancellationToken, CdcConfig};
 use strangler_testkit::{MariaDb, Postgres};
 

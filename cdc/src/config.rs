@@ -24,6 +24,28 @@ pub const DEFAULT_HEARTBEAT_MS: u64 = 10_000;
 /// Tables copied at once during the snapshot.
 pub const DEFAULT_SNAPSHOT_PARALLELISM: usize = 4;
 
+/// Which database an endpoint is, decided once from its URL: `mysql://` and
+/// `mariadb://` are MySQL/MariaDB, anything else PostgreSQL (`postgres://`,
+/// `postgresql://` or a libpq key/value string).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// PostgreSQL.
+    Postgres,
+    /// MySQL or MariaDB.
+    MySql,
+}
+
+impl Kind {
+    /// The kind `url` names.
+    pub fn of(url: &str) -> Self {
+        if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+            Kind::MySql
+        } else {
+            Kind::Postgres
+        }
+    }
+}
+
 /// A validated CDC configuration.
 #[derive(Debug, Clone)]
 pub struct CdcConfig {
@@ -31,8 +53,12 @@ pub struct CdcConfig {
     pub path: PathBuf,
     /// Source (legacy) connection URL.
     pub source: String,
+    /// The source's kind of database, from its URL's scheme.
+    pub source_kind: Kind,
     /// Target (new) connection URL.
     pub target: String,
+    /// The target's kind of database, from its URL's scheme.
+    pub target_kind: Kind,
     /// Replication slot on the source.
     pub slot: String,
     /// Publication on the source (created for the mapped tables when missing).
@@ -251,7 +277,9 @@ impl CdcConfig {
             .unwrap_or_else(|| format!("strangler_{slot}"));
         Ok(Self {
             path: path.to_path_buf(),
+            source_kind: Kind::of(&raw.source.url),
             source: raw.source.url,
+            target_kind: Kind::of(&raw.target.url),
             target: raw.target.url,
             slot,
             publication,
@@ -290,6 +318,14 @@ mod tests {
     use super::*;
 
     const GOOD: &str = "[source]\nurl = \"postgres://a@127.0.0.1/legacy\"\n[target]\nurl = \"postgres://a@127.0.0.1/new\"\n\n[[map]]\ntarget = \"orders\"\nsql = \"SELECT id, total_cents / 100.0 AS total FROM orders WHERE status <> 'draft'\"\n";
+
+    #[test]
+    fn endpoints_are_told_apart_by_their_scheme() {
+        assert_eq!(Kind::of("mysql://u@h/db"), Kind::MySql);
+        assert_eq!(Kind::of("mariadb://u@h/db"), Kind::MySql);
+        assert_eq!(Kind::of("postgres://u@h/db"), Kind::Postgres);
+        assert_eq!(Kind::of("host=127.0.0.1 dbname=x"), Kind::Postgres);
+    }
 
     #[test]
     fn a_minimal_config_gets_defaults() {

@@ -182,7 +182,10 @@ impl Observe {
                         "strangler.cdc.rows",
                         rows_by_table.iter().map(|(_, n)| *n as i64).sum::<i64>(),
                     ),
-                    KeyValue::new("strangler.cdc.end_lsn", crate::Lsn(end_lsn).to_string()),
+                    KeyValue::new(
+                        "strangler.cdc.end_lsn",
+                        crate::model::Lsn(end_lsn).to_string(),
+                    ),
                 ])
                 .start(tracer);
             span.end_with_timestamp(started + took);

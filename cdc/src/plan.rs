@@ -9,29 +9,8 @@ use std::collections::BTreeSet;
 
 use tokio_postgres::Client;
 
+use crate::error::CheckError;
 use crate::mapping::{Mapping, Output};
-
-/// A mapping that does not fit the databases.
-#[derive(Debug, thiserror::Error)]
-pub enum CheckError {
-    /// A database could not be queried.
-    #[error("{side}: {source}")]
-    Db {
-        /// "source" or "target".
-        side: &'static str,
-        /// The error.
-        #[source]
-        source: tokio_postgres::Error,
-    },
-    /// The mapping does not fit the schemas.
-    #[error("mapping for {target}: {message}")]
-    Schema {
-        /// The target table.
-        target: String,
-        /// What does not fit.
-        message: String,
-    },
-}
 
 /// A column as the catalog describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use mysql_async::prelude::Queryable;
 use strangler_cdc::CdcConfig;
-use strangler_cdc::run::{RunOptions, run};
+use strangler_cdc::pipeline::{RunOptions, run};
 use strangler_testkit::{MariaDb, Postgres};
 use tokio_postgres::Client;
 
@@ -374,7 +374,7 @@ async fn mariadb_snapshot_then_binlog_under_writes_resumes_and_stops_at_ddl() {
     let _ = stop;
 
     // verify: it sees the marker row the test put in the target earlier …
-    let reports = strangler_cdc::verify::verify(&config, Duration::from_secs(5))
+    let reports = strangler_cdc::ops::verify::verify(&config, Duration::from_secs(5))
         .await
         .expect("verify");
     let customers = reports
@@ -387,7 +387,7 @@ async fn mariadb_snapshot_then_binlog_under_writes_resumes_and_stops_at_ddl() {
         .await
         .expect("remove the marker");
     // … is clean without it, then names exactly a changed, a deleted and an extra row.
-    let reports = strangler_cdc::verify::verify(&config, Duration::from_secs(5))
+    let reports = strangler_cdc::ops::verify::verify(&config, Duration::from_secs(5))
         .await
         .expect("verify");
     assert!(reports.iter().all(|r| r.clean()), "{reports:#?}");
@@ -412,7 +412,7 @@ async fn mariadb_snapshot_then_binlog_under_writes_resumes_and_stops_at_ddl() {
         ))
         .await
         .expect("tamper");
-    let reports = strangler_cdc::verify::verify(&config, Duration::from_secs(1))
+    let reports = strangler_cdc::ops::verify::verify(&config, Duration::from_secs(1))
         .await
         .expect("verify");
     let orders = reports
@@ -447,7 +447,7 @@ async fn legacy_all(db: &mut mysql_async::Conn) -> Vec<String> {
 async fn both_directions_between_mariadb_and_postgres_converge_without_bouncing() {
     use std::sync::Arc;
     use std::sync::atomic::Ordering::Relaxed;
-    use strangler_cdc::run::{Progress, run_with};
+    use strangler_cdc::pipeline::{Progress, run_with};
 
     let Sides {
         maria,
@@ -604,16 +604,16 @@ fn spawn_run(
     stop: &strangler_cdc::CancellationToken,
 ) -> (
     tokio::task::JoinHandle<Result<(), strangler_cdc::CdcError>>,
-    std::sync::Arc<strangler_cdc::run::Progress>,
+    std::sync::Arc<strangler_cdc::pipeline::Progress>,
 ) {
-    let progress = std::sync::Arc::new(strangler_cdc::run::Progress::default());
+    let progress = std::sync::Arc::new(strangler_cdc::pipeline::Progress::default());
     let (config, stop, p) = (
         config.clone(),
         stop.clone(),
         std::sync::Arc::clone(&progress),
     );
     let task = tokio::spawn(async move {
-        strangler_cdc::run::run_with(
+        strangler_cdc::pipeline::run_with(
             &config,
             RunOptions {
                 stop: Some(stop),

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use strangler_cdc::CdcConfig;
-use strangler_cdc::run::{RunOptions, run};
+use strangler_cdc::pipeline::{RunOptions, run};
 use strangler_testkit::Postgres;
 use tokio_postgres::Client;
 
@@ -211,7 +211,7 @@ async fn snapshot_then_stream_under_writes_ends_with_exactly_the_mapped_rows() {
 
     // verify while CDC runs: clean; then break the target behind its back and
     // verify names exactly the broken keys.
-    let reports = strangler_cdc::verify::verify(&config, Duration::from_secs(30))
+    let reports = strangler_cdc::ops::verify::verify(&config, Duration::from_secs(30))
         .await
         .expect("verify");
     for r in &reports {
@@ -236,7 +236,7 @@ async fn snapshot_then_stream_under_writes_ends_with_exactly_the_mapped_rows() {
         ))
         .await
         .expect("tamper");
-    let reports = strangler_cdc::verify::verify(&config, Duration::from_secs(30))
+    let reports = strangler_cdc::ops::verify::verify(&config, Duration::from_secs(30))
         .await
         .expect("verify");
     let orders = reports
@@ -612,4 +612,97 @@ async fn both_directions_at_once_converge_and_no_change_bounces_back() {
         on_legacy_side.iter().all(|(id, n)| *id >= 1000 && *n == 1),
         "{on_legacy_side:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transaction_larger_than_a_batch_lands_whole_through_staging_copy_and_the_upsert_fallback()
+ {
+    let (src, tgt) = tokio::join!(Postgres::start(), Postgres::start());
+    let (src, tgt) = (src.expect("source pg"), tgt.expect("target pg"));
+    src.create_database("legacy").await.expect("db");
+    tgt.create_database("shop").await.expect("db");
+    let source = src.connect("legacy").await.expect("source");
+    let target = tgt.connect("shop").await.expect("target");
+    source.batch_execute(SOURCE_SCHEMA).await.expect("schema");
+    target.batch_execute(TARGET_SCHEMA).await.expect("schema");
+    seed(&source, 10, 100).await;
+    // Parts of 600 changes: each carries hundreds of rows of a table, so they go
+    // through the staging table (orders: a transform and a filter) or straight
+    // into the target by COPY (customers: `SELECT *`, same types).
+    let text = format!(
+        "[source]\nurl = \"{}\"\n[target]\nurl = \"{}\"\n[apply]\nbatch_ms = 10\nbatch_rows = 600\n\n\
+         [[map]]\ntarget = \"customers\"\nsql = \"SELECT * FROM customers\"\n\n\
+         [[map]]\ntarget = \"orders_v2\"\nsql = \"\"\"\n\
+         SELECT id, customer_id AS buyer, total_cents / 100.0 AS total, lower(email) AS email,\n\
+                note, tags, meta, created, uid, data, kind::text AS kind\n\
+         FROM orders WHERE status <> 'draft'\"\"\"\n",
+        src.url("legacy"),
+        tgt.url("shop")
+    );
+    let config = CdcConfig::parse(&text, Path::new("cdc.toml")).expect("config");
+    let stop = strangler_cdc::CancellationToken::new();
+    let cdc = {
+        let (config, stop) = (config.clone(), stop.clone());
+        tokio::spawn(async move {
+            run(
+                &config,
+                RunOptions {
+                    stop: Some(stop),
+                    ..RunOptions::default()
+                },
+            )
+            .await
+        })
+    };
+    wait_caught_up(&source, &target, &config.slot, Duration::from_secs(60)).await;
+    assert_eq!(customers(&target).await, customers(&source).await);
+
+    // A row already in the target under a key the source is about to insert (written
+    // there directly): the direct COPY and the plain INSERT both meet it, roll back
+    // to their savepoints, and the upsert wins with the source's version.
+    target
+        .execute(
+            "INSERT INTO customers (id, email, name) VALUES (1005, 'stale@example.com', 'stale')",
+            &[],
+        )
+        .await
+        .expect("stale row");
+    // One source transaction of about 3,000 changes over both tables: inserts (values
+    // with a tab, a newline and a backslash, which COPY text must escape), updates,
+    // rows the filter drops within the transaction, deletes.
+    source
+        .batch_execute(
+            "BEGIN;
+             INSERT INTO customers (id, email, name)
+               SELECT g, 'c' || g || '@example.com', 'name ' || g || E'\\t\\\\ \\n end' FROM generate_series(1000, 2000) g;
+             INSERT INTO orders (customer_id, total_cents, status, email, note)
+               SELECT g % 7, g * 3, CASE WHEN g % 10 = 0 THEN 'draft' ELSE 'paid' END, 'Big' || g || '@X.org', NULL
+               FROM generate_series(1, 1500) g;
+             UPDATE customers SET name = 'updated' WHERE id BETWEEN 1500 AND 1600;
+             DELETE FROM customers WHERE id BETWEEN 1900 AND 1950;
+             UPDATE orders SET status = 'draft' WHERE id % 7 = 0;
+             DELETE FROM orders WHERE id % 11 = 0;
+             COMMIT;",
+        )
+        .await
+        .expect("large transaction");
+    wait_caught_up(&source, &target, &config.slot, Duration::from_secs(60)).await;
+    assert_eq!(customers(&target).await, customers(&source).await);
+    assert_eq!(target_rows(&target).await, mapped_source(&source).await);
+    let stale: String = target
+        .query_one("SELECT name FROM customers WHERE id = 1005", &[])
+        .await
+        .expect("row 1005")
+        .get(0);
+    assert_eq!(stale, "name 1005\t\\ \n end");
+
+    // The target transaction of the parts was committed and closed: small ones apply.
+    source
+        .execute("UPDATE customers SET name = 'after' WHERE id = 1001", &[])
+        .await
+        .expect("small change");
+    wait_caught_up(&source, &target, &config.slot, Duration::from_secs(30)).await;
+    assert_eq!(customers(&target).await, customers(&source).await);
+    stop.cancel();
+    cdc.await.expect("join").expect("cdc run");
 }

@@ -178,7 +178,7 @@ pub async fn run(walkthrough: bool, exit: bool) -> anyhow::Result<()> {
     let reverse = cdc_config(CDC_REVERSE, &legacy_url, &orders_url)?;
     for (name, config) in [("forward", forward.clone()), ("reverse", reverse.clone())] {
         let stop = stop_cdc.clone();
-        let opts = strangler_cdc::run::RunOptions {
+        let opts = strangler_cdc::pipeline::RunOptions {
             stop: Some(stop),
             ..Default::default()
         };
@@ -396,7 +396,7 @@ pub async fn run(walkthrough: bool, exit: bool) -> anyhow::Result<()> {
         );
 
         step("6. Are both databases the same? (strangler cdc verify)");
-        match strangler_cdc::verify::verify(&forward, Duration::from_secs(30)).await {
+        match strangler_cdc::ops::verify::verify(&forward, Duration::from_secs(30)).await {
             Ok(reports) => {
                 for r in reports {
                     println!(

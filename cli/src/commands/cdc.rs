@@ -29,9 +29,9 @@ pub fn run(command: CdcCommand) -> anyhow::Result<ExitCode> {
                     tracing::info!("stopping after the current transaction");
                     on_signal.cancel();
                 });
-                strangler_cdc::run::run(
+                strangler_cdc::pipeline::run(
                     &config,
-                    strangler_cdc::run::RunOptions {
+                    strangler_cdc::pipeline::RunOptions {
                         resnapshot,
                         stop: Some(stop),
                         observe: None,
@@ -70,7 +70,7 @@ pub fn run(command: CdcCommand) -> anyhow::Result<ExitCode> {
             wait_secs,
         } => {
             let config = strangler_cdc::CdcConfig::load(&config)?;
-            let reports = runtime.block_on(strangler_cdc::verify::verify(
+            let reports = runtime.block_on(strangler_cdc::ops::verify::verify(
                 &config,
                 std::time::Duration::from_secs(wait_secs),
             ))?;
@@ -119,7 +119,7 @@ pub fn run(command: CdcCommand) -> anyhow::Result<ExitCode> {
             wait_secs,
         } => {
             let config = strangler_cdc::CdcConfig::load(&config)?;
-            let rows = runtime.block_on(strangler_cdc::resnapshot::request(
+            let rows = runtime.block_on(strangler_cdc::ops::resnapshot::request(
                 &config,
                 &table,
                 std::time::Duration::from_secs(wait_secs),
@@ -136,7 +136,7 @@ pub fn run(command: CdcCommand) -> anyhow::Result<ExitCode> {
             if to != "postgres" {
                 anyhow::bail!("--to {to:?}: only postgres is supported");
             }
-            let t = runtime.block_on(strangler_cdc::schema::from_mysql(&from, &tables))?;
+            let t = runtime.block_on(strangler_cdc::mysql::schema::from_mysql(&from, &tables))?;
             print!("{}", t.script());
             if let Some(url) = apply {
                 runtime.block_on(async {
@@ -160,7 +160,7 @@ pub fn run(command: CdcCommand) -> anyhow::Result<ExitCode> {
         }
         CdcCommand::Status { config, output } => {
             let config = strangler_cdc::CdcConfig::load(&config)?;
-            let s = runtime.block_on(strangler_cdc::run::status(&config))?;
+            let s = runtime.block_on(strangler_cdc::ops::status(&config))?;
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&s)?),
                 Output::Table => {

@@ -41,7 +41,7 @@ fn start_cdc(
 ) -> tokio::task::JoinHandle<Result<(), strangler_cdc::CdcError>> {
     let stop = stop.clone();
     tokio::spawn(async move {
-        let options = strangler_cdc::run::RunOptions {
+        let options = strangler_cdc::pipeline::RunOptions {
             stop: Some(stop),
             ..Default::default()
         };

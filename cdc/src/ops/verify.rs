@@ -14,9 +14,11 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 use crate::config::CdcConfig;
-use crate::lsn::Lsn;
+use crate::error::CdcError;
+use crate::model::Lsn;
+use crate::pg::connect;
 use crate::plan::{TablePlan, ident};
-use crate::run::CdcError;
+use crate::sink::postgres::read_checkpoint;
 
 /// Ranges at or below this many rows are compared row by row.
 const LEAF_ROWS: i64 = 2_000;
@@ -292,7 +294,9 @@ async fn wait_applied(
         .map_err(CdcError::Source)?;
     let deadline = Instant::now() + timeout;
     loop {
-        let applied = crate::apply::read_checkpoint(target, &config.slot).await?;
+        let applied = read_checkpoint(target, &config.slot)
+            .await?
+            .map(|(lsn, _)| lsn);
         if applied.is_some_and(|a| a >= goal) {
             return Ok(());
         }
@@ -309,11 +313,11 @@ async fn wait_applied(
 /// Compares every mapped table; differences are re-checked so rows changing
 /// during the run are reported only if they stay different.
 pub async fn verify(config: &CdcConfig, wait: Duration) -> Result<Vec<TableReport>, CdcError> {
-    if crate::mysql::is_mysql(&config.source) {
-        return crate::mysql::verify(config, wait).await;
+    if config.source_kind == crate::config::Kind::MySql {
+        return super::verify_mysql::verify_mysql(config, wait).await;
     }
-    let source = crate::run::connect(&config.source, "source").await?;
-    let target = crate::run::connect(&config.target, "target").await?;
+    let source = connect(&config.source, "source").await?;
+    let target = connect(&config.target, "target").await?;
     let mut plans = Vec::new();
     for m in &config.mappings {
         plans.push(crate::plan::check(m, &source, &target).await?);

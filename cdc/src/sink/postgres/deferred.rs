@@ -13,7 +13,7 @@
 
 use tokio_postgres::Client;
 
-use crate::run::CdcError;
+use crate::error::CdcError;
 
 /// Where set-aside definitions wait.
 pub const DEFERRED_TABLE: &str = "strangler.cdc_deferred";
