@@ -17,7 +17,7 @@ pub const DEFAULT_NAME: &str = "strangler_cdc";
 pub const DEFAULT_BATCH_ROWS: usize = 5_000;
 /// Longest a received commit waits to be applied: bounds the lag added by batching.
 pub const DEFAULT_BATCH_MS: u64 = 20;
-/// Tables above this many rows are copied in key ranges.
+/// Tables above this many rows are copied in page ranges.
 pub const DEFAULT_SPLIT_ROWS: i64 = 200_000;
 /// Heartbeat interval on an idle source.
 pub const DEFAULT_HEARTBEAT_MS: u64 = 10_000;
@@ -69,8 +69,8 @@ pub struct CdcConfig {
     pub batch_linger: Duration,
     /// Tables copied in parallel.
     pub snapshot_parallelism: usize,
-    /// Integer-keyed tables estimated above this many rows are copied as
-    /// `snapshot_parallelism` key ranges in parallel.
+    /// Tables estimated above this many rows are copied as `snapshot_parallelism`
+    /// ranges of their pages in parallel.
     pub split_rows: i64,
     /// With no commit of ours for this long, a heartbeat is written on the source so
     /// the slot (and the checkpoint) move past unrelated WAL.

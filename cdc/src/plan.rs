@@ -482,14 +482,13 @@ fn alias_of(sql: &str) -> Option<String> {
 
 /// The mapping's SELECT over the real source table (the snapshot query).
 impl TablePlan {
-    /// The snapshot's COPY of the source rows whose (single, integer) key is in
-    /// `[lo, hi)`, or of all rows.
-    pub fn copy_out_range(&self, range: Option<(i64, i64)>) -> String {
+    /// The snapshot's COPY of the source rows in `range`'s pages, or of all rows.
+    pub fn copy_out_range(&self, range: Option<Pages>) -> String {
         format!("COPY ({}) TO STDOUT", select_on_source(self, range))
     }
 
     /// The snapshot's SELECT on the source (the body of [`Self::copy_out_range`]).
-    pub fn select_range(&self, range: Option<(i64, i64)>) -> String {
+    pub fn select_range(&self, range: Option<Pages>) -> String {
         select_on_source(self, range)
     }
 
@@ -505,23 +504,34 @@ impl TablePlan {
             .join(", ");
         format!("SELECT {cols} FROM {} LIMIT 0", self.target.quoted())
     }
+}
 
-    /// The source key column when it is one integer column (ranges can split it).
-    pub fn integer_key(&self) -> Option<&str> {
-        match self.source.key.as_slice() {
-            [k] => self
-                .source
-                .columns
-                .iter()
-                .find(|c| &c.name == k)
-                .filter(|c| matches!(c.type_sql.as_str(), "integer" | "bigint" | "smallint"))
-                .map(|c| c.name.as_str()),
-            _ => None,
-        }
+/// A range of a source table's pages that one snapshot copy reads (by `ctid`):
+/// pages `from` up to `to`, or to the end when `to` is `None` (pages added since
+/// the size was read still belong to the last range).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pages {
+    /// First page.
+    pub from: u64,
+    /// First page after the range; `None`: the table's end.
+    pub to: Option<u64>,
+}
+
+impl Pages {
+    /// `count` ranges covering a table of `pages` pages (the last one open-ended).
+    pub fn split(pages: u64, count: u64) -> Vec<Pages> {
+        let count = count.max(1);
+        let step = pages.div_ceil(count).max(1);
+        (0..count)
+            .map(|k| Pages {
+                from: k * step,
+                to: (k + 1 < count).then_some((k + 1) * step),
+            })
+            .collect()
     }
 }
 
-fn select_on_source(plan: &TablePlan, range: Option<(i64, i64)>) -> String {
+fn select_on_source(plan: &TablePlan, range: Option<Pages>) -> String {
     let m = &plan.mapping;
     let cols = m
         .outputs
@@ -531,11 +541,14 @@ fn select_on_source(plan: &TablePlan, range: Option<(i64, i64)>) -> String {
         .join(", ");
     let q = ident(&qualifier(m));
     let mut conditions: Vec<String> = m.filter.iter().map(|f| format!("({})", f.sql)).collect();
-    if let (Some((lo, hi)), Some(key)) = (range, plan.integer_key()) {
-        conditions.push(format!(
-            "{q}.{k} >= {lo} AND {q}.{k} < {hi}",
-            k = ident(key)
-        ));
+    if let Some(pages) = range {
+        // A TID range scan reads only these pages.
+        if pages.from > 0 {
+            conditions.push(format!("{q}.ctid >= '({},0)'::tid", pages.from));
+        }
+        if let Some(to) = pages.to {
+            conditions.push(format!("{q}.ctid < '({to},0)'::tid"));
+        }
     }
     let filter = if conditions.is_empty() {
         String::new()
@@ -566,9 +579,11 @@ fn direct_copy(
             };
             let plain = o.sql == ident(read) || o.sql == format!("{q}.{}", ident(read));
             let i = carried.iter().position(|c| &c.name == read)?;
-            let same = target
-                .column(&o.column)
-                .is_some_and(|t| t.type_sql == carried[i].type_sql);
+            let c = &carried[i];
+            let same = target.column(&o.column).is_some_and(|t| {
+                let want = type_family(&t.type_sql);
+                want == type_family(&c.type_sql) || want == type_family(&c.cast)
+            });
             (plain && same).then_some(i)
         })
         .collect::<Option<Vec<usize>>>()?;
@@ -576,6 +591,38 @@ fn direct_copy(
         sql: format!("COPY {} ({out_cols}) FROM STDIN", target.quoted()),
         columns,
     })
+}
+
+/// A type name reduced to what decides how its text is read: aliases to one name,
+/// the type modifier dropped (a value that does not fit fails on either path),
+/// `varchar` and `text` together (strings either way; `char(n)` pads, and stays
+/// apart).
+fn type_family(type_sql: &str) -> String {
+    let t = type_sql.trim().to_ascii_lowercase();
+    let base = match t.split_once('(') {
+        Some((head, rest)) => format!(
+            "{}{}",
+            head.trim_end(),
+            rest.split_once(')').map_or("", |(_, tail)| tail)
+        ),
+        None => t.clone(),
+    };
+    match base.trim() {
+        "int" | "int4" | "integer" => "integer",
+        "int8" | "bigint" => "bigint",
+        "int2" | "smallint" => "smallint",
+        "decimal" | "numeric" => "numeric",
+        "float8" | "double precision" => "double precision",
+        "float4" | "real" => "real",
+        "bool" | "boolean" => "boolean",
+        "text" | "varchar" | "character varying" => "text",
+        "timestamp" | "timestamp without time zone" => "timestamp",
+        "timestamptz" | "timestamp with time zone" => "timestamptz",
+        "time" | "time without time zone" => "time",
+        "timetz" | "time with time zone" => "timetz",
+        other => return other.to_string(),
+    }
+    .to_string()
 }
 
 /// The session's staging table for `target` (a temporary table: one per session,
@@ -822,5 +869,50 @@ fn build(mapping: Mapping, source: Table, target: Table, carried: Vec<Column>) -
         filtered_out_sql,
         delete_sql,
         copy_in_sql,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_ranges_cover_the_table_once_and_the_last_is_open_ended() {
+        let ranges = Pages::split(10, 4);
+        assert_eq!(
+            ranges,
+            vec![
+                Pages {
+                    from: 0,
+                    to: Some(3)
+                },
+                Pages {
+                    from: 3,
+                    to: Some(6)
+                },
+                Pages {
+                    from: 6,
+                    to: Some(9)
+                },
+                Pages { from: 9, to: None },
+            ]
+        );
+        assert_eq!(Pages::split(0, 1), vec![Pages { from: 0, to: None }]);
+        assert_eq!(Pages::split(5, 0), vec![Pages { from: 0, to: None }]);
+    }
+
+    #[test]
+    fn type_families_see_through_aliases_and_modifiers_but_not_across_kinds() {
+        assert_eq!(
+            type_family("timestamp(3) without time zone"),
+            type_family("timestamp(3)")
+        );
+        assert_eq!(type_family("numeric(12,2)"), type_family("NUMERIC"));
+        assert_eq!(type_family("character varying(16)"), type_family("text"));
+        assert_eq!(type_family("int4"), type_family("integer"));
+        assert_ne!(type_family("timestamp"), type_family("timestamptz"));
+        assert_ne!(type_family("boolean"), type_family("text"));
+        assert_ne!(type_family("character(3)"), type_family("text"));
+        assert_ne!(type_family("integer"), type_family("bigint"));
     }
 }

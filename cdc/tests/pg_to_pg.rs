@@ -617,6 +617,11 @@ async fn both_directions_at_once_converge_and_no_change_bounces_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_transaction_larger_than_a_batch_lands_whole_through_staging_copy_and_the_upsert_fallback()
  {
+    // The batches' log lines (parts, rows) show with `--nocapture` when it fails.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("strangler_cdc=debug")
+        .with_test_writer()
+        .try_init();
     let (src, tgt) = tokio::join!(Postgres::start(), Postgres::start());
     let (src, tgt) = (src.expect("source pg"), tgt.expect("target pg"));
     src.create_database("legacy").await.expect("db");

@@ -95,6 +95,32 @@ pub fn views(views: &[RouteView], json: bool) -> std::io::Result<()> {
         ]);
     }
     print!("{}", table(rows));
+    // One route: each router too (every address a `dns://` entry resolved to).
+    if let [v] = views {
+        let mut per_router = vec![
+            [
+                "ROUTER",
+                "OVERRIDE",
+                "LEGACY/MIN",
+                "NEW/MIN",
+                "ERRORS/MIN",
+                "STATE",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ];
+        for r in &v.routers {
+            per_router.push(vec![
+                r.router.clone(),
+                r.override_backend.clone().unwrap_or_else(|| "-".into()),
+                r.legacy_requests.to_string(),
+                r.new_requests.to_string(),
+                r.errors.to_string(),
+                if r.error.is_some() { "DOWN" } else { "up" }.to_string(),
+            ]);
+        }
+        print!("\n{}", table(per_router));
+    }
     for v in views {
         if let Some(e) = &v.toggle_error {
             eprintln!("{}: cannot read the toggle: {e}", v.name);

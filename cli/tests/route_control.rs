@@ -377,6 +377,93 @@ async fn on_the_file_source_canary_rewrites_the_flags_file_the_router_watches() 
     assert_eq!(share_new(&sides_for(&router, 100).await), 0.0);
 }
 
+/// Five routers behind one name, as a Kubernetes headless Service gives them: their
+/// admin APIs share a port on five loopback addresses, and a hosts-format file
+/// (`STRANGLER_HOSTS_FILE`, the resolver override) maps the name to all five.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn routers_found_by_a_dns_name_are_each_reached_and_a_rollback_counts_every_address() {
+    let legacy = Upstream::start("legacy").await;
+    let new = Upstream::start("new").await;
+    let router_config = format!(
+        "[legacy]\nupstream = \"{}\"\n\n{}",
+        legacy.addr,
+        route_section(new.addr)
+    );
+    let flags = flags_doc("strangler.orders", true, 100);
+    let admin = free_port().expect("port");
+    let mut routers = Vec::new();
+    for k in 2..=6 {
+        let at = format!("127.0.0.{k}:{}", admin.port());
+        routers.push(
+            Router::start_admin_at(&at, &router_config, &[("flags.json", &flags)], &[]).await,
+        );
+    }
+    for r in &routers {
+        assert_eq!(share_new(&sides_for(r, 20).await), 1.0);
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hosts = dir.path().join("hosts");
+    let mut lines = String::from("# the fleet\n");
+    for k in 2..=6 {
+        lines.push_str(&format!("127.0.0.{k} routers.strangler.test\n"));
+    }
+    std::fs::write(&hosts, lines).expect("hosts");
+    std::fs::write(dir.path().join("flags.json"), &flags).expect("flags");
+    let config_path = dir.path().join("control.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "[flags]\nfile = \"flags.json\"\n[control]\nrouters = [\"dns://routers.strangler.test:{}\"]\ntimeout_ms = 1500\n\n[legacy]\nupstream = \"{}\"\n\n{}",
+            admin.port(),
+            legacy.addr,
+            route_section(new.addr)
+        ),
+    )
+    .expect("control config");
+    let config = config_path.display().to_string();
+    let hosts = hosts.display().to_string();
+    let env = [("STRANGLER_HOSTS_FILE", hosts.as_str())];
+
+    let out = cli(&["route", "--config", &config, "status", "orders"], &env);
+    assert!(out.status.success(), "{}", show(&out));
+    let text = show(&out);
+    for k in 2..=6 {
+        assert!(
+            text.contains(&format!("127.0.0.{k}:{}", admin.port())),
+            "status lists every resolved router: {text}"
+        );
+    }
+
+    let started = Instant::now();
+    let out = cli(&["route", "--config", &config, "rollback", "orders"], &env);
+    let took = started.elapsed();
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(
+        show(&out).contains("routers: 5/5 confirmed"),
+        "{}",
+        show(&out)
+    );
+    eprintln!("rollback across 5 routers found by DNS: {took:?} (the CLI process included)");
+    for r in &routers {
+        assert_eq!(
+            share_new(&sides_for(r, 50).await),
+            0.0,
+            "every router rolled back"
+        );
+    }
+
+    // A router that is gone while its address still resolves: the move is not complete.
+    drop(routers.pop());
+    let out = cli(&["route", "--config", &config, "rollback", "orders"], &env);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let text = show(&out);
+    assert!(text.contains("routers: 4/5 confirmed"), "{text}");
+    assert!(
+        text.contains(&format!("127.0.0.6:{}", admin.port())),
+        "{text}"
+    );
+}
+
 #[test]
 fn completions_are_printed_for_bash() {
     let out = cli(&["completions", "bash"], &[]);

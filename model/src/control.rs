@@ -19,10 +19,21 @@ pub const DEFAULT_CONTROL_TIMEOUT_MS: u64 = 2_000;
 /// The history file next to the config unless `control.history_file` names another.
 pub const DEFAULT_HISTORY_FILE: &str = "strangler.history.jsonl";
 
+/// A `dns://NAME:PORT` router entry's name and port (`None` when it is not one or
+/// is malformed). Each address the name resolves to when a command runs is a
+/// router, its admin API at `http://ADDRESS:PORT`.
+pub fn dns_target(entry: &str) -> Option<(&str, u16)> {
+    let rest = entry.strip_prefix("dns://")?.trim_end_matches('/');
+    let (name, port) = rest.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    (!name.is_empty() && !name.contains('/') && port > 0).then_some((name, port))
+}
+
 /// The route-control settings used by `strangler route …`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ControlConfig {
-    /// Admin API base URLs of every router (default: this config's own admin address).
+    /// Admin API base URLs of every router (default: this config's own admin
+    /// address), or `dns://NAME:PORT` for every address a name resolves to.
     pub routers: Vec<String>,
     /// Unleash base URL for its admin API (default: `flags.url` without `/api/`).
     pub unleash_admin_url: Option<String>,
@@ -74,12 +85,19 @@ impl RawControl {
                 .collect(),
             None => vec![admin_url.to_string()],
         };
+        if let Some(url) = routers.iter().find(|u| {
+            !(u.starts_with("http://") || u.starts_with("https://") || u.starts_with("dns://"))
+        }) {
+            return Err(Invalid(format!(
+                "control.routers: {url:?} must start with http://, https:// or dns:// (a name whose every address is a router)"
+            )));
+        }
         if let Some(url) = routers
             .iter()
-            .find(|u| !(u.starts_with("http://") || u.starts_with("https://")))
+            .find(|u| u.starts_with("dns://") && dns_target(u).is_none())
         {
             return Err(Invalid(format!(
-                "control.routers: {url:?} must start with http:// or https://"
+                "control.routers: {url:?} must be dns://NAME:PORT (each address NAME resolves to, at PORT, is a router's admin API)"
             )));
         }
         let unleash_admin_url = self.unleash_admin_url.or_else(|| {
@@ -141,6 +159,15 @@ mod tests {
     fn router_lists_must_be_urls_and_not_empty() {
         let b = |t: &str| raw(t).build("http://a:1", None, Path::new("."));
         assert!(b("routers = []").is_err());
+        assert_eq!(
+            b("routers = [\"dns://strangler-admin.shop.svc:9080\"]")
+                .map(|c| c.routers)
+                .ok(),
+            Some(vec!["dns://strangler-admin.shop.svc:9080".to_string()])
+        );
+        assert!(b("routers = [\"dns://no-port\"]").is_err());
+        assert!(b("routers = [\"dns://:9080\"]").is_err());
+        assert_eq!(dns_target("dns://a.b:1/"), Some(("a.b", 1)));
         assert!(b("routers = [\"a:1\"]").is_err());
         assert_eq!(
             b("routers = [\"http://x:1/\"]").map(|c| c.routers).ok(),

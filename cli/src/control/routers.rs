@@ -15,7 +15,12 @@ pub struct RouterReply {
     pub took: Duration,
 }
 
-/// All routers the config lists.
+/// Env var naming a hosts-format file (`ADDRESS NAME…` per line) whose names
+/// resolve there, before DNS, for `dns://` router entries: to pin a fleet's
+/// addresses without touching `/etc/hosts` (the tests' resolver).
+pub const HOSTS_FILE_ENV: &str = "STRANGLER_HOSTS_FILE";
+
+/// All routers the config lists, `dns://` entries resolved again at every command.
 #[derive(Debug, Clone)]
 pub struct Fleet {
     urls: Vec<String>,
@@ -24,7 +29,8 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// Routers at `urls`, with the admin bearer token if there is one.
+    /// Routers at `urls` (admin base URLs, or `dns://NAME:PORT`), with the admin
+    /// bearer token if there is one.
     pub fn new(urls: Vec<String>, token: Option<String>, timeout: Duration) -> Self {
         let http = reqwest::Client::builder()
             .timeout(timeout)
@@ -34,6 +40,36 @@ impl Fleet {
         Self { urls, token, http }
     }
 
+    /// Every router now: each listed URL, and each address every `dns://` name
+    /// resolves to at this moment (A and AAAA; a router rescheduled or scaled out
+    /// since the last command is found). A name that resolves to nothing is an
+    /// error in its place, so a move counts it as not confirmed.
+    pub async fn resolve(&self) -> Vec<Result<String, (String, String)>> {
+        let mut out = Vec::new();
+        for entry in &self.urls {
+            let Some((name, port)) = strangler_model::control::dns_target(entry) else {
+                out.push(Ok(entry.clone()));
+                continue;
+            };
+            match resolve_name(name, port).await {
+                Ok(addrs) if !addrs.is_empty() => out.extend(addrs.into_iter().map(|a| {
+                    Ok(match a {
+                        std::net::SocketAddr::V4(v4) => format!("http://{v4}"),
+                        std::net::SocketAddr::V6(v6) => {
+                            format!("http://[{}]:{}", v6.ip(), v6.port())
+                        }
+                    })
+                })),
+                Ok(_) => out.push(Err((
+                    entry.clone(),
+                    format!("{name} resolved to no address"),
+                ))),
+                Err(e) => out.push(Err((entry.clone(), format!("cannot resolve {name}: {e}")))),
+            }
+        }
+        out
+    }
+
     async fn call_all(
         &self,
         method: reqwest::Method,
@@ -41,7 +77,19 @@ impl Fleet {
         body: Option<Value>,
     ) -> Vec<RouterReply> {
         let mut tasks = tokio::task::JoinSet::new();
-        for (index, url) in self.urls.iter().enumerate() {
+        let mut unresolved = Vec::new();
+        let mut urls = Vec::new();
+        for target in self.resolve().await {
+            match target {
+                Ok(url) => urls.push(url),
+                Err((url, why)) => unresolved.push(RouterReply {
+                    url,
+                    result: Err(why),
+                    took: Duration::ZERO,
+                }),
+            }
+        }
+        for (index, url) in urls.iter().enumerate() {
             let http = self.http.clone();
             let token = self.token.clone();
             let full = format!("{url}{path}");
@@ -85,14 +133,18 @@ impl Fleet {
                 )
             });
         }
-        let mut replies: Vec<(usize, RouterReply)> = Vec::with_capacity(self.urls.len());
+        let mut replies: Vec<(usize, RouterReply)> = Vec::with_capacity(urls.len());
         while let Some(joined) = tasks.join_next().await {
             if let Ok(reply) = joined {
                 replies.push(reply);
             }
         }
         replies.sort_by_key(|(i, _)| *i);
-        replies.into_iter().map(|(_, r)| r).collect()
+        replies
+            .into_iter()
+            .map(|(_, r)| r)
+            .chain(unresolved)
+            .collect()
     }
 
     /// Pushes an override (`legacy` or `new`) for `route` to every router in parallel.
@@ -131,5 +183,83 @@ impl Fleet {
     pub async fn routes(&self) -> Vec<RouterReply> {
         self.call_all(reqwest::Method::GET, "/routes".to_string(), None)
             .await
+    }
+}
+
+/// Every address `name` has, at `port`: from the hosts file [`HOSTS_FILE_ENV`]
+/// names when it lists `name`, else from the system resolver (which reads
+/// `/etc/hosts` and DNS), sorted.
+async fn resolve_name(name: &str, port: u16) -> std::io::Result<Vec<std::net::SocketAddr>> {
+    if let Ok(path) = std::env::var(HOSTS_FILE_ENV)
+        && let Ok(text) = std::fs::read_to_string(&path)
+    {
+        let listed = hosts_lookup(&text, name, port);
+        if !listed.is_empty() {
+            return Ok(listed);
+        }
+    }
+    let mut addrs: Vec<std::net::SocketAddr> =
+        tokio::net::lookup_host((name, port)).await?.collect();
+    addrs.sort();
+    addrs.dedup();
+    Ok(addrs)
+}
+
+/// The addresses a hosts-format `text` gives `name` (comments and bad lines skipped).
+fn hosts_lookup(text: &str, name: &str, port: u16) -> Vec<std::net::SocketAddr> {
+    let mut out: Vec<std::net::SocketAddr> = text
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or(""))
+        .filter_map(|l| {
+            let mut fields = l.split_whitespace();
+            let ip: std::net::IpAddr = fields.next()?.parse().ok()?;
+            fields
+                .any(|n| n.eq_ignore_ascii_case(name))
+                .then_some(std::net::SocketAddr::new(ip, port))
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hosts_file_gives_every_address_of_a_name() {
+        let text = "# fleet\n127.0.0.3 routers.test\n127.0.0.2 routers.test other\nbad line\n::1 routers.test # v6\n";
+        let got: Vec<String> = hosts_lookup(text, "ROUTERS.test", 9080)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(got, vec!["127.0.0.2:9080", "127.0.0.3:9080", "[::1]:9080"]);
+        assert!(hosts_lookup(text, "missing", 1).is_empty());
+    }
+
+    #[tokio::test]
+    async fn dns_entries_resolve_to_one_router_per_address_and_unknown_names_say_so() {
+        let fleet = Fleet::new(
+            vec![
+                "http://127.0.0.1:1".into(),
+                "dns://localhost:9080".into(),
+                "dns://no-such-name.invalid:9080".into(),
+            ],
+            None,
+            Duration::from_millis(100),
+        );
+        let targets = fleet.resolve().await;
+        assert_eq!(targets[0], Ok("http://127.0.0.1:1".to_string()));
+        assert!(
+            targets
+                .iter()
+                .any(|t| t == &Ok("http://127.0.0.1:9080".to_string())),
+            "{targets:?}"
+        );
+        assert!(
+            matches!(targets.last(), Some(Err((url, _))) if url == "dns://no-such-name.invalid:9080"),
+            "{targets:?}"
+        );
     }
 }

@@ -186,6 +186,8 @@ pub struct Router {
     child: Child,
     pub port: PortLease,
     pub admin_port: PortLease,
+    /// Where the admin API listens (`127.0.0.1:<admin_port>` unless chosen).
+    pub admin_addr: String,
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
     pub token: String,
@@ -216,16 +218,37 @@ impl Router {
         files: &[(&str, &str)],
         env: &[(&str, &str)],
     ) -> Self {
+        Self::launch(server_extra, body, files, env, None).await
+    }
+
+    /// Like [`Router::start`] with the admin API at `admin_addr` (e.g. one of several
+    /// loopback addresses sharing a port, as routers behind one DNS name do).
+    pub async fn start_admin_at(
+        admin_addr: &str,
+        body: &str,
+        files: &[(&str, &str)],
+        env: &[(&str, &str)],
+    ) -> Self {
+        Self::launch("", body, files, env, Some(admin_addr.to_string())).await
+    }
+
+    async fn launch(
+        server_extra: &str,
+        body: &str,
+        files: &[(&str, &str)],
+        env: &[(&str, &str)],
+        admin_addr: Option<String>,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port().expect("port");
         let admin_port = free_port().expect("port");
+        let admin_addr = admin_addr.unwrap_or_else(|| format!("127.0.0.1:{}", admin_port.port()));
         for (name, content) in files {
             std::fs::write(dir.path().join(name), content).expect("write file");
         }
         let config = format!(
-            "[server]\nlisten = \"127.0.0.1:{}\"\nthreads = 2\n{server_extra}\n\n[admin]\nlisten = \"127.0.0.1:{}\"\n\n{body}",
+            "[server]\nlisten = \"127.0.0.1:{}\"\nthreads = 2\n{server_extra}\n\n[admin]\nlisten = \"{admin_addr}\"\n\n{body}",
             port.port(),
-            admin_port.port()
         );
         let config_path = dir.path().join("strangler.toml");
         std::fs::write(&config_path, config).expect("write config");
@@ -247,6 +270,7 @@ impl Router {
             child,
             port,
             admin_port,
+            admin_addr,
             dir,
             config_path,
             token,
@@ -304,7 +328,7 @@ impl Router {
     }
 
     pub fn admin_url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.admin_port.port())
+        format!("http://{}{path}", self.admin_addr)
     }
 
     /// The admin API's `/metrics` text (with the admin token).

@@ -71,7 +71,7 @@ impl Sink for PgSink {
     }
 
     async fn begin_snapshot(&mut self, slot: &str, plans: &[TablePlan]) -> Result<(), CdcError> {
-        // Emptied together (foreign keys between them), so key ranges of one table
+        // Emptied together (foreign keys between them), so page ranges of one table
         // can load in parallel.
         let tables: Vec<String> = plans.iter().map(|p| p.target.quoted()).collect();
         self.0
@@ -358,7 +358,11 @@ pub(crate) async fn apply_staged(
                 written += n;
                 inserted = &[];
             }
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {}
+            // A row already there, or a value the target reads differently from
+            // text than the mapping's cast does: the staging path decides.
+            Err(e) if e.as_db_error().is_some() => {
+                tracing::debug!(table = %plan.target.quoted(), "direct COPY refused ({e}); staging instead");
+            }
             Err(e) => return (Err(e), 0),
         }
     }

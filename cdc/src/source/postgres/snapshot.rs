@@ -1,4 +1,4 @@
-//! The PostgreSQL source's snapshot: each mapped table (or key range of it) is
+//! The PostgreSQL source's snapshot: each mapped table (or range of its pages) is
 //! copied inside the slot's exported snapshot by `COPY (SELECT <mapping>) TO
 //! STDOUT` on the source streamed into `COPY … FROM STDIN` on the target, binary
 //! when every column already has its target type.
@@ -15,13 +15,13 @@ use crate::config::{CdcConfig, Kind};
 use crate::error::CdcError;
 use crate::model::Lsn;
 use crate::pg::{connect, db_message, replication_url};
-use crate::plan::{TablePlan, ident};
+use crate::plan::{Pages, TablePlan};
 use crate::sink::Sink;
 
 /// Copies every mapped table into the target inside the exported `snapshot`: the
 /// target empties its tables and sets their keys, indexes and foreign keys aside,
-/// the copies run `config.snapshot_parallelism` at a time (key ranges of large
-/// integer-keyed tables in parallel), then the target builds back what it set
+/// the copies run `config.snapshot_parallelism` at a time (page ranges of large
+/// tables in parallel), then the target builds back what it set
 /// aside.
 pub async fn copy_all(
     config: &CdcConfig,
@@ -78,7 +78,10 @@ pub async fn copy_all(
     Ok(())
 }
 
-/// Copies one table (or one key range of it) inside the exported snapshot: the
+/// Bytes gathered into one COPY message to the target.
+const COPY_CHUNK: usize = 64 * 1024;
+
+/// Copies one table (or one range of its pages) inside the exported snapshot: the
 /// mapping runs on the source (`COPY (SELECT …) TO STDOUT`) and streams straight
 /// into `COPY … FROM STDIN` on the target. Rows copied are added to `copied` as
 /// they pass (COPY text has one row per line).
@@ -86,7 +89,7 @@ async fn copy_table(
     config: &CdcConfig,
     plan: &TablePlan,
     snapshot: &str,
-    range: Option<(i64, i64)>,
+    range: Option<Pages>,
     copied: &AtomicU64,
     truncate_first: bool,
 ) -> Result<u64, CdcError> {
@@ -138,6 +141,9 @@ async fn copy_table(
         .map_err(|e| fail(format!("target: {e}")))?;
     futures::pin_mut!(out);
     futures::pin_mut!(sink);
+    // The source sends one message per row; they are gathered into 64 KiB
+    // messages for the target (a flush per row would cost a write per row).
+    let mut buf = bytes::BytesMut::with_capacity(COPY_CHUNK + 16 * 1024);
     while let Some(chunk) = out
         .try_next()
         .await
@@ -148,7 +154,15 @@ async fn copy_table(
             let lines = chunk.iter().filter(|b| **b == b'\n').count() as u64;
             copied.fetch_add(lines, std::sync::atomic::Ordering::Relaxed);
         }
-        sink.send(chunk)
+        buf.extend_from_slice(&chunk);
+        if buf.len() >= COPY_CHUNK {
+            sink.feed(buf.split().freeze())
+                .await
+                .map_err(|e| fail(format!("target: {}", db_message(&e))))?;
+        }
+    }
+    if !buf.is_empty() {
+        sink.feed(buf.split().freeze())
             .await
             .map_err(|e| fail(format!("target: {}", db_message(&e))))?;
     }
@@ -171,7 +185,7 @@ async fn same_types(
     source: &Client,
     target: &tokio_postgres::Transaction<'_>,
     plan: &TablePlan,
-    range: Option<(i64, i64)>,
+    range: Option<Pages>,
 ) -> bool {
     let (Ok(out), Ok(into)) = (
         source.prepare(&plan.select_range(range)).await,
@@ -202,7 +216,7 @@ async fn copy_logged(
     config: &CdcConfig,
     plan: &TablePlan,
     snapshot: String,
-    range: Option<(i64, i64)>,
+    range: Option<Pages>,
     copied: Arc<AtomicU64>,
 ) -> Result<(String, u64), CdcError> {
     let t0 = Instant::now();
@@ -216,59 +230,37 @@ async fn copy_logged(
     Ok((plan.target.quoted(), rows))
 }
 
-/// The copies to run: one per table, or key ranges of large integer-keyed tables.
+/// The copies to run: one per table, or, for a table estimated above `split_rows`
+/// rows, `parallelism` ranges of its pages, each read by a TID range scan (any
+/// table, whatever its key; each page is read once). The estimate is the sum of
+/// the tables' row estimates, for the progress bar.
 async fn snapshot_pieces(
     source: &Client,
     plans: &[TablePlan],
     parallelism: usize,
     split_rows: i64,
-) -> Result<(Vec<(usize, Option<(i64, i64)>)>, u64), CdcError> {
+) -> Result<(Vec<(usize, Option<Pages>)>, u64), CdcError> {
     let mut pieces = Vec::new();
     let mut estimate = 0u64;
     for (i, p) in plans.iter().enumerate() {
-        let rows: i64 = source
+        let row = source
             .query_one(
-                "SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = $1::text::regclass",
+                "SELECT greatest(reltuples, 0)::int8, \
+                        (pg_relation_size(oid) / current_setting('block_size')::int8)::int8 \
+                 FROM pg_class WHERE oid = $1::text::regclass",
                 &[&p.source.quoted()],
             )
             .await
-            .map_err(CdcError::Source)?
-            .get(0);
+            .map_err(CdcError::Source)?;
+        let (rows, pages): (i64, i64) = (row.get(0), row.get(1));
         estimate += u64::try_from(rows).unwrap_or(0);
-        let split = match p.integer_key() {
-            Some(key) if rows > split_rows && parallelism > 1 => {
-                let row = source
-                    .query_one(
-                        &format!(
-                            "SELECT min({k})::int8, max({k})::int8 FROM {}",
-                            p.source.quoted(),
-                            k = ident(key)
-                        ),
-                        &[],
-                    )
-                    .await
-                    .map_err(CdcError::Source)?;
-                match (row.get::<_, Option<i64>>(0), row.get::<_, Option<i64>>(1)) {
-                    (Some(lo), Some(hi)) if hi > lo => Some((lo, hi)),
-                    _ => None,
-                }
+        let pages = u64::try_from(pages).unwrap_or(0);
+        if rows > split_rows && parallelism > 1 && pages >= parallelism as u64 {
+            for range in Pages::split(pages, parallelism as u64) {
+                pieces.push((i, Some(range)));
             }
-            _ => None,
-        };
-        match split {
-            Some((lo, hi)) => {
-                // Bounds come from outside the snapshot, so the first and last ranges
-                // are open-ended: rows inserted since still fall in one of them.
-                let n = parallelism as i64;
-                let step = ((hi - lo) / n).max(1);
-                let mut at = i64::MIN;
-                for k in 1..=n {
-                    let end = if k == n { i64::MAX } else { lo + step * k };
-                    pieces.push((i, Some((at, end))));
-                    at = end;
-                }
-            }
-            None => pieces.push((i, None)),
+        } else {
+            pieces.push((i, None));
         }
     }
     Ok((pieces, estimate))
