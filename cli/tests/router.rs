@@ -1700,3 +1700,156 @@ async fn a_graceful_shutdown_exports_the_last_counts() {
     }
     server.abort();
 }
+
+/// `pin = "cookie"`: each session's first answer pins it to its side; while the
+/// percentage moves (50 % → 0 %, then 100 %) pinned sessions stay put and new ones
+/// follow the flag; an override (what a rollback pushes) moves everyone and re-pins.
+#[tokio::test]
+async fn pinned_sessions_keep_their_side_while_the_percentage_moves_and_a_rollback_moves_them() {
+    let legacy = Upstream::start("legacy").await;
+    let new = Upstream::start("new").await;
+    let half = flags_doc("strangler.orders", true, 50);
+    let config = route_config(
+        legacy.addr,
+        new.addr,
+        "[flags]\nsource = \"file\"\nfile = \"flags.json\"\n",
+    ) + "pin = \"cookie\"\npin_ttl_s = 600\n";
+    let router = Router::start(&config, &[("flags.json", &half)], &[]).await;
+    let client = reqwest::Client::new();
+    // Each request: (side, the pin cookie the answer set, if any).
+    let ask = |user: String, pin: Option<String>| {
+        let client = client.clone();
+        let url = router.url("/api/orders/7");
+        async move {
+            let mut req = client.get(url).header("x-user-id", &user);
+            if let Some(pin) = pin {
+                req = req.header("cookie", format!("theme=dark; {pin}"));
+            }
+            let r = req.send().await.expect("request");
+            let set = r
+                .headers()
+                .get("set-cookie")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let body: Value = r.json().await.expect("json");
+            (body["side"].as_str().unwrap_or("?").to_string(), set)
+        }
+    };
+    // First requests at 50 %: every answer pins its side.
+    let mut sessions = Vec::new();
+    for u in 0..60 {
+        let user = format!("user-{u}");
+        let (side, set) = ask(user.clone(), None).await;
+        let set = set.expect("the first answer sets the pin");
+        assert!(
+            set.starts_with(&format!("strangler_pin_orders={side};"))
+                && set.contains("Max-Age=600")
+                && set.contains("HttpOnly"),
+            "{set}"
+        );
+        let cookie = set.split(';').next().unwrap_or_default().to_string();
+        sessions.push((user, side, cookie));
+    }
+    let on_new = sessions.iter().filter(|(_, s, _)| s == "new").count();
+    assert!((15..=45).contains(&on_new), "about half on new: {on_new}");
+
+    // 0 %: pinned sessions stay where they were, unpinned ones go to legacy.
+    replace_file(
+        &router.path("flags.json"),
+        &flags_doc("strangler.orders", true, 0),
+    );
+    wait_until(Duration::from_secs(3), "0 % for new sessions", || {
+        let ask = &ask;
+        async move { ask("someone-new".into(), None).await.0 == "legacy" }
+    })
+    .await;
+    for (user, side, cookie) in &sessions {
+        let (now, set) = ask(user.clone(), Some(cookie.clone())).await;
+        assert_eq!(&now, side, "{user} moved while pinned");
+        assert_eq!(set, None, "an unchanged pin is not set again");
+    }
+    // 100 %: the pins still hold (a legacy session finishes on legacy).
+    replace_file(
+        &router.path("flags.json"),
+        &flags_doc("strangler.orders", true, 100),
+    );
+    wait_until(Duration::from_secs(3), "100 % for new sessions", || {
+        let ask = &ask;
+        async move { ask("someone-else".into(), None).await.0 == "new" }
+    })
+    .await;
+    for (user, side, cookie) in &sessions {
+        assert_eq!(&ask(user.clone(), Some(cookie.clone())).await.0, side);
+    }
+
+    // A rollback's override moves every session, pinned or not, and re-pins it.
+    let (status, _) = router
+        .admin(
+            Method::PUT,
+            "/routes/orders/override",
+            Some(json!({"backend": "legacy"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    for (user, _, cookie) in &sessions {
+        let (now, set) = ask(user.clone(), Some(cookie.clone())).await;
+        assert_eq!(now, "legacy", "{user} stayed on new past a rollback");
+        if cookie.ends_with("=new") {
+            assert!(
+                set.is_some_and(|s| s.starts_with("strangler_pin_orders=legacy;")),
+                "re-pinned to legacy"
+            );
+        }
+    }
+}
+
+/// `[server] trusted_testers`: `x-strangler-force: new` from a tester's address
+/// reaches the new side at 0 %; from anyone else it is ignored.
+#[tokio::test]
+async fn a_trusted_tester_reaches_the_new_side_at_zero_percent_and_nobody_else_can() {
+    let legacy = Upstream::start("legacy").await;
+    let new = Upstream::start("new").await;
+    let zero = flags_doc("strangler.orders", true, 0);
+    let config = route_config(
+        legacy.addr,
+        new.addr,
+        "[flags]\nsource = \"file\"\nfile = \"flags.json\"\n",
+    );
+    let client = reqwest::Client::new();
+    let side = |router: &Router, force: Option<&'static str>| {
+        let mut req = client
+            .get(router.url("/api/orders/1"))
+            .header("x-user-id", "qa-1");
+        if let Some(f) = force {
+            req = req.header("x-strangler-force", f);
+        }
+        async move {
+            let body: Value = req
+                .send()
+                .await
+                .expect("request")
+                .json()
+                .await
+                .expect("json");
+            body["side"].as_str().unwrap_or("?").to_string()
+        }
+    };
+    let testers = Router::start_server(
+        "trusted_testers = [\"127.0.0.1/32\"]",
+        &config,
+        &[("flags.json", &zero)],
+        &[],
+    )
+    .await;
+    assert_eq!(side(&testers, None).await, "legacy");
+    assert_eq!(side(&testers, Some("new")).await, "new");
+    assert_eq!(side(&testers, Some("sideways")).await, "legacy");
+    let others = Router::start_server(
+        "trusted_testers = [\"10.9.0.0/16\"]",
+        &config,
+        &[("flags.json", &zero)],
+        &[],
+    )
+    .await;
+    assert_eq!(side(&others, Some("new")).await, "legacy", "not a tester");
+}

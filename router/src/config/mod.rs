@@ -136,6 +136,22 @@ pub enum Stickiness {
     ClientIp,
 }
 
+/// A route's session pin (`pin = "cookie"`): the router sets a cookie naming the
+/// side that served the session's first request, and later requests of the session
+/// go to that side while the route's percentage moves. An override (a rollback, a
+/// forced side) and a toggle switched off still move everyone; the breaker and
+/// the fallback still apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pin {
+    /// The cookie's name (default `strangler_pin_<route>`).
+    pub cookie: String,
+    /// How long a pin lasts (the cookie's `Max-Age`).
+    pub ttl: Duration,
+}
+
+/// A pin lasts this long unless `pin_ttl_s` says otherwise: a working day's session.
+pub const DEFAULT_PIN_TTL_S: u64 = 8 * 3600;
+
 impl Stickiness {
     fn parse(raw: &str) -> Result<Self, Invalid> {
         if raw == "ip" {
@@ -263,6 +279,9 @@ pub struct RouteConfig {
     pub flag: String,
     /// Where the stickiness key comes from.
     pub sticky: Stickiness,
+    /// Session pinning: a cookie keeps a session on the side that served it first
+    /// while the percentage moves.
+    pub pin: Option<Pin>,
     /// Shadowing and comparison.
     pub shadow: ShadowConfig,
     /// Consecutive failures of the new service that open its circuit breaker.
@@ -409,6 +428,10 @@ pub struct RouterConfig {
     /// Peers whose `X-Forwarded-For` is believed (load balancers, CDNs). From anyone
     /// else the header is replaced by the peer's address.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Clients (their address, after trusted proxies) whose `x-strangler-force:
+    /// new|legacy` header picks the side of every route, at any percentage: QA on
+    /// the new side at 0 %. An override (a rollback) still wins.
+    pub trusted_testers: Vec<ipnet::IpNet>,
     /// Request limits, answered with 414, 431, 413 or 408.
     pub limits: Limits,
     /// Retries of connect failures.

@@ -64,16 +64,22 @@ fn validate_sections(raw: RawConfig, path: &Path) -> Result<RouterConfig, String
         return Err("server.threads must be at least 1".into());
     }
     let legacy = UpstreamAddr::parse(&raw.legacy.upstream).map_err(|e| format!("legacy: {e}"))?;
-    let mut trusted_proxies = Vec::new();
-    for entry in raw.server.trusted_proxies.iter().flatten() {
-        let net = entry
-            .parse::<ipnet::IpNet>()
-            .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-            .map_err(|_| {
-                format!("server.trusted_proxies: {entry:?} is not an IP address or CIDR range")
-            })?;
-        trusted_proxies.push(net);
-    }
+    let nets = |key: &str, entries: &Option<Vec<String>>| -> Result<Vec<ipnet::IpNet>, String> {
+        entries
+            .iter()
+            .flatten()
+            .map(|entry| {
+                entry
+                    .parse::<ipnet::IpNet>()
+                    .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        format!("server.{key}: {entry:?} is not an IP address or CIDR range")
+                    })
+            })
+            .collect()
+    };
+    let trusted_proxies = nets("trusted_proxies", &raw.server.trusted_proxies)?;
+    let trusted_testers = nets("trusted_testers", &raw.server.trusted_testers)?;
 
     let tls = match (&raw.server.tls_cert, &raw.server.tls_key) {
         (Some(cert), Some(key)) => Some(TlsConfig {
@@ -102,6 +108,7 @@ fn validate_sections(raw: RawConfig, path: &Path) -> Result<RouterConfig, String
         listen,
         threads,
         trusted_proxies,
+        trusted_testers,
         limits: Limits {
             max_uri_bytes: raw.server.max_uri_bytes.unwrap_or(DEFAULT_MAX_URI_BYTES),
             max_headers: raw.server.max_headers.unwrap_or(DEFAULT_MAX_HEADERS),
@@ -240,6 +247,41 @@ fn route(index: usize, r: RawRoute) -> Result<RouteConfig, String> {
         Some(s) => Stickiness::parse(s).map_err(|e| ctx(e.0))?,
         None => Stickiness::Header("x-user-id".into()),
     };
+    let pin = match r.pin.as_deref() {
+        None => {
+            if r.pin_ttl_s.is_some() {
+                return Err(ctx("pin_ttl_s needs pin = \"cookie\"".into()));
+            }
+            None
+        }
+        Some(raw) => {
+            let cookie = match raw.split_once(':') {
+                None if raw == "cookie" => format!("strangler_pin_{}", name.as_str()),
+                Some(("cookie", c))
+                    if !c.is_empty()
+                        && c.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') =>
+                {
+                    c.to_string()
+                }
+                _ => {
+                    return Err(ctx(format!(
+                        "pin = {raw:?}: expected \"cookie\" or \"cookie:NAME\" (letters, digits, '_' and '-')"
+                    )));
+                }
+            };
+            let ttl = r.pin_ttl_s.unwrap_or(super::DEFAULT_PIN_TTL_S);
+            if ttl == 0 {
+                return Err(ctx(
+                    "pin_ttl_s = 0: a pin must last at least a second".into()
+                ));
+            }
+            Some(super::Pin {
+                cookie,
+                ttl: Duration::from_secs(ttl),
+            })
+        }
+    };
     let health = match &r.health_path {
         None => None,
         Some(p) if !p.starts_with('/') => {
@@ -309,6 +351,7 @@ fn route(index: usize, r: RawRoute) -> Result<RouteConfig, String> {
         new_timeouts: timeouts_of!(r),
         flag,
         sticky,
+        pin,
         shadow,
         rollout,
         breaker_failures: r

@@ -159,6 +159,7 @@ mod tests {
             backend: Backend::New,
             reason: Reason::Flag,
             variant: None,
+            set_pin: None,
         };
         ctx.attempt = Attempt::New;
         assert_eq!((ctx.backend(), ctx.reason()), (Backend::New, Reason::Flag));

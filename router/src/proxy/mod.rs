@@ -28,7 +28,7 @@ pub use ctx::{Attempt, RequestCtx, Trace};
 
 use crate::routing::Route;
 use crate::routing::breaker::Admit;
-use crate::routing::decide::decide;
+use crate::routing::decide::{decide_forced, forced_side};
 use crate::shadow::pair::{self, Plan, PrimarySpan};
 use crate::state::RouterState;
 use crate::stats::{Key, Role};
@@ -92,12 +92,18 @@ impl StranglerProxy {
         else {
             return;
         };
-        ctx.decision = decide(
+        let forced = forced_side(
+            &snapshot.config.trusted_testers,
+            &req.headers,
+            ctx.client.ip.as_deref(),
+        );
+        ctx.decision = decide_forced(
             &route.config,
             &self.state.overrides,
             &self.state.flags,
             &req.headers,
             ctx.client.ip.as_deref(),
+            forced,
         );
         ctx.attempt = match ctx.decision.backend {
             Backend::Legacy => Attempt::Legacy,
@@ -254,6 +260,23 @@ impl ProxyHttp for StranglerProxy {
                 .iter()
                 .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
                 .collect();
+        }
+        // After the pair took the primary's headers: the pin is the router's, not
+        // the upstream's, and must not count as a difference.
+        // The session's pin: the side the decision chose (a fallback or an open
+        // breaker is momentary and does not move the pin).
+        if let Some(side) = ctx.decision.set_pin
+            && let Some(pin) = ctx.route.as_ref().and_then(|r| r.config.pin.as_ref())
+        {
+            upstream_response.append_header(
+                http::header::SET_COOKIE,
+                format!(
+                    "{}={}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax",
+                    pin.cookie,
+                    side.as_str(),
+                    pin.ttl.as_secs()
+                ),
+            )?;
         }
         Ok(())
     }

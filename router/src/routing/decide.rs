@@ -19,6 +19,8 @@ pub struct Decision {
     pub reason: Reason,
     /// The variant the flag gave, if any.
     pub variant: Option<String>,
+    /// The route pins sessions and this answer must (re)set the pin to this side.
+    pub set_pin: Option<Backend>,
 }
 
 impl Decision {
@@ -28,7 +30,47 @@ impl Decision {
             backend: Backend::Legacy,
             reason,
             variant: None,
+            set_pin: None,
         }
+    }
+}
+
+/// The header a trusted tester picks a side with.
+pub const FORCE_HEADER: &str = "x-strangler-force";
+
+/// The side a request from a trusted tester asks for with [`FORCE_HEADER`]: only
+/// when the client's address is in `testers`.
+pub fn forced_side(
+    testers: &[ipnet::IpNet],
+    headers: &HeaderMap,
+    client_ip: Option<&str>,
+) -> Option<Backend> {
+    if testers.is_empty() {
+        return None;
+    }
+    let side = match headers.get(FORCE_HEADER)?.to_str().ok()?.trim() {
+        "new" => Backend::New,
+        "legacy" => Backend::Legacy,
+        _ => return None,
+    };
+    let ip: std::net::IpAddr = client_ip?.parse().ok()?;
+    testers.iter().any(|n| n.contains(&ip)).then_some(side)
+}
+
+/// The side a request's pin cookie names, if it names one.
+pub fn pinned_side(headers: &HeaderMap, cookie: &str) -> Option<Backend> {
+    let value = headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == cookie)
+        .map(|(_, v)| v.trim_matches('"'))?;
+    match value {
+        "new" => Some(Backend::New),
+        "legacy" => Some(Backend::Legacy),
+        _ => None,
     }
 }
 
@@ -87,7 +129,8 @@ pub fn sticky_key<'a>(
     }
 }
 
-/// Decides the side for a request that matched `route`.
+/// Decides the side for a request that matched `route`: admin override >
+/// trusted tester's forced side (`forced`) > session pin > flag > default.
 pub fn decide(
     route: &RouteConfig,
     overrides: &Overrides,
@@ -95,31 +138,77 @@ pub fn decide(
     headers: &HeaderMap,
     client_ip: Option<&str>,
 ) -> Decision {
+    decide_forced(route, overrides, flags, headers, client_ip, None)
+}
+
+/// [`decide`] with a trusted tester's forced side ([`forced_side`]).
+pub fn decide_forced(
+    route: &RouteConfig,
+    overrides: &Overrides,
+    flags: &FlagEngine,
+    headers: &HeaderMap,
+    client_ip: Option<&str>,
+    forced: Option<Backend>,
+) -> Decision {
     if let Some(backend) = overrides.get(route.name.as_str()) {
+        // An override (a rollback, a forced side) moves pinned sessions too, and
+        // re-pins them to where it sent them.
+        let set_pin = route
+            .pin
+            .as_ref()
+            .filter(|p| pinned_side(headers, &p.cookie) != Some(backend))
+            .map(|_| backend);
         return Decision {
             backend,
             reason: Reason::Override,
             variant: None,
+            set_pin,
+        };
+    }
+    if let Some(backend) = forced {
+        // A tester's choice for this request only: no pin is set or changed.
+        return Decision {
+            backend,
+            reason: Reason::Override,
+            variant: None,
+            set_pin: None,
+        };
+    }
+    let pinned = route
+        .pin
+        .as_ref()
+        .and_then(|p| pinned_side(headers, &p.cookie));
+    // A pinned session keeps its side while the percentage moves, as long as the
+    // toggle is on; a toggle switched off (or gone) sends everyone to legacy.
+    if let Some(side) = pinned
+        && flags.state(&route.flag).enabled
+    {
+        return Decision {
+            backend: side,
+            reason: Reason::Flag,
+            variant: None,
+            set_pin: None,
         };
     }
     let key = sticky_key(&route.sticky, headers, client_ip);
     let context = context_for(&route.sticky, key.as_deref());
     let flag = flags.evaluate(&route.flag, &context);
-    if !flag.known {
-        return Decision {
-            backend: Backend::Legacy,
-            reason: Reason::Default,
-            variant: None,
-        };
-    }
+    let (backend, reason, variant) = if !flag.known {
+        (Backend::Legacy, Reason::Default, None)
+    } else if flag.enabled {
+        (Backend::New, Reason::Flag, flag.variant)
+    } else {
+        (Backend::Legacy, Reason::Flag, flag.variant)
+    };
     Decision {
-        backend: if flag.enabled {
-            Backend::New
-        } else {
-            Backend::Legacy
-        },
-        reason: Reason::Flag,
-        variant: flag.variant,
+        backend,
+        reason,
+        variant,
+        set_pin: route
+            .pin
+            .as_ref()
+            .filter(|_| pinned != Some(backend))
+            .map(|_| backend),
     }
 }
 
@@ -132,8 +221,12 @@ mod tests {
     use crate::flags::parse_features;
 
     fn route(sticky: &str) -> RouteConfig {
+        route_with(sticky, "")
+    }
+
+    fn route_with(sticky: &str, extra: &str) -> RouteConfig {
         let text = format!(
-            "[legacy]\nupstream = \"127.0.0.1:1\"\n[[route]]\nname = \"orders\"\nmatch = {{ prefix = \"/api/orders\" }}\nnew = \"127.0.0.1:2\"\nsticky = \"{sticky}\"\n"
+            "[legacy]\nupstream = \"127.0.0.1:1\"\n[[route]]\nname = \"orders\"\nmatch = {{ prefix = \"/api/orders\" }}\nnew = \"127.0.0.1:2\"\nsticky = \"{sticky}\"\n{extra}"
         );
         RouterConfig::parse(&text, Path::new("t.toml"))
             .expect("valid")
@@ -220,5 +313,108 @@ mod tests {
             (140..=260).contains(&new),
             "about half of 400 sessions, got {new}"
         );
+    }
+
+    #[test]
+    fn a_pinned_session_keeps_its_side_while_the_percentage_moves_but_not_past_a_rollback() {
+        let r = route_with("header:x-user-id", "pin = \"cookie\"\n");
+        let overrides = Overrides::default();
+        let at = |enabled: bool, rollout: u8| engine(enabled, rollout);
+        // A first request: decided by the flag, and pinned there.
+        let mut headers = HeaderMap::new();
+        headers.insert("x-user-id", "u1".parse().expect("v"));
+        let first = decide(&r, &overrides, &at(true, 100), &headers, None);
+        assert_eq!(
+            (first.backend, first.set_pin),
+            (Backend::New, Some(Backend::New))
+        );
+        // With its pin, the session stays on new at 0 % and is not re-pinned.
+        headers.insert(
+            "cookie",
+            "a=1; strangler_pin_orders=new".parse().expect("v"),
+        );
+        let d = decide(&r, &overrides, &at(true, 0), &headers, None);
+        assert_eq!(
+            (d.backend, d.reason, d.set_pin),
+            (Backend::New, Reason::Flag, None)
+        );
+        // A session pinned to legacy stays there at 100 %.
+        headers.insert("cookie", "strangler_pin_orders=legacy".parse().expect("v"));
+        assert_eq!(
+            decide(&r, &overrides, &at(true, 100), &headers, None).backend,
+            Backend::Legacy
+        );
+        // A rollback (override) moves it, and re-pins it.
+        headers.insert("cookie", "strangler_pin_orders=new".parse().expect("v"));
+        overrides.set("orders", Some(Backend::Legacy));
+        let d = decide(&r, &overrides, &at(true, 100), &headers, None);
+        assert_eq!(
+            (d.backend, d.reason, d.set_pin),
+            (Backend::Legacy, Reason::Override, Some(Backend::Legacy))
+        );
+        overrides.set("orders", None);
+        // So does a toggle switched off.
+        let d = decide(&r, &overrides, &at(false, 100), &headers, None);
+        assert_eq!(
+            (d.backend, d.set_pin),
+            (Backend::Legacy, Some(Backend::Legacy))
+        );
+        // A cookie naming no side is no pin.
+        headers.insert("cookie", "strangler_pin_orders=both".parse().expect("v"));
+        let d = decide(&r, &overrides, &at(true, 100), &headers, None);
+        assert_eq!((d.backend, d.set_pin), (Backend::New, Some(Backend::New)));
+        // Without `pin`, nothing is ever pinned.
+        let plain = route("header:x-user-id");
+        assert_eq!(
+            decide(&plain, &overrides, &at(true, 100), &headers, None).set_pin,
+            None
+        );
+    }
+
+    #[test]
+    fn only_trusted_testers_pick_a_side_and_a_rollback_still_wins() {
+        let r = route("header:x-user-id");
+        let testers: Vec<ipnet::IpNet> = vec!["10.1.0.0/16".parse().expect("net")];
+        let mut headers = HeaderMap::new();
+        headers.insert(FORCE_HEADER, "new".parse().expect("v"));
+        assert_eq!(
+            forced_side(&testers, &headers, Some("10.1.2.3")),
+            Some(Backend::New)
+        );
+        assert_eq!(
+            forced_side(&testers, &headers, Some("10.2.0.1")),
+            None,
+            "not a tester"
+        );
+        assert_eq!(
+            forced_side(&[], &headers, Some("10.1.2.3")),
+            None,
+            "no testers configured"
+        );
+        assert_eq!(forced_side(&testers, &headers, None), None);
+        headers.insert(FORCE_HEADER, "both".parse().expect("v"));
+        assert_eq!(forced_side(&testers, &headers, Some("10.1.2.3")), None);
+        // New at 0 % for the tester; a rollback's override still wins.
+        let overrides = Overrides::default();
+        let flags = engine(true, 0);
+        let d = decide_forced(
+            &r,
+            &overrides,
+            &flags,
+            &HeaderMap::new(),
+            None,
+            Some(Backend::New),
+        );
+        assert_eq!((d.backend, d.reason), (Backend::New, Reason::Override));
+        overrides.set("orders", Some(Backend::Legacy));
+        let d = decide_forced(
+            &r,
+            &overrides,
+            &flags,
+            &HeaderMap::new(),
+            None,
+            Some(Backend::New),
+        );
+        assert_eq!(d.backend, Backend::Legacy);
     }
 }
