@@ -414,11 +414,25 @@ enum CdcCommand {
 
 #[derive(Debug, Subcommand)]
 enum ConfigCommand {
-    /// Validate a router config without starting anything; prints what is wrong with line numbers.
+    /// Validate a config file without starting anything; prints what is wrong with line numbers.
     Check {
-        /// The router config file.
+        /// The config file.
         file: PathBuf,
+        /// What the file configures.
+        #[arg(long, value_enum, default_value = "router")]
+        kind: ConfigKind,
     },
+}
+
+/// Which service a config file is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ConfigKind {
+    /// `strangler router run` (also the CLI's `[control]`).
+    Router,
+    /// `strangler collector run`.
+    Collector,
+    /// `strangler cdc run`.
+    Cdc,
 }
 
 /// Services log strangler's own information (reloads, breaker changes, progress)
@@ -451,8 +465,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: RouterCommand::Run { config, upgrade },
         } => commands::router::run(&config, upgrade),
         Command::Config {
-            command: ConfigCommand::Check { file },
-        } => commands::config::check(&file),
+            command: ConfigCommand::Check { file, kind },
+        } => commands::config::check(&file, kind),
         Command::Route(args) => commands::route::route(args),
         Command::Rollout {
             command:

@@ -474,3 +474,52 @@ fn completions_are_printed_for_bash() {
         "{text}"
     );
 }
+
+/// The config embedded under `key: |` in a Kubernetes manifest, dedented.
+fn embedded(manifest: &str, key: &str) -> String {
+    let mut lines = manifest
+        .lines()
+        .skip_while(|l| l.trim() != format!("{key}: |"));
+    lines
+        .next()
+        .unwrap_or_else(|| panic!("{key} not in the manifest"));
+    lines
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
+        .map(|l| l.get(4..).unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `examples/kubernetes`: the configs the manifests embed are valid (the cluster's
+/// service names resolved through a hosts override: no cluster DNS here).
+#[test]
+fn the_kubernetes_example_manifests_embed_configs_that_config_check_accepts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hosts = dir.path().join("hosts");
+    std::fs::write(
+        &hosts,
+        "127.0.0.1 legacy-shop.shop.svc.cluster.local orders-service.shop.svc.cluster.local\n",
+    )
+    .expect("hosts");
+    let hosts = hosts.display().to_string();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/kubernetes");
+    for (file, key, kind) in [
+        ("router.yaml", "strangler.toml", "router"),
+        ("collector.yaml", "collector.toml", "collector"),
+    ] {
+        let manifest = std::fs::read_to_string(root.join(file)).expect("manifest");
+        let path = dir.path().join(key);
+        std::fs::write(&path, embedded(&manifest, key)).expect("config");
+        let path = path.display().to_string();
+        let out = cli(
+            &["config", "check", "--kind", kind, &path],
+            &[
+                ("STRANGLER_HOSTS_FILE", hosts.as_str()),
+                ("UNLEASH_CLIENT_TOKEN", "x"),
+                ("STRANGLER_COLLECTOR_TOKEN", "x"),
+            ],
+        );
+        assert!(out.status.success(), "{file}: {}", show(&out));
+        assert!(show(&out).contains(": ok ("), "{}", show(&out));
+    }
+}

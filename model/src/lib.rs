@@ -9,6 +9,7 @@
 pub mod config_error;
 pub mod control;
 pub mod history;
+pub mod hosts;
 pub mod lifecycle;
 pub mod names;
 pub mod rollout;

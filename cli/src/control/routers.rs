@@ -15,11 +15,6 @@ pub struct RouterReply {
     pub took: Duration,
 }
 
-/// Env var naming a hosts-format file (`ADDRESS NAME…` per line) whose names
-/// resolve there, before DNS, for `dns://` router entries: to pin a fleet's
-/// addresses without touching `/etc/hosts` (the tests' resolver).
-pub const HOSTS_FILE_ENV: &str = "STRANGLER_HOSTS_FILE";
-
 /// All routers the config lists, `dns://` entries resolved again at every command.
 #[derive(Debug, Clone)]
 pub struct Fleet {
@@ -186,17 +181,13 @@ impl Fleet {
     }
 }
 
-/// Every address `name` has, at `port`: from the hosts file [`HOSTS_FILE_ENV`]
-/// names when it lists `name`, else from the system resolver (which reads
-/// `/etc/hosts` and DNS), sorted.
+/// Every address `name` has, at `port`: from the hosts override
+/// ([`strangler_model::hosts`]) when it lists `name`, else from the system resolver
+/// (which reads `/etc/hosts` and DNS), sorted.
 async fn resolve_name(name: &str, port: u16) -> std::io::Result<Vec<std::net::SocketAddr>> {
-    if let Ok(path) = std::env::var(HOSTS_FILE_ENV)
-        && let Ok(text) = std::fs::read_to_string(&path)
-    {
-        let listed = hosts_lookup(&text, name, port);
-        if !listed.is_empty() {
-            return Ok(listed);
-        }
+    let listed = strangler_model::hosts::lookup(name, port);
+    if !listed.is_empty() {
+        return Ok(listed);
     }
     let mut addrs: Vec<std::net::SocketAddr> =
         tokio::net::lookup_host((name, port)).await?.collect();
@@ -205,38 +196,9 @@ async fn resolve_name(name: &str, port: u16) -> std::io::Result<Vec<std::net::So
     Ok(addrs)
 }
 
-/// The addresses a hosts-format `text` gives `name` (comments and bad lines skipped).
-fn hosts_lookup(text: &str, name: &str, port: u16) -> Vec<std::net::SocketAddr> {
-    let mut out: Vec<std::net::SocketAddr> = text
-        .lines()
-        .map(|l| l.split('#').next().unwrap_or(""))
-        .filter_map(|l| {
-            let mut fields = l.split_whitespace();
-            let ip: std::net::IpAddr = fields.next()?.parse().ok()?;
-            fields
-                .any(|n| n.eq_ignore_ascii_case(name))
-                .then_some(std::net::SocketAddr::new(ip, port))
-        })
-        .collect();
-    out.sort();
-    out.dedup();
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_hosts_file_gives_every_address_of_a_name() {
-        let text = "# fleet\n127.0.0.3 routers.test\n127.0.0.2 routers.test other\nbad line\n::1 routers.test # v6\n";
-        let got: Vec<String> = hosts_lookup(text, "ROUTERS.test", 9080)
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-        assert_eq!(got, vec!["127.0.0.2:9080", "127.0.0.3:9080", "[::1]:9080"]);
-        assert!(hosts_lookup(text, "missing", 1).is_empty());
-    }
 
     #[tokio::test]
     async fn dns_entries_resolve_to_one_router_per_address_and_unknown_names_say_so() {

@@ -95,11 +95,19 @@ impl UpstreamAddr {
             return Err(format!("upstream {raw:?} must be host:port"));
         }
         use std::net::ToSocketAddrs;
-        let addr = trimmed
-            .to_socket_addrs()
-            .map_err(|e| format!("upstream {raw:?} does not resolve: {e}"))?
-            .next()
-            .ok_or_else(|| format!("upstream {raw:?} resolves to no address"))?;
+        let bare = host.trim_matches(['[', ']']);
+        let listed = port
+            .parse::<u16>()
+            .map(|p| strangler_model::hosts::lookup(bare, p))
+            .unwrap_or_default();
+        let addr = match listed.first() {
+            Some(a) => *a,
+            None => trimmed
+                .to_socket_addrs()
+                .map_err(|e| format!("upstream {raw:?} does not resolve: {e}"))?
+                .next()
+                .ok_or_else(|| format!("upstream {raw:?} resolves to no address"))?,
+        };
         Ok(Self {
             authority: trimmed.to_string(),
             host: host.trim_matches(['[', ']']).to_string(),
