@@ -612,6 +612,18 @@ pub async fn run(
         strangler_dashboards::query::expand(&g.sql, &probe)
             .map_err(|e| anyhow::anyhow!("{route}: rollout gate {:?}: {e}", g.name))?;
     }
+    // One controller per route: a second one is refused and told who runs it.
+    let _lease = if dry_run {
+        None
+    } else {
+        let holder = format!(
+            "{} (pid {}, since {})",
+            controller.actor(),
+            std::process::id(),
+            strangler_model::history::now_rfc3339()
+        );
+        Some(controller.history().lease(route, &holder)?)
+    };
     let state = controller.current_state(config).await?;
     let mut index = match position(plan, state) {
         Some(i) => i,
@@ -656,6 +668,11 @@ pub async fn run(
     let mut baseline: Option<Baseline> = None;
     loop {
         let step = plan.steps[index];
+        // Someone else moved the route (an operator's rollback, say): a rollback
+        // always wins, and the controller never moves a route it no longer holds.
+        if !dry_run && let Some(end) = moved_by_someone_else(controller, route, state_of(step))? {
+            return Ok(end);
+        }
         let window_from = step_began + plan.settle;
         let now = SystemTime::now();
         let elapsed = now.duration_since(window_from).unwrap_or_default();
@@ -711,6 +728,9 @@ pub async fn run(
                     return Ok(End::Completed);
                 }
                 Decision::Advance => {
+                    if let Some(end) = moved_by_someone_else(controller, route, state_of(step))? {
+                        return Ok(end);
+                    }
                     let legacy = &v.evidence.legacy;
                     if legacy.requests() >= plan.min_requests {
                         baseline = Some(Baseline {
@@ -764,6 +784,33 @@ pub async fn run(
         }
         tokio::time::sleep(plan.interval).await;
     }
+}
+
+/// How the rollout ends when the route's recorded state is no longer the step's
+/// (`None`: still there, or never recorded).
+fn moved_by_someone_else(
+    controller: &Controller,
+    route: &str,
+    expected: State,
+) -> anyhow::Result<Option<End>> {
+    let Some(now) = controller.history().last_state(route)? else {
+        return Ok(None);
+    };
+    if now == expected {
+        return Ok(None);
+    }
+    if now == State::Legacy {
+        println!(
+            "[{}] {route}: rolled back by someone else (the history says {now}); the rollout stops",
+            stamp()
+        );
+        return Ok(Some(End::RolledBack));
+    }
+    println!(
+        "[{}] {route}: moved to {now} by someone else while the rollout held it at {expected}; the rollout stops and leaves it there",
+        stamp()
+    );
+    Ok(Some(End::Held))
 }
 
 #[cfg(test)]

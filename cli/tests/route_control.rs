@@ -523,3 +523,93 @@ fn the_kubernetes_example_manifests_embed_configs_that_config_check_accepts() {
         assert!(show(&out).contains(": ok ("), "{}", show(&out));
     }
 }
+
+/// Two rollout controllers for one route: the second is refused and told who runs
+/// the first; an operator's rollback stops the first at its next interval (it
+/// never moves the route forward again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_rollout_controller_is_refused_and_an_operators_rollback_stops_the_first() {
+    let legacy = Upstream::start("legacy").await;
+    let new = Upstream::start("new").await;
+    let router_config = format!(
+        "[legacy]\nupstream = \"{}\"\n\n{}",
+        legacy.addr,
+        route_section(new.addr)
+    );
+    let router = Router::start(
+        &router_config,
+        &[("flags.json", &flags_doc("strangler.orders", true, 0))],
+        &[],
+    )
+    .await;
+    let dead_collector = free_port().expect("port");
+    // The operators' config beside the router's: the same flags file, its admin API,
+    // a plan, and a collector that cannot answer (so every step holds).
+    let config = router.path("control.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[flags]\nfile = \"flags.json\"\n[control]\nrouters = [\"{}\"]\ntimeout_ms = 1500\ncollector_url = \"http://127.0.0.1:{}\"\n\n\
+             [legacy]\nupstream = \"{}\"\n\n{}[route.rollout]\nsteps = [\"shadow\", \"25%\"]\ninterval_s = 0.2\nmax_step_s = 600\n",
+            router.admin_url(""),
+            dead_collector.port(),
+            legacy.addr,
+            route_section(new.addr)
+        ),
+    )
+    .expect("control config");
+    let config = config.display().to_string();
+    let history = router.path("strangler.history.jsonl");
+    let log = router.path("rollout.log");
+    let mut first = std::process::Command::new(strangler_bin())
+        .args(["route", "--config", &config, "rollout", "orders"])
+        .env("STRANGLER_ADMIN_TOKEN", "test-admin-token")
+        .env("STRANGLER_ACTOR", "first-controller")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&log).expect("log"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("first rollout");
+    wait_until(Duration::from_secs(10), "the rollout's first step", || {
+        let history = history.clone();
+        async move { std::fs::read_to_string(&history).is_ok_and(|h| h.contains("rollout start")) }
+    })
+    .await;
+
+    let out = cli(&["route", "--config", &config, "rollout", "orders"], &[]);
+    assert!(!out.status.success(), "{}", show(&out));
+    let text = show(&out);
+    assert!(
+        text.contains("another rollout controller is running for orders")
+            && text.contains("first-controller (pid"),
+        "names the holder: {text}"
+    );
+
+    let out = cli(&["route", "--config", &config, "rollback", "orders"], &[]);
+    assert!(out.status.success(), "{}", show(&out));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = first.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the first controller did not stop"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let printed = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(status.code(), Some(1), "rolled back: {printed}");
+    assert!(printed.contains("rolled back by someone else"), "{printed}");
+    assert_eq!(share_new(&sides_for(&router, 50).await), 0.0);
+    // The lease went with the process: a new controller may start.
+    let lease = std::fs::read_dir(router.dir.path())
+        .expect("dir")
+        .filter_map(Result::ok)
+        .any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .contains(".rollout-orders.lease")
+        });
+    assert!(lease, "the lease file sits next to the history");
+}

@@ -10,6 +10,29 @@ use serde::{Deserialize, Serialize};
 
 use crate::lifecycle::State;
 
+/// A rollout controller's hold on one route ([`History::lease`]); released when
+/// dropped.
+#[derive(Debug)]
+pub struct Lease {
+    _file: File,
+}
+
+/// Why a rollout lease was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    /// Another controller holds it.
+    #[error("another rollout controller is running for {route}: {holder}")]
+    Held {
+        /// The route.
+        route: String,
+        /// Who holds it, as it wrote itself down.
+        holder: String,
+    },
+    /// The lease file could not be used.
+    #[error(transparent)]
+    History(#[from] HistoryError),
+}
+
 /// The history could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum HistoryError {
@@ -155,6 +178,50 @@ impl History {
         &self.path
     }
 
+    /// Takes the rollout lease of `route` for `holder` (who, where, since when):
+    /// an exclusive lock on a file next to the history, held until the [`Lease`] is
+    /// dropped — or the process ends, whatever way: the operating system releases
+    /// it, so a crashed controller never leaves a stale lease behind. A second
+    /// controller for the route is refused and told who holds it.
+    pub fn lease(&self, route: &str, holder: &str) -> Result<Lease, LeaseError> {
+        let name = format!(
+            "{}.rollout-{route}.lease",
+            self.path
+                .file_name()
+                .map_or_else(|| "strangler.history".into(), |n| n.to_string_lossy())
+        );
+        let path = self.path.with_file_name(name);
+        let mut file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| self.io(e))?;
+        match file.try_lock() {
+            Ok(()) => {
+                file.set_len(0).map_err(|e| self.io(e))?;
+                file.write_all(holder.as_bytes()).map_err(|e| self.io(e))?;
+                file.sync_data().map_err(|e| self.io(e))?;
+                Ok(Lease { _file: file })
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut text = String::new();
+                let _ = std::io::Read::read_to_string(&mut file, &mut text);
+                let holder = text.trim();
+                Err(LeaseError::Held {
+                    route: route.to_string(),
+                    holder: if holder.is_empty() {
+                        "(starting)".to_string()
+                    } else {
+                        holder.to_string()
+                    },
+                })
+            }
+            Err(std::fs::TryLockError::Error(e)) => Err(self.io(e).into()),
+        }
+    }
+
     fn io(&self, source: std::io::Error) -> HistoryError {
         HistoryError::Io {
             path: self.path.clone(),
@@ -209,5 +276,25 @@ mod tests {
         std::fs::write(&path, "{not json}\n").expect("write");
         let err = History::new(&path).read().expect_err("corrupt");
         assert!(err.to_string().contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn a_second_rollout_lease_on_a_route_is_refused_and_named_until_the_first_is_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let history = History::new(&dir.path().join("h.jsonl"));
+        let first = history
+            .lease("orders", "alice (pid 1)")
+            .expect("first lease");
+        match history.lease("orders", "bob (pid 2)") {
+            Err(LeaseError::Held { holder, .. }) => assert_eq!(holder, "alice (pid 1)"),
+            other => panic!("expected Held, got {other:?}"),
+        }
+        let _other_route = history
+            .lease("payments", "bob (pid 2)")
+            .expect("another route");
+        drop(first);
+        let _again = history
+            .lease("orders", "bob (pid 2)")
+            .expect("after the first ended");
     }
 }

@@ -16,6 +16,6 @@ pub mod rollout;
 pub mod route;
 
 pub use config_error::{ConfigError, Invalid, line_col};
-pub use history::{Entry, History, HistoryError};
+pub use history::{Entry, History, HistoryError, Lease, LeaseError};
 pub use lifecycle::{Percent, State};
 pub use route::{Backend, Reason, RouteName};

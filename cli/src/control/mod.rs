@@ -236,6 +236,11 @@ impl Controller {
         })
     }
 
+    /// Who acts: `--actor`, else the OS user.
+    pub fn actor(&self) -> &str {
+        &self.actor
+    }
+
     /// The configuration the controller works from.
     pub fn config(&self) -> &RouterConfig {
         &self.config
