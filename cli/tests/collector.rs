@@ -715,11 +715,25 @@ async fn the_routers_aggregates_arrive_as_metric_points_with_exact_counts_across
         "every export was acknowledged (stored or spooled):\n{}",
         router.log()
     );
-    // Every count lands in route_stats once: the views see the same 50.
-    let counted = db
-        .query("SELECT toFloat64(sum(requests)) FROM strangler.route_stats WHERE route = 'orders'")
+    // Every count lands in route_stats once: the views see the same 50. An insert's
+    // rows become visible in the source table a moment before its materialized
+    // views' parts do (ClickHouse commits them one after the other), so wait for
+    // them, then check nothing more arrives (no count twice).
+    let counted = || async {
+        db.query(
+            "SELECT toFloat64(sum(requests)) FROM strangler.route_stats WHERE route = 'orders'",
+        )
         .fetch_one::<f64>()
         .await
-        .unwrap_or(-1.0);
+        .unwrap_or(-1.0)
+    };
+    support::wait_until(
+        Duration::from_secs(10),
+        "route_stats counting all 50",
+        || async { counted().await >= 50.0 },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let counted = counted().await;
     assert!((counted - 50.0).abs() < f64::EPSILON, "{counted}");
 }

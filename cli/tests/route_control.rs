@@ -613,3 +613,159 @@ async fn a_second_rollout_controller_is_refused_and_an_operators_rollback_stops_
         });
     assert!(lease, "the lease file sits next to the history");
 }
+
+/// Moves that race: two forward moves decided from the same state run one at a time
+/// and the second is refused (the route is no longer where it was decided from); a
+/// forward move and a rollback at once always end on legacy — in the history, the
+/// flags and every router — whichever way they interleave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_moves_are_refused_or_lose_to_a_rollback_and_never_leave_the_route_half_moved() {
+    let legacy = Upstream::start("legacy").await;
+    let new = Upstream::start("new").await;
+    let router_config = format!(
+        "[legacy]\nupstream = \"{}\"\n\n{}",
+        legacy.addr,
+        route_section(new.addr)
+    );
+    let router = Router::start(
+        &router_config,
+        &[("flags.json", &flags_doc("strangler.orders", true, 0))],
+        &[],
+    )
+    .await;
+    let config = router.path("control.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[flags]\nfile = \"flags.json\"\n[control]\nrouters = [\"{}\"]\ntimeout_ms = 1500\n\n[legacy]\nupstream = \"{}\"\n\n{}",
+            router.admin_url(""),
+            legacy.addr,
+            route_section(new.addr)
+        ),
+    )
+    .expect("control config");
+    let config = config.display().to_string();
+    let spawn = |args: &[&str]| {
+        let mut all = vec!["route", "--config", config.as_str()];
+        all.extend_from_slice(args);
+        std::process::Command::new(strangler_bin())
+            .args(&all)
+            .env("STRANGLER_ADMIN_TOKEN", "test-admin-token")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn")
+    };
+    let history =
+        || std::fs::read_to_string(router.path("strangler.history.jsonl")).unwrap_or_default();
+    let last_to = || {
+        history()
+            .lines()
+            .last()
+            .and_then(|l| serde_json::from_str::<Value>(l).ok())
+            .map(|v| v["to"].to_string())
+            .unwrap_or_default()
+    };
+
+    // The route's move lock, held by the test to make moves overlap: a command that
+    // read the state waits on it, and goes on once the test lets go.
+    let move_lock = std::fs::File::options()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(router.path("strangler.history.jsonl.move-orders.lock"))
+        .expect("lock file");
+
+    // Two forward moves decided from canary 25 %, overlapping: one wins, the other
+    // is refused.
+    let out = cli(
+        &[
+            "route", "--config", &config, "canary", "orders", "25", "--yes",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", show(&out));
+    move_lock.lock().expect("hold the move lock");
+    let a = spawn(&["canary", "orders", "50", "--yes"]);
+    let b = spawn(&["promote", "orders", "--yes"]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    move_lock.unlock().expect("let go");
+    let (a, b) = (
+        a.wait_with_output().expect("a"),
+        b.wait_with_output().expect("b"),
+    );
+    assert_eq!(
+        u8::from(a.status.success()) + u8::from(b.status.success()),
+        1,
+        "exactly one forward move wins:\n{}\n{}",
+        show(&a),
+        show(&b)
+    );
+    let loser = if a.status.success() { &b } else { &a };
+    assert!(
+        show(loser).contains("moved from canary 25%"),
+        "{}",
+        show(loser)
+    );
+
+    // A promote decided from canary 25 % and a rollback while it waits: the
+    // rollback does not wait, and the promote then finds the route moved.
+    let out = cli(
+        &[
+            "route", "--config", &config, "canary", "orders", "25", "--yes",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", show(&out));
+    move_lock.lock().expect("hold the move lock");
+    let promote = spawn(&["promote", "orders", "--yes"]);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let rollback = spawn(&["rollback", "orders"])
+        .wait_with_output()
+        .expect("rollback");
+    assert!(rollback.status.success(), "{}", show(&rollback));
+    move_lock.unlock().expect("let go");
+    let promote = promote.wait_with_output().expect("promote");
+    assert!(!promote.status.success(), "{}", show(&promote));
+    assert!(last_to().contains("legacy"), "{}", history());
+    assert_eq!(share_new(&sides_for(&router, 40).await), 0.0);
+
+    // Promote and rollback started together, free to interleave, five times: the
+    // route is never left half-moved — the history's last state, the flags file and
+    // the router agree (legacy, or new if the promote read the state after the
+    // rollback was done and went ahead as asked).
+    for round in 0..5 {
+        let out = cli(
+            &[
+                "route", "--config", &config, "canary", "orders", "25", "--yes",
+            ],
+            &[],
+        );
+        assert!(out.status.success(), "round {round}: {}", show(&out));
+        let promote = spawn(&["promote", "orders", "--yes"]);
+        let rollback = spawn(&["rollback", "orders"]);
+        let (_, r) = (
+            promote.wait_with_output().expect("promote"),
+            rollback.wait_with_output().expect("rollback"),
+        );
+        assert!(r.status.success(), "round {round}: {}", show(&r));
+        let last = last_to();
+        let served_new = share_new(&sides_for(&router, 40).await);
+        let flags: Value = serde_json::from_str(
+            &std::fs::read_to_string(router.path("flags.json")).expect("flags"),
+        )
+        .expect("json");
+        let toggle = &flags["features"][0];
+        let flag_on =
+            toggle["enabled"] == true && toggle["strategies"][0]["parameters"]["rollout"] == "100";
+        if last.contains("legacy") {
+            assert_eq!(served_new, 0.0, "round {round}: history legacy, router not");
+            assert!(!flag_on, "round {round}: history legacy, flag on: {toggle}");
+        } else {
+            assert!(last.contains("new"), "round {round}: {}", history());
+            assert_eq!(served_new, 1.0, "round {round}: history new, router not");
+            assert!(flag_on, "round {round}: history new, flag not: {toggle}");
+        }
+    }
+}

@@ -173,6 +173,59 @@ impl History {
         file.sync_data().map_err(|e| self.io(e))
     }
 
+    /// Under the history's lock: reads `route`'s entries, asks `decide` whether to
+    /// append `entry` after them, and appends it if so. Returns whether it did and
+    /// the route's entries as read (without `entry`). Moves that must not miss each
+    /// other (a forward move and a rollback) check and write in one step this way.
+    pub fn append_if(
+        &self,
+        entry: &Entry,
+        decide: impl FnOnce(&[Entry]) -> bool,
+    ) -> Result<(bool, Vec<Entry>), HistoryError> {
+        let mut file = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(|e| self.io(e))?;
+        file.lock().map_err(|e| self.io(e))?;
+        let entries = self.for_route(&entry.route)?;
+        if !decide(&entries) {
+            return Ok((false, entries));
+        }
+        let mut line = serde_json::to_string(entry).map_err(|source| HistoryError::Corrupt {
+            path: self.path.clone(),
+            line: 0,
+            source,
+        })?;
+        line.push('\n');
+        file.write_all(line.as_bytes()).map_err(|e| self.io(e))?;
+        file.sync_data().map_err(|e| self.io(e))?;
+        Ok((true, entries))
+    }
+
+    /// Tries to take `route`'s move lock (a file beside the history) once: forward
+    /// moves of one route run one at a time. `None`: another move holds it.
+    pub fn try_move_lock(&self, route: &str) -> Result<Option<Lease>, HistoryError> {
+        let name = format!(
+            "{}.move-{route}.lock",
+            self.path
+                .file_name()
+                .map_or_else(|| "strangler.history".into(), |n| n.to_string_lossy())
+        );
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(self.path.with_file_name(name))
+            .map_err(|e| self.io(e))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(Lease { _file: file })),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(self.io(e)),
+        }
+    }
+
     /// Where it is kept.
     pub fn path(&self) -> &Path {
         &self.path

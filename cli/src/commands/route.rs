@@ -153,21 +153,26 @@ async fn route_async(args: RouteArgs, config: RouterConfig) -> anyhow::Result<Ex
             vec![(route.clone(), state, format!("restore #{to}"))]
         }
     };
-    // Forward moves may ask first; a rollback never asks.
+    // Forward moves may ask first, and go ahead only if the route is still where
+    // they were decided from; a rollback never asks and never waits.
+    let mut expected = Vec::with_capacity(moves.len());
     for (route, to, _) in &moves {
         if *to != State::Legacy {
             let r = controller.route(route)?;
             let from = controller.current_state(r).await?;
             confirm(from, *to, route, args.yes)?;
+            expected.push(Some(from));
         } else {
             controller.route(route)?;
+            expected.push(None);
         }
     }
-    let outcomes =
-        futures::future::join_all(moves.iter().map(|(route, to, action)| {
-            controller.transition(route, *to, action, args.reason.clone())
-        }))
-        .await;
+    let outcomes = futures::future::join_all(moves.iter().zip(&expected).map(
+        |((route, to, action), expected)| {
+            controller.transition_expecting(route, *to, action, args.reason.clone(), *expected)
+        },
+    ))
+    .await;
     let mut complete = true;
     let mut done = Vec::new();
     let mut first_error = None;

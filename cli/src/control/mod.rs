@@ -72,6 +72,32 @@ pub enum ControlError {
     /// The config names a credential that cannot be read.
     #[error(transparent)]
     Config(#[from] strangler_router::config::ConfigError),
+    /// The route is no longer in the state the move was decided from.
+    #[error(
+        "{route} moved from {expected} to {now} since this command read it (another operator or a rollout?); nothing changed — look again (`strangler route status {route}`)"
+    )]
+    Moved {
+        /// The route.
+        route: String,
+        /// What the move expected.
+        expected: State,
+        /// What it is now.
+        now: State,
+    },
+    /// Another forward move of the route held its lock for the whole timeout.
+    #[error("another move of {route} is still in progress; try again")]
+    Busy {
+        /// The route.
+        route: String,
+    },
+    /// A rollback was recorded while this forward move ran: it wins.
+    #[error(
+        "a rollback of {route} was recorded while this move ran: the route stays on legacy (this move's flag and override changes were undone)"
+    )]
+    RolledBackMeanwhile {
+        /// The route.
+        route: String,
+    },
     /// The history has no such entry for this route.
     #[error("route {route} has no history entry #{number} (see `strangler route history {route}`)")]
     NoSuchEntry {
@@ -323,21 +349,28 @@ impl Controller {
         Ok(())
     }
 
-    /// Moves `route` to `to`. Toward legacy, the flags and every router's override change
-    /// in parallel and the call returns when all confirmed or timed out; forward, the
-    /// flags change first and then the routers' overrides are cleared so the flag rules.
-    pub async fn transition(
+    /// Moves `route` to `to`, refused (nothing changed) unless the route is still in
+    /// `expected`, the state the caller decided the move from. Toward legacy, the
+    /// flags and every router's override change in parallel and the call returns
+    /// when all confirmed or timed out; forward, the flags change first and then the
+    /// routers' overrides are cleared so the flag rules. Forward moves of a route run
+    /// one at a time (a lock beside the history); a rollback takes no lock and waits
+    /// for nothing.
+    pub async fn transition_expecting(
         &self,
         route_name: &str,
         to: State,
         action: &str,
         reason: Option<String>,
+        expected: Option<State>,
     ) -> Result<Outcome, ControlError> {
-        self.transition_with_evidence(route_name, to, action, reason, None)
+        self.move_route(route_name, to, action, reason, None, expected)
             .await
     }
 
-    /// [`Controller::transition`], recording the numbers the change was decided on.
+    /// [`Controller::transition_expecting`] without an expected state, recording the
+    /// numbers the change was decided on (the rollout controller, which holds the
+    /// route's lease).
     pub async fn transition_with_evidence(
         &self,
         route_name: &str,
@@ -346,8 +379,53 @@ impl Controller {
         reason: Option<String>,
         evidence: Option<serde_json::Value>,
     ) -> Result<Outcome, ControlError> {
+        self.move_route(route_name, to, action, reason, evidence, None)
+            .await
+    }
+
+    /// Undoes a forward move's writes: the flags to legacy and every router's
+    /// override to legacy, as a rollback does (best effort: the rollback that
+    /// called for it already did the same).
+    async fn reassert_legacy(&self, route: &RouteConfig, route_name: &str) {
+        let (flags, _) = tokio::join!(
+            self.apply_flags(route, State::Legacy),
+            self.fleet.set_override(route_name, "legacy")
+        );
+        if let Err(e) = flags {
+            eprintln!("warning: re-applying the rollback of {route_name} to the flags: {e}");
+        }
+    }
+
+    async fn move_route(
+        &self,
+        route_name: &str,
+        to: State,
+        action: &str,
+        reason: Option<String>,
+        evidence: Option<serde_json::Value>,
+        expected: Option<State>,
+    ) -> Result<Outcome, ControlError> {
         let started = Instant::now();
         let route = self.route(route_name)?;
+        let forward = to != State::Legacy;
+        let _lock = if forward {
+            let deadline = Instant::now() + self.config.control.timeout * 5;
+            loop {
+                if let Some(lock) = self.history.try_move_lock(route_name)? {
+                    break Some(lock);
+                }
+                if Instant::now() >= deadline {
+                    return Err(ControlError::Busy {
+                        route: route_name.to_string(),
+                    });
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        } else {
+            None
+        };
+        // What the history held before this move wrote anything.
+        let seen = self.history.for_route(route_name)?.len();
         // A rollback must not wait on reading state from a store that may be down.
         let from = if to == State::Legacy {
             match self.history.last_state(route_name)? {
@@ -357,6 +435,16 @@ impl Controller {
         } else {
             self.current_state(route).await?
         };
+        if forward
+            && let Some(expected) = expected
+            && from != expected
+        {
+            return Err(ControlError::Moved {
+                route: route_name.to_string(),
+                expected,
+                now: from,
+            });
+        }
         let (flags, replies) = if to == State::Legacy {
             let (flags, replies) = tokio::join!(
                 self.apply_flags(route, to),
@@ -377,7 +465,24 @@ impl Controller {
                 evidence,
                 ..Entry::now(&self.actor, route_name, from, to, action)
             };
-            self.history.append(&entry)?;
+            // A rollback always wins. Checked and written under the history's lock,
+            // so of a forward move and a rollback running at once, whichever records
+            // second sees the other: a forward move that finds a rollback recorded
+            // since it began undoes its writes and records nothing; a rollback that
+            // finds a forward move recorded since it began applies itself again
+            // (after that move's writes, which precede its record).
+            let (appended, entries) = self.history.append_if(&entry, |entries| {
+                !(forward && entries.iter().skip(seen).any(|e| e.to == State::Legacy))
+            })?;
+            if !appended {
+                self.reassert_legacy(route, route_name).await;
+                return Err(ControlError::RolledBackMeanwhile {
+                    route: route_name.to_string(),
+                });
+            }
+            if !forward && entries.iter().skip(seen).any(|e| e.to != State::Legacy) {
+                self.reassert_legacy(route, route_name).await;
+            }
             if let Some(endpoint) = &self.config.telemetry.otlp_endpoint
                 && let Err(e) = announce::send(
                     endpoint,
