@@ -252,8 +252,10 @@ async fn counts_error_rates_p99_and_rollout_verdicts_are_the_same_at_sample_rati
     assert!(oa["new_error_rate"].as_f64() > Some(0.05), "{oa}");
 
     // At 1.0 every request has a span, so the exact p99 is known: the aggregates'
-    // p99 lies within the histogram's bound (half a 2.2 % bucket) of it, plus the
-    // microsecond the router rounds to.
+    // p99 lies within one bucket (2^(1/32), 2.2 %) of it, plus the microsecond the
+    // router rounds to: half a bucket from reading a bucket at its middle, and the
+    // rest from the two quantile functions picking neighbouring ranks, which can
+    // sit in neighbouring buckets (one run measured 1.21 %).
     let db = support::ch_client(&ch);
     for x in &a {
         let backend = x["backend"].as_str().unwrap_or("");
@@ -266,7 +268,7 @@ async fn counts_error_rates_p99_and_rollout_verdicts_are_the_same_at_sample_rati
             .expect("exact p99");
         let p99 = x["p99_ms"].as_f64().unwrap_or(0.0);
         assert!(
-            (p99 - exact).abs() <= 0.012 * exact + 0.002,
+            (p99 - exact).abs() <= 0.022 * exact + 0.002,
             "{backend}: aggregates' p99 {p99} ms vs exact {exact} ms"
         );
     }
