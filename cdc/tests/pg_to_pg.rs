@@ -45,8 +45,13 @@ CREATE TABLE orders_v2 (
 ";
 
 fn config(source: &str, target: &str) -> CdcConfig {
+    config_with(source, target, "")
+}
+
+/// [`config`] with more `[apply]` settings.
+fn config_with(source: &str, target: &str, apply: &str) -> CdcConfig {
     let text = format!(
-        "[source]\nurl = \"{source}\"\n[target]\nurl = \"{target}\"\n[apply]\nbatch_ms = 10\nsplit_rows = 1000\n\n\
+        "[source]\nurl = \"{source}\"\n[target]\nurl = \"{target}\"\n[apply]\nbatch_ms = 10\nsplit_rows = 1000\n{apply}\n\
          [[map]]\ntarget = \"customers\"\nsql = \"SELECT * FROM customers\"\n\n\
          [[map]]\ntarget = \"orders_v2\"\nsql = \"\"\"\n\
          SELECT id, customer_id AS buyer, total_cents / 100.0 AS total, lower(email) AS email,\n\
@@ -54,6 +59,24 @@ fn config(source: &str, target: &str) -> CdcConfig {
          FROM orders WHERE status <> 'draft'\"\"\"\n"
     );
     CdcConfig::parse(&text, Path::new("cdc.toml")).expect("config")
+}
+
+/// Runs CDC on its own task until `stop` is cancelled.
+fn start(
+    config: &CdcConfig,
+    stop: &strangler_cdc::CancellationToken,
+) -> tokio::task::JoinHandle<Result<(), strangler_cdc::CdcError>> {
+    let (config, stop) = (config.clone(), stop.clone());
+    tokio::spawn(async move {
+        run(
+            &config,
+            RunOptions {
+                stop: Some(stop),
+                ..RunOptions::default()
+            },
+        )
+        .await
+    })
 }
 
 /// The mapped rows as the source defines them, and the target's rows, as text.
@@ -161,19 +184,7 @@ async fn snapshot_then_stream_under_writes_ends_with_exactly_the_mapped_rows() {
 
     let config = config(&src.url("legacy"), &tgt.url("shop"));
     let stop = strangler_cdc::CancellationToken::new();
-    let cdc = {
-        let (config, stop) = (config.clone(), stop.clone());
-        tokio::spawn(async move {
-            run(
-                &config,
-                RunOptions {
-                    stop: Some(stop),
-                    ..RunOptions::default()
-                },
-            )
-            .await
-        })
-    };
+    let cdc = start(&config, &stop);
 
     // Writes while the snapshot and then the stream run: inserts, updates (some moving
     // rows in and out of the filter, one changing a key), deletes, all types.
@@ -399,19 +410,7 @@ async fn unchanged_toasted_values_are_kept_not_overwritten_with_nulls() {
     );
     let config = CdcConfig::parse(&text, Path::new("cdc.toml")).expect("config");
     let stop = strangler_cdc::CancellationToken::new();
-    let cdc = {
-        let (config, stop) = (config.clone(), stop.clone());
-        tokio::spawn(async move {
-            run(
-                &config,
-                RunOptions {
-                    stop: Some(stop),
-                    ..RunOptions::default()
-                },
-            )
-            .await
-        })
-    };
+    let cdc = start(&config, &stop);
     // 40 kB bodies, stored out of line (TOAST); then updates that leave them alone.
     source
         .batch_execute(
@@ -507,19 +506,7 @@ async fn both_directions_at_once_converge_and_no_change_bounces_back() {
     let forward = direction(&a, &b, "fwd", true);
     let reverse = direction(&b, &a, "rev", false);
     let stop = strangler_cdc::CancellationToken::new();
-    let spawn = |config: CdcConfig| {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            run(
-                &config,
-                RunOptions {
-                    stop: Some(stop),
-                    ..RunOptions::default()
-                },
-            )
-            .await
-        })
-    };
+    let spawn = |config: CdcConfig| start(&config, &stop);
     let fwd = spawn(forward.clone());
     // The reverse stream starts once the forward snapshot is done (its checkpoint exists).
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -634,31 +621,9 @@ async fn a_transaction_larger_than_a_batch_lands_whole_through_staging_copy_and_
     // Parts of 600 changes: each carries hundreds of rows of a table, so they go
     // through the staging table (orders: a transform and a filter) or straight
     // into the target by COPY (customers: `SELECT *`, same types).
-    let text = format!(
-        "[source]\nurl = \"{}\"\n[target]\nurl = \"{}\"\n[apply]\nbatch_ms = 10\nbatch_rows = 600\n\n\
-         [[map]]\ntarget = \"customers\"\nsql = \"SELECT * FROM customers\"\n\n\
-         [[map]]\ntarget = \"orders_v2\"\nsql = \"\"\"\n\
-         SELECT id, customer_id AS buyer, total_cents / 100.0 AS total, lower(email) AS email,\n\
-                note, tags, meta, created, uid, data, kind::text AS kind\n\
-         FROM orders WHERE status <> 'draft'\"\"\"\n",
-        src.url("legacy"),
-        tgt.url("shop")
-    );
-    let config = CdcConfig::parse(&text, Path::new("cdc.toml")).expect("config");
+    let config = config_with(&src.url("legacy"), &tgt.url("shop"), "batch_rows = 600\n");
     let stop = strangler_cdc::CancellationToken::new();
-    let cdc = {
-        let (config, stop) = (config.clone(), stop.clone());
-        tokio::spawn(async move {
-            run(
-                &config,
-                RunOptions {
-                    stop: Some(stop),
-                    ..RunOptions::default()
-                },
-            )
-            .await
-        })
-    };
+    let cdc = start(&config, &stop);
     wait_caught_up(&source, &target, &config.slot, Duration::from_secs(60)).await;
     assert_eq!(customers(&target).await, customers(&source).await);
 

@@ -524,11 +524,14 @@ fn the_kubernetes_example_manifests_embed_configs_that_config_check_accepts() {
     }
 }
 
-/// Two rollout controllers for one route: the second is refused and told who runs
-/// the first; an operator's rollback stops the first at its next interval (it
-/// never moves the route forward again).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_rollout_controller_is_refused_and_an_operators_rollback_stops_the_first() {
+/// A router on the file flag source (the route at 0 %) and the operators' config
+/// beside it: the same flags file, the router's admin API, `control_extra` added to
+/// `[control]` and `route_extra` after the route. Returns the upstreams (kept for the
+/// test's length), the router and the config's path.
+async fn router_and_operators_config(
+    control_extra: &str,
+    route_extra: &str,
+) -> (Upstream, Upstream, Router, String) {
     let legacy = Upstream::start("legacy").await;
     let new = Upstream::start("new").await;
     let router_config = format!(
@@ -542,23 +545,37 @@ async fn a_second_rollout_controller_is_refused_and_an_operators_rollback_stops_
         &[],
     )
     .await;
-    let dead_collector = free_port().expect("port");
-    // The operators' config beside the router's: the same flags file, its admin API,
-    // a plan, and a collector that cannot answer (so every step holds).
     let config = router.path("control.toml");
     std::fs::write(
         &config,
         format!(
-            "[flags]\nfile = \"flags.json\"\n[control]\nrouters = [\"{}\"]\ntimeout_ms = 1500\ncollector_url = \"http://127.0.0.1:{}\"\n\n\
-             [legacy]\nupstream = \"{}\"\n\n{}[route.rollout]\nsteps = [\"shadow\", \"25%\"]\ninterval_s = 0.2\nmax_step_s = 600\n",
+            "[flags]\nfile = \"flags.json\"\n[control]\nrouters = [\"{}\"]\ntimeout_ms = 1500\n{control_extra}\n\
+             [legacy]\nupstream = \"{}\"\n\n{}{route_extra}",
             router.admin_url(""),
-            dead_collector.port(),
             legacy.addr,
             route_section(new.addr)
         ),
     )
     .expect("control config");
     let config = config.display().to_string();
+    (legacy, new, router, config)
+}
+
+/// Two rollout controllers for one route: the second is refused and told who runs
+/// the first; an operator's rollback stops the first at its next interval (it
+/// never moves the route forward again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_rollout_controller_is_refused_and_an_operators_rollback_stops_the_first() {
+    // A plan, and a collector that cannot answer (so every step holds).
+    let dead_collector = free_port().expect("port");
+    let (_legacy, _new, router, config) = router_and_operators_config(
+        &format!(
+            "collector_url = \"http://127.0.0.1:{}\"\n",
+            dead_collector.port()
+        ),
+        "[route.rollout]\nsteps = [\"shadow\", \"25%\"]\ninterval_s = 0.2\nmax_step_s = 600\n",
+    )
+    .await;
     let history = router.path("strangler.history.jsonl");
     let log = router.path("rollout.log");
     let mut first = std::process::Command::new(strangler_bin())
@@ -620,31 +637,7 @@ async fn a_second_rollout_controller_is_refused_and_an_operators_rollback_stops_
 /// flags and every router — whichever way they interleave.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_moves_are_refused_or_lose_to_a_rollback_and_never_leave_the_route_half_moved() {
-    let legacy = Upstream::start("legacy").await;
-    let new = Upstream::start("new").await;
-    let router_config = format!(
-        "[legacy]\nupstream = \"{}\"\n\n{}",
-        legacy.addr,
-        route_section(new.addr)
-    );
-    let router = Router::start(
-        &router_config,
-        &[("flags.json", &flags_doc("strangler.orders", true, 0))],
-        &[],
-    )
-    .await;
-    let config = router.path("control.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[flags]\nfile = \"flags.json\"\n[control]\nrouters = [\"{}\"]\ntimeout_ms = 1500\n\n[legacy]\nupstream = \"{}\"\n\n{}",
-            router.admin_url(""),
-            legacy.addr,
-            route_section(new.addr)
-        ),
-    )
-    .expect("control config");
-    let config = config.display().to_string();
+    let (_legacy, _new, router, config) = router_and_operators_config("", "").await;
     let spawn = |args: &[&str]| {
         let mut all = vec!["route", "--config", config.as_str()];
         all.extend_from_slice(args);

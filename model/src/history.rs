@@ -157,18 +157,35 @@ impl History {
 
     /// Appends an entry (one `write` of one line, under a lock, then fsync).
     pub fn append(&self, entry: &Entry) -> Result<(), HistoryError> {
+        let line = self.line(entry)?;
+        let mut file = self.locked()?;
+        self.write_line(&mut file, &line)
+    }
+
+    /// `entry` as the line the file holds.
+    fn line(&self, entry: &Entry) -> Result<String, HistoryError> {
         let mut line = serde_json::to_string(entry).map_err(|source| HistoryError::Corrupt {
             path: self.path.clone(),
             line: 0,
             source,
         })?;
         line.push('\n');
-        let mut file = File::options()
+        Ok(line)
+    }
+
+    /// The file opened for appending, under its exclusive lock (until dropped).
+    fn locked(&self) -> Result<File, HistoryError> {
+        let file = File::options()
             .create(true)
             .append(true)
             .open(&self.path)
             .map_err(|e| self.io(e))?;
         file.lock().map_err(|e| self.io(e))?;
+        Ok(file)
+    }
+
+    /// One `write` of the line, then fsync.
+    fn write_line(&self, file: &mut File, line: &str) -> Result<(), HistoryError> {
         file.write_all(line.as_bytes()).map_err(|e| self.io(e))?;
         file.sync_data().map_err(|e| self.io(e))
     }
@@ -182,43 +199,38 @@ impl History {
         entry: &Entry,
         decide: impl FnOnce(&[Entry]) -> bool,
     ) -> Result<(bool, Vec<Entry>), HistoryError> {
-        let mut file = File::options()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .map_err(|e| self.io(e))?;
-        file.lock().map_err(|e| self.io(e))?;
+        let line = self.line(entry)?;
+        let mut file = self.locked()?;
         let entries = self.for_route(&entry.route)?;
         if !decide(&entries) {
             return Ok((false, entries));
         }
-        let mut line = serde_json::to_string(entry).map_err(|source| HistoryError::Corrupt {
-            path: self.path.clone(),
-            line: 0,
-            source,
-        })?;
-        line.push('\n');
-        file.write_all(line.as_bytes()).map_err(|e| self.io(e))?;
-        file.sync_data().map_err(|e| self.io(e))?;
+        self.write_line(&mut file, &line)?;
         Ok((true, entries))
     }
 
-    /// Tries to take `route`'s move lock (a file beside the history) once: forward
-    /// moves of one route run one at a time. `None`: another move holds it.
-    pub fn try_move_lock(&self, route: &str) -> Result<Option<Lease>, HistoryError> {
+    /// A file beside the history (`<history file name>.<suffix>`), opened for
+    /// reading and writing, created when missing: what the locks and leases lock.
+    fn beside(&self, suffix: &str) -> Result<File, HistoryError> {
         let name = format!(
-            "{}.move-{route}.lock",
+            "{}.{suffix}",
             self.path
                 .file_name()
                 .map_or_else(|| "strangler.history".into(), |n| n.to_string_lossy())
         );
-        let file = File::options()
+        File::options()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .open(self.path.with_file_name(name))
-            .map_err(|e| self.io(e))?;
+            .map_err(|e| self.io(e))
+    }
+
+    /// Tries to take `route`'s move lock (a file beside the history) once: forward
+    /// moves of one route run one at a time. `None`: another move holds it.
+    pub fn try_move_lock(&self, route: &str) -> Result<Option<Lease>, HistoryError> {
+        let file = self.beside(&format!("move-{route}.lock"))?;
         match file.try_lock() {
             Ok(()) => Ok(Some(Lease { _file: file })),
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),
@@ -237,25 +249,11 @@ impl History {
     /// it, so a crashed controller never leaves a stale lease behind. A second
     /// controller for the route is refused and told who holds it.
     pub fn lease(&self, route: &str, holder: &str) -> Result<Lease, LeaseError> {
-        let name = format!(
-            "{}.rollout-{route}.lease",
-            self.path
-                .file_name()
-                .map_or_else(|| "strangler.history".into(), |n| n.to_string_lossy())
-        );
-        let path = self.path.with_file_name(name);
-        let mut file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| self.io(e))?;
+        let mut file = self.beside(&format!("rollout-{route}.lease"))?;
         match file.try_lock() {
             Ok(()) => {
                 file.set_len(0).map_err(|e| self.io(e))?;
-                file.write_all(holder.as_bytes()).map_err(|e| self.io(e))?;
-                file.sync_data().map_err(|e| self.io(e))?;
+                self.write_line(&mut file, holder)?;
                 Ok(Lease { _file: file })
             }
             Err(std::fs::TryLockError::WouldBlock) => {

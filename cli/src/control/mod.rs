@@ -425,15 +425,14 @@ impl Controller {
             None
         };
         // What the history held before this move wrote anything.
-        let seen = self.history.for_route(route_name)?.len();
-        // A rollback must not wait on reading state from a store that may be down.
-        let from = if to == State::Legacy {
-            match self.history.last_state(route_name)? {
-                Some(s) => s,
-                None => self.current_state(route).await.unwrap_or(State::Legacy),
-            }
-        } else {
-            self.current_state(route).await?
+        let recorded = self.history.for_route(route_name)?;
+        let seen = recorded.len();
+        // The last recorded state, else what the flags imply; a rollback must not
+        // wait on (or fail with) a store that may be down.
+        let from = match recorded.last() {
+            Some(e) => e.to,
+            None if forward => self.current_state(route).await?,
+            None => self.current_state(route).await.unwrap_or(State::Legacy),
         };
         if forward
             && let Some(expected) = expected

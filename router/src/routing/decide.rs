@@ -57,17 +57,21 @@ pub fn forced_side(
     testers.iter().any(|n| n.contains(&ip)).then_some(side)
 }
 
-/// The side a request's pin cookie names, if it names one.
-pub fn pinned_side(headers: &HeaderMap, cookie: &str) -> Option<Backend> {
-    let value = headers
+/// The value of cookie `name` in a request (quotes trimmed), if present.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
         .get_all(http::header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == cookie)
-        .map(|(_, v)| v.trim_matches('"'))?;
-    match value {
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim_matches('"'))
+}
+
+/// The side a request's pin cookie names, if it names one.
+pub fn pinned_side(headers: &HeaderMap, name: &str) -> Option<Backend> {
+    match cookie(headers, name)? {
         "new" => Some(Backend::New),
         "legacy" => Some(Backend::Legacy),
         _ => None,
@@ -116,15 +120,9 @@ pub fn sticky_key<'a>(
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty())
             .map(std::borrow::Cow::Borrowed),
-        Stickiness::Cookie(name) => headers
-            .get_all(http::header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .filter_map(|pair| pair.trim().split_once('='))
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| std::borrow::Cow::Borrowed(v.trim_matches('"')))
-            .filter(|v| !v.is_empty()),
+        Stickiness::Cookie(name) => cookie(headers, name)
+            .filter(|v| !v.is_empty())
+            .map(std::borrow::Cow::Borrowed),
         Stickiness::ClientIp => client_ip.map(std::borrow::Cow::Borrowed),
     }
 }

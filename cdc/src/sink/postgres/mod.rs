@@ -500,17 +500,10 @@ pub(crate) async fn write_staged(
 }
 
 fn rejected(table: &str, key: &str, e: &tokio_postgres::Error) -> ApplyError {
-    let message = match e.as_db_error() {
-        Some(d) => match d.detail() {
-            Some(detail) => format!("{} ({detail})", d.message()),
-            None => d.message().to_string(),
-        },
-        None => e.to_string(),
-    };
     ApplyError::Rejected {
         table: table.to_string(),
         key: key.to_string(),
-        message,
+        message: db_message(e),
     }
 }
 
