@@ -116,7 +116,8 @@ struct Raw {
 #[serde(deny_unknown_fields)]
 struct RawConflicts {
     route: String,
-    history_file: PathBuf,
+    history: Option<String>,
+    history_file: Option<PathBuf>,
     legacy: String,
 }
 
@@ -213,10 +214,19 @@ impl CdcConfig {
         let base = path.parent().unwrap_or(Path::new("."));
         let owner = match &raw.conflicts {
             None => None,
-            Some(c) => Some(std::sync::Arc::new(crate::conflict::Owner {
-                route: c.route.clone(),
-                history_file: base.join(&c.history_file),
-                legacy_is_source: match c.legacy.as_str() {
+            Some(c) => Some(std::sync::Arc::new(crate::conflict::Owner::new(
+                c.route.clone(),
+                match (&c.history, &c.history_file) {
+                    (Some(text), None) => strangler_model::Location::parse(text, base)
+                        .map_err(|e| invalid(format!("conflicts.{}", e.0)))?,
+                    (None, Some(file)) => strangler_model::Location::File(base.join(file)),
+                    _ => {
+                        return Err(invalid(
+                            "conflicts: set history (the routers' [control] history: a file or postgres:// URL) or history_file, one of them".to_string(),
+                        ));
+                    }
+                },
+                match c.legacy.as_str() {
                     "source" => true,
                     "target" => false,
                     other => {
@@ -225,7 +235,7 @@ impl CdcConfig {
                         )));
                     }
                 },
-            })),
+            ))),
         };
         let mut mappings: Vec<Mapping> = Vec::new();
         let mut conflicts = Vec::new();

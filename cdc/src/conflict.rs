@@ -4,10 +4,9 @@
 //! mapping's policy. Every conflict is counted and logged with the key and both
 //! versions. Here: the policies; settling is in [`crate::sink::settle`].
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
-use strangler_model::{History, HistoryError, Invalid, State};
+use strangler_model::{History, HistoryError, Invalid, Location, State};
 
 /// How a mapping resolves a conflict.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -28,15 +27,26 @@ pub enum Policy {
 }
 
 /// Which side owns a route, from `strangler route` history.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Owner {
     /// The route.
     pub route: String,
-    /// The route history file (`control.history_file` of the router config).
-    pub history_file: PathBuf,
+    /// Where the routers' operators keep the route history (`[control] history`).
+    pub location: Location,
     /// Whether this stream's source is the legacy database.
     pub legacy_is_source: bool,
+    /// The history, its database connection kept between conflicts.
+    history: History,
 }
+
+impl PartialEq for Owner {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.route, &self.location, self.legacy_is_source)
+            == (&other.route, &other.location, other.legacy_is_source)
+    }
+}
+
+impl Eq for Owner {}
 
 /// Which version wins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,11 +86,24 @@ impl Policy {
 }
 
 impl Owner {
+    /// The policy for `route`, reading the history at `location`.
+    pub fn new(route: String, location: Location, legacy_is_source: bool) -> Self {
+        Self {
+            history: History::new(&location),
+            route,
+            location,
+            legacy_is_source,
+        }
+    }
+
     /// The side that owns the route now: legacy until the route serves at least half
-    /// of its users from the new service (canary ≥ 50 %, new, retired).
-    pub fn winner(&self) -> Result<Winner, HistoryError> {
-        let new_owns = History::new(&self.history_file)
-            .last_state(&self.route)?
+    /// of its users from the new service (canary ≥ 50 %, new, retired). Read at each
+    /// conflict (conflicts are rare; a stale owner would settle one wrongly).
+    pub async fn winner(&self) -> Result<Winner, HistoryError> {
+        let new_owns = self
+            .history
+            .last_state(&self.route)
+            .await?
             .is_some_and(State::new_owns);
         Ok(if new_owns != self.legacy_is_source {
             Winner::Source
@@ -113,52 +136,49 @@ mod tests {
 
     /// The history is written by the CLI (`strangler route …`) through
     /// `strangler_model::History`; the policy reads it back through the same type.
-    #[test]
-    fn the_owner_follows_the_routes_last_state_in_the_history_the_cli_writes() {
+    #[tokio::test]
+    async fn the_owner_follows_the_routes_last_state_in_the_history_the_cli_writes() {
         use strangler_model::{Entry, Percent};
         let dir = tempfile::tempdir().expect("tempdir");
         let history_file = dir.path().join("h.jsonl");
-        let owner = Owner {
-            route: "orders".into(),
-            history_file: history_file.clone(),
-            legacy_is_source: true,
-        };
+        let owner = Owner::new("orders".into(), Location::File(history_file.clone()), true);
         assert_eq!(
-            owner.winner().ok(),
+            owner.winner().await.ok(),
             Some(Winner::Source),
             "no history: legacy owns"
         );
-        let history = History::new(&history_file);
-        let write = |route: &str, from: State, to: State| {
+        let history = History::file(&history_file);
+        let write = async |route: &str, from: State, to: State| {
             history
                 .append(&Entry::now("alice", route, from, to, "test"))
+                .await
                 .expect("append");
         };
         let canary = |p: u8| State::Canary {
             percent: Percent::try_from(p).expect("percent"),
         };
-        write("orders", State::Shadow, canary(25));
-        write("other", State::Legacy, State::New);
+        write("orders", State::Shadow, canary(25)).await;
+        write("other", State::Legacy, State::New).await;
         assert_eq!(
-            owner.winner().ok(),
+            owner.winner().await.ok(),
             Some(Winner::Source),
             "25 %: legacy owns"
         );
-        write("orders", canary(25), canary(50));
+        write("orders", canary(25), canary(50)).await;
         assert_eq!(
-            owner.winner().ok(),
+            owner.winner().await.ok(),
             Some(Winner::Target),
             "half the users on new: new owns, the target (new) wins"
         );
-        write("orders", canary(50), State::Legacy);
+        write("orders", canary(50), State::Legacy).await;
         assert_eq!(
-            owner.winner().ok(),
+            owner.winner().await.ok(),
             Some(Winner::Source),
             "the last entry counts (rolled back)"
         );
         std::fs::write(&history_file, "{\"route\":\"orders\"}\n").expect("write");
         assert!(
-            owner.winner().is_err(),
+            owner.winner().await.is_err(),
             "a line that is not an entry is an error, not a silent legacy"
         );
     }

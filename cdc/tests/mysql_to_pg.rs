@@ -648,16 +648,18 @@ async fn rows_changed_on_both_sides_follow_the_conflict_policy_and_are_counted()
         .query_drop("UPDATE orders SET status = 'paid', updated = '2026-06-01 00:00:00'")
         .await
         .expect("baseline");
-    let history = tempfile::NamedTempFile::new().expect("history");
+    // The route history the routers' operators share (`[control] history`), in
+    // PostgreSQL: the owner policy reads it from there.
+    let history_url = pg.url(&pg.fresh_database("history").await.expect("history db"));
     let config = |policy: &str| {
         CdcConfig::parse(
             &format!(
                 "[source]\nurl = \"{}\"\nslot = \"fwd\"\n[target]\nurl = \"{}\"\n[apply]\nbatch_ms = 10\n\
-                 [conflicts]\nroute = \"orders\"\nhistory_file = \"{}\"\nlegacy = \"source\"\n\n\
+                 [conflicts]\nroute = \"orders\"\nhistory = \"{}\"\nlegacy = \"source\"\n\n\
                  [[map]]\ntarget = \"orders_v2\"\nconflict = \"{policy}\"\nsql = \"SELECT id, customer_id AS buyer, total, status, note, created, updated, data, meta::jsonb AS meta FROM orders\"\n",
                 maria.url(&db),
                 pg.url(&new_db),
-                history.path().display()
+                history_url
             ),
             Path::new("fwd.toml"),
         )
@@ -715,7 +717,7 @@ async fn rows_changed_on_both_sides_follow_the_conflict_policy_and_are_counted()
     task.await.expect("join").expect("stops");
 
     // owner: the route is on the new service, so the new side (this stream's target) wins.
-    strangler_model::History::new(history.path())
+    strangler_model::History::new(&strangler_model::Location::Postgres(history_url.clone()))
         .append(&strangler_model::Entry::now(
             "test",
             "orders",
@@ -725,6 +727,7 @@ async fn rows_changed_on_both_sides_follow_the_conflict_policy_and_are_counted()
             strangler_model::State::New,
             "promote",
         ))
+        .await
         .expect("history");
     new.execute(
         "UPDATE orders_v2 SET note = 'owned by new' WHERE id = 4",

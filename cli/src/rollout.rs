@@ -613,16 +613,16 @@ pub async fn run(
             .map_err(|e| anyhow::anyhow!("{route}: rollout gate {:?}: {e}", g.name))?;
     }
     // One controller per route: a second one is refused and told who runs it.
-    let _lease = if dry_run {
+    let holder = format!(
+        "{} (pid {}, since {})",
+        controller.actor(),
+        std::process::id(),
+        strangler_model::history::now_rfc3339()
+    );
+    let mut lease = if dry_run {
         None
     } else {
-        let holder = format!(
-            "{} (pid {}, since {})",
-            controller.actor(),
-            std::process::id(),
-            strangler_model::history::now_rfc3339()
-        );
-        Some(controller.history().lease(route, &holder)?)
+        Some(controller.history().lease(route, &holder).await?)
     };
     let state = controller.current_state(config).await?;
     let mut index = match position(plan, state) {
@@ -661,16 +661,39 @@ pub async fn run(
     // The step began at its last recorded change (a restarted rollout resumes).
     let mut step_began = controller
         .history()
-        .for_route(route)?
+        .for_route(route)
+        .await?
         .last()
         .and_then(|e| humantime::parse_rfc3339(&e.at).ok())
         .unwrap_or_else(SystemTime::now);
     let mut baseline: Option<Baseline> = None;
     loop {
         let step = plan.steps[index];
+        // A lease in a shared history lives in a database session; if that ended (a
+        // database restart), take it again before acting, or stop: another
+        // controller may hold it now.
+        if lease.as_ref().is_some_and(strangler_model::Lease::lost) {
+            lease = Some(
+                controller
+                    .history()
+                    .lease(route, &holder)
+                    .await
+                    .map_err(|e| {
+                        anyhow::anyhow!(
+                            "{route}: the rollout lost its lease and could not take it again: {e}"
+                        )
+                    })?,
+            );
+            println!(
+                "[{}] {route}: took the rollout lease again (its database session had ended)",
+                stamp()
+            );
+        }
         // Someone else moved the route (an operator's rollback, say): a rollback
         // always wins, and the controller never moves a route it no longer holds.
-        if !dry_run && let Some(end) = moved_by_someone_else(controller, route, state_of(step))? {
+        if !dry_run
+            && let Some(end) = moved_by_someone_else(controller, route, state_of(step)).await?
+        {
             return Ok(end);
         }
         let window_from = step_began + plan.settle;
@@ -728,7 +751,9 @@ pub async fn run(
                     return Ok(End::Completed);
                 }
                 Decision::Advance => {
-                    if let Some(end) = moved_by_someone_else(controller, route, state_of(step))? {
+                    if let Some(end) =
+                        moved_by_someone_else(controller, route, state_of(step)).await?
+                    {
                         return Ok(end);
                     }
                     let legacy = &v.evidence.legacy;
@@ -788,12 +813,12 @@ pub async fn run(
 
 /// How the rollout ends when the route's recorded state is no longer the step's
 /// (`None`: still there, or never recorded).
-fn moved_by_someone_else(
+async fn moved_by_someone_else(
     controller: &Controller,
     route: &str,
     expected: State,
 ) -> anyhow::Result<Option<End>> {
-    let Some(now) = controller.history().last_state(route)? else {
+    let Some(now) = controller.history().last_state(route).await? else {
         return Ok(None);
     };
     if now == expected {

@@ -762,3 +762,195 @@ async fn racing_moves_are_refused_or_lose_to_a_rollback_and_never_leave_the_rout
         }
     }
 }
+
+/// One route history in PostgreSQL (`[control] history = "postgres://…"`) shared by
+/// two operators with their own copies of the config on "two machines" (two
+/// directories): each sees the other's moves under the same numbers, `restore --to
+/// N` means the same from either, a second rollout controller is refused whichever
+/// machine it starts on, the lease goes with a killed controller's database
+/// session, and concurrent promote/rollback pairs never leave the route half-moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_on_two_machines_share_one_postgres_history_its_numbers_and_its_leases() {
+    let pg = strangler_testkit::Postgres::start()
+        .await
+        .expect("postgres");
+    let db = pg.fresh_database("history").await.expect("db");
+    let url = pg.url(&db);
+    let dead_collector = free_port().expect("port");
+    let (_legacy, _new, router, config_a) = router_and_operators_config(
+        &format!(
+            "history = \"{url}\"\ncollector_url = \"http://127.0.0.1:{}\"\n",
+            dead_collector.port()
+        ),
+        "[route.rollout]\nsteps = [\"shadow\", \"25%\"]\ninterval_s = 0.2\nmax_step_s = 600\n",
+    )
+    .await;
+    // The second operator's copy, elsewhere: the flags file by its full path.
+    let elsewhere = tempfile::tempdir().expect("dir");
+    let config_b = elsewhere.path().join("control.toml");
+    std::fs::write(
+        &config_b,
+        std::fs::read_to_string(&config_a).expect("config").replace(
+            "file = \"flags.json\"",
+            &format!("file = \"{}\"", router.path("flags.json").display()),
+        ),
+    )
+    .expect("copy");
+    let config_b = config_b.display().to_string();
+    let as_op = |config: &str, actor: &str, args: &[&str]| {
+        let mut all = vec!["route", "--config", config];
+        all.extend_from_slice(args);
+        let out = cli(&all, &[("STRANGLER_ACTOR", actor)]);
+        assert!(out.status.success(), "{args:?}: {}", show(&out));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+
+    as_op(&config_a, "alice", &["shadow", "orders"]);
+    as_op(&config_b, "bob", &["canary", "orders", "25", "--yes"]);
+    as_op(&config_a, "alice", &["promote", "orders", "--yes"]);
+    wait_share(&router, 40, |s| s == 1.0, "promoted").await;
+    let history_a = as_op(
+        &config_a,
+        "alice",
+        &["history", "orders", "--output", "json"],
+    );
+    let history_b = as_op(&config_b, "bob", &["history", "orders", "--output", "json"]);
+    assert_eq!(history_a, history_b, "the same history from both machines");
+    let entries: Value = serde_json::from_str(&history_a).expect("json");
+    let actors: Vec<(u64, &str)> = entries
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|e| {
+            (
+                e["number"].as_u64().unwrap_or(0),
+                e["actor"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(actors, vec![(1, "alice"), (2, "bob"), (3, "alice")]);
+    // Nothing was written to a file beside either config.
+    assert!(!router.path("strangler.history.jsonl").exists());
+    assert!(!elsewhere.path().join("strangler.history.jsonl").exists());
+
+    // Entry 2 is canary 25 % on both machines.
+    as_op(
+        &config_b,
+        "bob",
+        &["restore", "orders", "--to", "2", "--yes"],
+    );
+    wait_share(&router, 200, |s| s > 0.1 && s < 0.4, "canary 25 % restored").await;
+    let entries: Value = serde_json::from_str(&as_op(
+        &config_a,
+        "alice",
+        &["history", "orders", "--output", "json"],
+    ))
+    .expect("json");
+    assert_eq!(entries.as_array().map(Vec::len), Some(4));
+    assert_eq!(entries[3]["action"], "restore #2", "{entries}");
+
+    // A rollout controller on machine A holds the lease; one on machine B is refused
+    // and told who; killing A's controller frees it (its session ends); B's rollback
+    // stops a controller it did not start.
+    as_op(&config_a, "alice", &["rollback", "orders"]);
+    let spawn_rollout = |config: &str, actor: &str| {
+        std::process::Command::new(strangler_bin())
+            .args(["route", "--config", config, "rollout", "orders"])
+            .env("STRANGLER_ADMIN_TOKEN", "test-admin-token")
+            .env("STRANGLER_ACTOR", actor)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("rollout")
+    };
+    let last_action = async || {
+        let client = pg.connect(&db).await.expect("connect");
+        client
+            .query_one(
+                "SELECT entry->>'action' FROM strangler_route_history ORDER BY id DESC LIMIT 1",
+                &[],
+            )
+            .await
+            .map(|r| r.get::<_, String>(0))
+            .unwrap_or_default()
+    };
+    let mut first = spawn_rollout(&config_a, "controller-a");
+    wait_until(
+        Duration::from_secs(10),
+        "the rollout's first step",
+        || async { last_action().await == "rollout start" },
+    )
+    .await;
+    let out = cli(
+        &["route", "--config", &config_b, "rollout", "orders"],
+        &[("STRANGLER_ACTOR", "controller-b")],
+    );
+    assert!(!out.status.success(), "{}", show(&out));
+    assert!(
+        show(&out).contains("controller-a (pid"),
+        "names the holder on the other machine: {}",
+        show(&out)
+    );
+    first.kill().expect("SIGKILL the first controller");
+    let _ = first.wait();
+    let mut second = spawn_rollout(&config_b, "controller-b");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(
+        second.try_wait().expect("wait").is_none(),
+        "the second controller took the killed one's lease and runs"
+    );
+    as_op(&config_a, "alice", &["rollback", "orders"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = second.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the controller did not stop");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "stopped by the other machine's rollback"
+    );
+
+    // Promote (machine A) and rollback (machine B) started together, five times:
+    // the shared history's last state and the router always agree.
+    for round in 0..5 {
+        as_op(&config_a, "alice", &["canary", "orders", "25", "--yes"]);
+        let spawn = |config: &str, args: &[&str]| {
+            let mut all = vec!["route", "--config", config];
+            all.extend_from_slice(args);
+            std::process::Command::new(strangler_bin())
+                .args(&all)
+                .env("STRANGLER_ADMIN_TOKEN", "test-admin-token")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn")
+        };
+        let promote = spawn(&config_a, &["promote", "orders", "--yes"]);
+        let rollback = spawn(&config_b, &["rollback", "orders"]);
+        let (_, r) = (
+            promote.wait_with_output().expect("promote"),
+            rollback.wait_with_output().expect("rollback"),
+        );
+        assert!(r.status.success(), "round {round}: {}", show(&r));
+        let client = pg.connect(&db).await.expect("connect");
+        let last: String = client
+            .query_one(
+                "SELECT entry->'to'->>'state' FROM strangler_route_history ORDER BY id DESC LIMIT 1",
+                &[],
+            )
+            .await
+            .expect("last")
+            .get(0);
+        match last.as_str() {
+            "legacy" => wait_share(&router, 40, |s| s == 0.0, "history legacy").await,
+            "new" => wait_share(&router, 40, |s| s == 1.0, "history new").await,
+            other => panic!("round {round}: half-moved: {other}"),
+        }
+    }
+}

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::config_error::Invalid;
+use crate::history::Location;
 
 /// Where rollouts read evidence unless `control.collector_url` says otherwise.
 pub const DEFAULT_COLLECTOR_URL: &str = "http://127.0.0.1:8686";
@@ -16,7 +17,8 @@ pub const DEFAULT_UNLEASH_ADMIN_TOKEN_ENV: &str = "UNLEASH_ADMIN_TOKEN";
 /// A rollback waits this long for every router to confirm: long enough for a busy
 /// router, short enough that an operator learns quickly which one did not answer.
 pub const DEFAULT_CONTROL_TIMEOUT_MS: u64 = 2_000;
-/// The history file next to the config unless `control.history_file` names another.
+/// The history file next to the config unless `control.history` names another
+/// store (a file, or a `postgres://` database shared by a fleet).
 pub const DEFAULT_HISTORY_FILE: &str = "strangler.history.jsonl";
 
 /// A `dns://NAME:PORT` router entry's name and port (`None` when it is not one or
@@ -43,8 +45,9 @@ pub struct ControlConfig {
     pub project: String,
     /// Unleash environment the routers' client token reads.
     pub environment: String,
-    /// Where the route history is appended (JSON lines).
-    pub history_file: PathBuf,
+    /// Where the route history is kept: a JSON-lines file, or a PostgreSQL
+    /// database every operator, controller and CDC process shares.
+    pub history: Location,
     /// How long a command waits for each router and Unleash.
     pub timeout: Duration,
     /// The collector's web address, where rollouts read their evidence.
@@ -60,6 +63,7 @@ pub struct RawControl {
     unleash_admin_token_env: Option<String>,
     project: Option<String>,
     environment: Option<String>,
+    history: Option<String>,
     history_file: Option<PathBuf>,
     timeout_ms: Option<u64>,
     collector_url: Option<String>,
@@ -115,10 +119,19 @@ impl RawControl {
                 .unwrap_or_else(|| DEFAULT_UNLEASH_ADMIN_TOKEN_ENV.into()),
             project: self.project.unwrap_or_else(|| "default".into()),
             environment: self.environment.unwrap_or_else(|| "development".into()),
-            history_file: base.join(
-                self.history_file
-                    .unwrap_or_else(|| PathBuf::from(DEFAULT_HISTORY_FILE)),
-            ),
+            history: match (self.history, self.history_file) {
+                (Some(_), Some(_)) => {
+                    return Err(
+                        "control: set history (a file or postgres:// URL) or history_file, not both"
+                            .into(),
+                    );
+                }
+                (Some(text), None) => {
+                    Location::parse(&text, base).map_err(|e| e.context("control"))?
+                }
+                (None, Some(path)) => Location::File(base.join(path)),
+                (None, None) => Location::File(base.join(DEFAULT_HISTORY_FILE)),
+            },
             timeout: Duration::from_millis(self.timeout_ms.unwrap_or(DEFAULT_CONTROL_TIMEOUT_MS)),
             collector_url: self
                 .collector_url
@@ -149,8 +162,8 @@ mod tests {
         assert_eq!(c.routers, vec!["http://127.0.0.1:9080".to_string()]);
         assert_eq!(c.unleash_admin_url.as_deref(), Some("http://u:4242"));
         assert_eq!(
-            c.history_file,
-            Path::new("/etc/s").join(DEFAULT_HISTORY_FILE)
+            c.history,
+            Location::File(Path::new("/etc/s").join(DEFAULT_HISTORY_FILE))
         );
         assert_eq!(c.timeout, Duration::from_millis(DEFAULT_CONTROL_TIMEOUT_MS));
     }
@@ -173,5 +186,34 @@ mod tests {
             b("routers = [\"http://x:1/\"]").map(|c| c.routers).ok(),
             Some(vec!["http://x:1".to_string()])
         );
+    }
+
+    #[test]
+    fn the_history_is_a_file_or_a_postgres_database() {
+        let b = |t: &str| raw(t).build("http://a:1", None, Path::new("/etc/s"));
+        assert_eq!(
+            b("history = \"postgres://ops:pw@db:5432/strangler\"")
+                .map(|c| c.history)
+                .ok(),
+            Some(Location::Postgres(
+                "postgres://ops:pw@db:5432/strangler".into()
+            ))
+        );
+        assert_eq!(
+            b("history_file = \"h.jsonl\"").map(|c| c.history).ok(),
+            Some(Location::File(PathBuf::from("/etc/s/h.jsonl")))
+        );
+        assert_eq!(
+            b("history = \"/var/lib/strangler/h.jsonl\"")
+                .map(|c| c.history)
+                .ok(),
+            Some(Location::File(PathBuf::from("/var/lib/strangler/h.jsonl")))
+        );
+        let both = b("history = \"a\"\nhistory_file = \"b\"").expect_err("both");
+        assert!(both.0.contains("not both"), "{}", both.0);
+        let bad = b("history = \"postgres://ops:pw@db:notaport/x\"").expect_err("bad url");
+        assert!(bad.0.contains("not a PostgreSQL URL"), "{}", bad.0);
+        assert!(!bad.0.contains("pw"), "{}", bad.0);
+        assert!(b("history = \"mysql://db/x\"").is_err());
     }
 }

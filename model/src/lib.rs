@@ -4,7 +4,8 @@
 //! rollout plans, the `[control]` settings, and the config error with its
 //! `FILE:LINE:COLUMN`.
 //!
-//! No heavy dependencies: the router, the collector, CDC and the CLI all link it.
+//! Few dependencies: the router, the collector, CDC and the CLI all link it
+//! (tokio-postgres only for the shared route history).
 
 pub mod config_error;
 pub mod control;
@@ -16,6 +17,6 @@ pub mod rollout;
 pub mod route;
 
 pub use config_error::{ConfigError, Invalid, line_col};
-pub use history::{Entry, History, HistoryError, Lease, LeaseError};
+pub use history::{Entry, History, HistoryError, Lease, LeaseError, Location};
 pub use lifecycle::{Percent, State};
 pub use route::{Backend, Reason, RouteName};

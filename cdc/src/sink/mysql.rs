@@ -304,7 +304,7 @@ async fn resolve_mysql(
                     .map(|v| (*v != Value::NULL).then(|| value_text(v)))
                     .collect()
             });
-        let winner = match settle(plan, &tkey, new.as_ref(), current.as_ref())? {
+        let winner = match settle(plan, &tkey, new.as_ref(), current.as_ref()).await? {
             Settle::Winner(w) => w,
             Settle::Newer(i) => {
                 // `newer:` on MySQL: the incoming value against the column, by MySQL's types.

@@ -137,7 +137,7 @@ pub(crate) enum Settle {
 
 /// Applies `plan.conflict` to one conflict; `stop` becomes the error that stops
 /// the stream, naming the key and both versions.
-pub(crate) fn settle(
+pub(crate) async fn settle(
     plan: &TablePlan,
     tkey: &[Option<String>],
     incoming: Option<&Mapped>,
@@ -149,6 +149,7 @@ pub(crate) fn settle(
         Policy::Owner(owner) => Settle::Winner(
             owner
                 .winner()
+                .await
                 .map_err(|e| ApplyError::Unsafe(e.to_string()))?,
         ),
         Policy::Newer(column) => {

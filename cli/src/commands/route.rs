@@ -121,7 +121,7 @@ async fn route_async(args: RouteArgs, config: RouterConfig) -> anyhow::Result<Ex
         }
         RouteCommand::History { route } => {
             controller.route(route)?;
-            let entries = controller.history().for_route(route)?;
+            let entries = controller.history().for_route(route).await?;
             output::history(&entries, json)?;
             return Ok(ExitCode::SUCCESS);
         }
@@ -149,7 +149,7 @@ async fn route_async(args: RouteArgs, config: RouterConfig) -> anyhow::Result<Ex
         }
         RouteCommand::Restore { route, to } => {
             controller.route(route)?;
-            let state = controller.recorded_state(route, *to)?;
+            let state = controller.recorded_state(route, *to).await?;
             vec![(route.clone(), state, format!("restore #{to}"))]
         }
     };

@@ -252,7 +252,7 @@ impl Controller {
             secrets.admin_token.as_ref().map(|t| t.expose().to_string()),
             control.timeout,
         );
-        let history = History::new(&control.history_file);
+        let history = History::new(&control.history);
         Ok(Self {
             store,
             fleet,
@@ -320,7 +320,7 @@ impl Controller {
 
     /// The route's lifecycle state: the last recorded one, or what the flags imply.
     pub async fn current_state(&self, route: &RouteConfig) -> Result<State, ControlError> {
-        if let Some(state) = self.history.last_state(route.name.as_str())? {
+        if let Some(state) = self.history.last_state(route.name.as_str()).await? {
             return Ok(state);
         }
         let main = self.store.get(&route.flag).await?;
@@ -409,23 +409,20 @@ impl Controller {
         let route = self.route(route_name)?;
         let forward = to != State::Legacy;
         let _lock = if forward {
-            let deadline = Instant::now() + self.config.control.timeout * 5;
-            loop {
-                if let Some(lock) = self.history.try_move_lock(route_name)? {
-                    break Some(lock);
-                }
-                if Instant::now() >= deadline {
+            let wait = self.config.control.timeout * 5;
+            match self.history.move_lock(route_name, wait).await? {
+                Some(lock) => Some(lock),
+                None => {
                     return Err(ControlError::Busy {
                         route: route_name.to_string(),
                     });
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
         } else {
             None
         };
         // What the history held before this move wrote anything.
-        let recorded = self.history.for_route(route_name)?;
+        let recorded = self.history.for_route(route_name).await?;
         let seen = recorded.len();
         // The last recorded state, else what the flags imply; a rollback must not
         // wait on (or fail with) a store that may be down.
@@ -470,9 +467,12 @@ impl Controller {
             // since it began undoes its writes and records nothing; a rollback that
             // finds a forward move recorded since it began applies itself again
             // (after that move's writes, which precede its record).
-            let (appended, entries) = self.history.append_if(&entry, |entries| {
-                !(forward && entries.iter().skip(seen).any(|e| e.to == State::Legacy))
-            })?;
+            let (appended, entries) = self
+                .history
+                .append_if(&entry, |entries| {
+                    !(forward && entries.iter().skip(seen).any(|e| e.to == State::Legacy))
+                })
+                .await?;
             if !appended {
                 self.reassert_legacy(route, route_name).await;
                 return Err(ControlError::RolledBackMeanwhile {
@@ -509,9 +509,10 @@ impl Controller {
     }
 
     /// The state recorded in history entry `number` of `route`.
-    pub fn recorded_state(&self, route: &str, number: usize) -> Result<State, ControlError> {
+    pub async fn recorded_state(&self, route: &str, number: usize) -> Result<State, ControlError> {
         self.history
-            .for_route(route)?
+            .for_route(route)
+            .await?
             .into_iter()
             .find(|e| e.number == number)
             .map(|e| e.to)
@@ -534,7 +535,7 @@ impl Controller {
                 Ok(t) => (Some(t), None),
                 Err(e) => (None, Some(e.to_string())),
             };
-            let state = match self.history.last_state(route.name.as_str())? {
+            let state = match self.history.last_state(route.name.as_str()).await? {
                 Some(s) => s.to_string(),
                 None => match &toggle {
                     Some(t) => {

@@ -68,7 +68,7 @@ pub async fn resolve(
         }
         found += 1;
         let new = incoming.get(*k).cloned().flatten();
-        let winner = match settle(plan, tkey, new.as_ref(), now)? {
+        let winner = match settle(plan, tkey, new.as_ref(), now).await? {
             Settle::Winner(w) => w,
             Settle::Newer(i) => newer(tx, plan, i, new.as_ref(), now).await?,
         };
