@@ -6,6 +6,9 @@ set -euo pipefail
 CACHE_DIR="${STRANGLER_CACHE:-$HOME/.cache/strangler}"
 UNLEASH_VERSION="7.5.1"
 PLAYWRIGHT_VERSION="1.64.1"
+# Current ClickHouse in process (PyPI chdb-core): the collector's schema and
+# dashboard queries are checked on it as well as on Debian's 18.16.
+CHDB_VERSION="26.9.0"
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }
 
@@ -25,6 +28,8 @@ check_bin node nodejs
 check_bin npm npm
 check_bin pkg-config pkg-config
 check_bin /usr/include/postgresql/libpq-fe.h libpq-dev
+check_bin /usr/share/zookeeper/bin/zkServer.sh zookeeper
+if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then need_apt+=(python3-venv); fi
 if [ "${STRANGLER_BENCH:-0}" = 1 ]; then
   check_bin /usr/sbin/nginx nginx
   check_bin /usr/sbin/haproxy haproxy
@@ -62,4 +67,12 @@ npm_into "$UNLEASH_DIR" unleash-server "$UNLEASH_VERSION"
 # download: the test points it at /usr/bin/chromium).
 PLAYWRIGHT_DIR="$CACHE_DIR/playwright-core-$PLAYWRIGHT_VERSION"
 npm_into "$PLAYWRIGHT_DIR" playwright-core "$PLAYWRIGHT_VERSION"
-log "ok (unleash in $UNLEASH_DIR, playwright-core in $PLAYWRIGHT_DIR)"
+# chdb-core into a virtual environment of its own in the same cache.
+CHDB_DIR="$CACHE_DIR/chdb-core-$CHDB_VERSION"
+if ! "$CHDB_DIR/bin/python" -c 'import chdb' >/dev/null 2>&1; then
+  log "installing chdb-core==$CHDB_VERSION into $CHDB_DIR"
+  rm -rf "$CHDB_DIR"
+  python3 -m venv "$CHDB_DIR"
+  "$CHDB_DIR/bin/pip" install --quiet --disable-pip-version-check "chdb-core==$CHDB_VERSION"
+fi
+log "ok (unleash in $UNLEASH_DIR, playwright-core in $PLAYWRIGHT_DIR, chdb in $CHDB_DIR)"

@@ -338,6 +338,10 @@ enum CollectorCommand {
         /// The database name.
         #[arg(long, default_value = "strangler")]
         database: String,
+        /// Print the DDL for this ClickHouse cluster (a `remote_servers` name):
+        /// replicated local tables and distributed tables, `ON CLUSTER`.
+        #[arg(long)]
+        cluster: Option<String>,
     },
 }
 
@@ -487,11 +491,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: CollectorCommand::Run { config },
         } => commands::collector::run(config.as_deref()),
         Command::Collector {
-            command: CollectorCommand::Schema { database },
+            command: CollectorCommand::Schema { database, cluster },
         } => {
             print!(
                 "{}",
-                strangler_collector::store::clickhouse::schema_sql(&database)
+                strangler_collector::store::clickhouse::schema_sql(&database, cluster.as_deref())
             );
             Ok(ExitCode::SUCCESS)
         }

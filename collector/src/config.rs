@@ -62,6 +62,7 @@ struct Raw {
     max_body_bytes: Option<usize>,
     web_token_env: Option<String>,
     web_token_file: Option<PathBuf>,
+    cluster: Option<String>,
 }
 
 /// A validated collector configuration.
@@ -93,6 +94,9 @@ pub struct CollectorConfig {
     pub max_body_bytes: usize,
     /// Bearer token for the web port's API and metrics; required unless it is on loopback.
     pub web_token: Option<String>,
+    /// The ClickHouse cluster (a `remote_servers` name) to create the schema on:
+    /// replicated local tables on every server, distributed tables over them.
+    pub cluster: Option<String>,
 }
 
 impl CollectorConfig {
@@ -195,9 +199,20 @@ impl CollectorConfig {
                  (set {DEFAULT_WEB_TOKEN_ENV} or web_token_file); refusing to expose the trace data unauthenticated"
             )));
         }
+        let cluster = match raw.cluster {
+            Some(c)
+                if c.is_empty() || !c.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_') =>
+            {
+                return Err(invalid(format!(
+                    "cluster {c:?} must be a remote_servers name: letters, digits and _"
+                )));
+            }
+            other => other,
+        };
         Ok(Self {
             web_token,
             compress,
+            cluster,
             grpc_listen: raw
                 .grpc_listen
                 .map_or_else(|| parse(DEFAULT_GRPC_LISTEN), Ok)?,

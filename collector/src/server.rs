@@ -45,6 +45,7 @@ pub async fn run(config: CollectorConfig) -> Result<(), RunError> {
         config.user.as_deref(),
         config.password.as_deref(),
         config.compress,
+        config.cluster.as_deref(),
     ));
     let spool = Arc::new(Spool::open(&config.spool_dir, config.spool_max_bytes)?);
     if spool.used_bytes() > 0 {

@@ -35,11 +35,11 @@ FROM
     FROM ${database}.route_stats
     WHERE route != '' AND $__timeFilter(time)
     GROUP BY route
-)
+) AS counts
 ANY LEFT JOIN
 (
     SELECT route, argMax(to_state, at_ns) AS state
     FROM ${database}.route_events
     GROUP BY route
-) USING (route)
+) AS states USING (route)
 ORDER BY route

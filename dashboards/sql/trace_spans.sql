@@ -16,6 +16,6 @@ SELECT
     any(diff) AS diff
 FROM ${database}.spans
 WHERE trace_id = '${trace_id}'
-    AND toDate(start_time) IN (SELECT day FROM ${database}.trace_index WHERE trace_id = '${trace_id}')
+    AND toDate(start_time) GLOBAL IN (SELECT day FROM ${database}.trace_index WHERE trace_id = '${trace_id}')
 GROUP BY span_id
 ORDER BY start_ns

@@ -28,6 +28,13 @@ pub struct ClickHouse {
 impl ClickHouse {
     /// Writes a config for a temporary directory and starts the server.
     pub async fn start() -> Result<Self> {
+        let mut ch = Self::prepare()?;
+        ch.launch("").await?;
+        Ok(ch)
+    }
+
+    /// A server not started yet: its binary, directory and ports.
+    fn prepare() -> Result<Self> {
         let binary = find_binary(
             &[
                 "/usr/sbin/clickhouse-server",
@@ -40,9 +47,18 @@ impl ClickHouse {
             .prefix("strangler-clickhouse-")
             .tempdir()
             .map_err(io_err("creating a temp dir"))?;
-        let http_port = free_port()?;
-        let tcp_port = free_port()?;
-        let root = dir.path().display().to_string();
+        Ok(Self {
+            process: None,
+            binary,
+            http_port: free_port()?,
+            tcp_port: free_port()?,
+            dir,
+        })
+    }
+
+    /// Writes the config (`extra`: more elements inside `<yandex>`) and starts.
+    async fn launch(&mut self, extra: &str) -> Result<()> {
+        let root = self.dir.path().display().to_string();
         // 18.16 reads `<yandex>`; current releases still accept it.
         let config = format!(
             r#"<?xml version="1.0"?>
@@ -64,10 +80,11 @@ impl ClickHouse {
     <mark_cache_size>268435456</mark_cache_size>
     <max_concurrent_queries>100</max_concurrent_queries>
     <timezone>UTC</timezone>
+{extra}
 </yandex>
 "#,
-            http = http_port.port(),
-            tcp = tcp_port.port(),
+            http = self.http_port.port(),
+            tcp = self.tcp_port.port(),
         );
         let users = r#"<?xml version="1.0"?>
 <yandex>
@@ -83,18 +100,11 @@ impl ClickHouse {
     <quotas><default><interval><duration>3600</duration><queries>0</queries><errors>0</errors><result_rows>0</result_rows><read_rows>0</read_rows><execution_time>0</execution_time></interval></default></quotas>
 </yandex>
 "#;
-        std::fs::write(dir.path().join("config.xml"), config)
+        std::fs::write(self.dir.path().join("config.xml"), config)
             .map_err(io_err("writing config.xml"))?;
-        std::fs::write(dir.path().join("users.xml"), users).map_err(io_err("writing users.xml"))?;
-        let mut ch = Self {
-            process: None,
-            binary,
-            http_port,
-            tcp_port,
-            dir,
-        };
-        ch.start_server().await?;
-        Ok(ch)
+        std::fs::write(self.dir.path().join("users.xml"), users)
+            .map_err(io_err("writing users.xml"))?;
+        self.start_server().await
     }
 
     async fn start_server(&mut self) -> Result<()> {
@@ -142,6 +152,14 @@ impl ClickHouse {
         self.dir.path()
     }
 
+    /// Kills the server at once (SIGKILL), like a crash; [`ClickHouse::restart`]
+    /// brings it back with its data.
+    pub fn kill(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            process.kill();
+        }
+    }
+
     /// Stops the server.
     pub fn stop(&mut self) {
         if let Some(mut process) = self.process.take() {
@@ -153,5 +171,94 @@ impl ClickHouse {
 impl Drop for ClickHouse {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// ClickHouse servers as `shards` × `replicas` of one cluster named
+/// [`ClickHouseCluster::NAME`], replicating through a ZooKeeper of their own: every
+/// server lists the cluster under `remote_servers` (internal replication: a write
+/// goes to one replica per shard and replication copies it), has `shard` and
+/// `replica` macros for `Replicated*MergeTree` paths, and runs `ON CLUSTER` DDL.
+#[derive(Debug)]
+pub struct ClickHouseCluster {
+    servers: Vec<ClickHouse>,
+    replicas: usize,
+    _interserver: Vec<PortLease>,
+    // Dropped last: the servers stop before their ZooKeeper does.
+    _zookeeper: crate::ZooKeeper,
+}
+
+impl ClickHouseCluster {
+    /// The cluster's name in `remote_servers`.
+    pub const NAME: &'static str = "strangler_cluster";
+
+    /// Starts ZooKeeper and the servers (all at once), returning once every server
+    /// answers.
+    pub async fn start(shards: usize, replicas: usize) -> Result<Self> {
+        let zookeeper = crate::ZooKeeper::start().await?;
+        let mut servers = (0..shards * replicas)
+            .map(|_| ClickHouse::prepare())
+            .collect::<Result<Vec<_>>>()?;
+        let mut remote = String::new();
+        for shard in 0..shards {
+            remote.push_str("<shard><internal_replication>true</internal_replication>");
+            for replica in 0..replicas {
+                remote.push_str(&format!(
+                    "<replica><host>127.0.0.1</host><port>{}</port></replica>",
+                    servers[shard * replicas + replica].tcp_port()
+                ));
+            }
+            remote.push_str("</shard>");
+        }
+        let mut interserver = Vec::new();
+        let mut extras = Vec::new();
+        for (i, _) in servers.iter().enumerate() {
+            let port = free_port()?;
+            extras.push(format!(
+                r#"    <interserver_http_host>127.0.0.1</interserver_http_host>
+    <interserver_http_port>{port}</interserver_http_port>
+    <zookeeper><node><host>127.0.0.1</host><port>{zk}</port></node><session_timeout_ms>30000</session_timeout_ms></zookeeper>
+    <macros><shard>{shard}</shard><replica>s{shard}r{replica}</replica></macros>
+    <remote_servers><{name}>{remote}</{name}></remote_servers>
+    <distributed_ddl><path>/clickhouse/task_queue/ddl</path></distributed_ddl>"#,
+                port = port.port(),
+                zk = zookeeper.port(),
+                shard = i / replicas + 1,
+                replica = i % replicas + 1,
+                name = Self::NAME,
+            ));
+            interserver.push(port);
+        }
+        let started = futures::future::join_all(
+            servers
+                .iter_mut()
+                .zip(&extras)
+                .map(|(server, extra)| server.launch(extra)),
+        )
+        .await;
+        for result in started {
+            result?;
+        }
+        Ok(Self {
+            servers,
+            _interserver: interserver,
+            replicas,
+            _zookeeper: zookeeper,
+        })
+    }
+
+    /// Every server, shard by shard.
+    pub fn servers(&self) -> &[ClickHouse] {
+        &self.servers
+    }
+
+    /// Replica `replica` of shard `shard` (both from 0).
+    pub fn server(&self, shard: usize, replica: usize) -> &ClickHouse {
+        &self.servers[shard * self.replicas + replica]
+    }
+
+    /// The same, to stop, kill or restart it.
+    pub fn server_mut(&mut self, shard: usize, replica: usize) -> &mut ClickHouse {
+        &mut self.servers[shard * self.replicas + replica]
     }
 }

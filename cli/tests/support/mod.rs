@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod known;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

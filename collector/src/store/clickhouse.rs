@@ -337,16 +337,122 @@ WHERE name = 'strangler.request.duration' AND kind = 'exponential_histogram' AND
 /// The name of the span the CLI sends for each route lifecycle change.
 pub use strangler_model::names::span::ROUTE_CHANGE as ROUTE_CHANGE_SPAN;
 
-/// The DDL of every migration for `database`, as `strangler collector schema` prints it.
-pub fn schema_sql(database: &str) -> String {
-    let mut out = format!("CREATE DATABASE IF NOT EXISTS {database};\n\n");
+/// The DDL of every migration for `database`, as `strangler collector schema` prints
+/// it: for one server, or (`cluster`) for a replicated cluster.
+pub fn schema_sql(database: &str, cluster: Option<&str>) -> String {
+    let mut out = match cluster {
+        None => format!("CREATE DATABASE IF NOT EXISTS {database};\n\n"),
+        Some(c) => format!("CREATE DATABASE IF NOT EXISTS {database} ON CLUSTER {c};\n\n"),
+    };
+    if let Some(c) = cluster {
+        out.push_str(&format!("{};\n\n", migrations_table(database, Some(c))));
+    }
     for (version, what, sql) in MIGRATIONS {
-        out.push_str(&format!(
-            "-- migration {version}: {what}\n{};\n\n",
-            sql.replace("{db}", database)
-        ));
+        out.push_str(&format!("-- migration {version}: {what}\n"));
+        for statement in statements(sql, database, cluster) {
+            out.push_str(&statement);
+            out.push_str(";\n\n");
+        }
     }
     out
+}
+
+/// Where the applied migrations are recorded. On a cluster, one replicated table
+/// every server holds a replica of (no shard in its path), so any server says what
+/// the whole cluster has applied.
+fn migrations_table(db: &str, cluster: Option<&str>) -> String {
+    match cluster {
+        None => format!(
+            "CREATE TABLE IF NOT EXISTS {db}.schema_migrations (version UInt32, description String, applied DateTime DEFAULT now()) ENGINE = MergeTree ORDER BY version"
+        ),
+        Some(c) => format!(
+            "CREATE TABLE IF NOT EXISTS {db}.schema_migrations ON CLUSTER {c} (version UInt32, description String, applied DateTime DEFAULT now()) ENGINE = ReplicatedMergeTree('/clickhouse/tables/{db}/schema_migrations', '{{replica}}') ORDER BY version"
+        ),
+    }
+}
+
+/// A migration's statements for `db`: the text itself on one server. On a cluster
+/// each table becomes a `Replicated…MergeTree` table `NAME_local` on every server
+/// (`ON CLUSTER`, its ZooKeeper path per shard) plus a `Distributed` table `NAME`
+/// over them — sharded by trace id where the table has one, so a trace's spans
+/// live on one shard — and every materialized view reads and writes the local
+/// tables on each server, so its rows stay on the shard of the rows that fed them.
+/// Queries and inserts keep using the plain names: they go through the
+/// distributed tables.
+pub fn statements(sql: &str, db: &str, cluster: Option<&str>) -> Vec<String> {
+    let Some(c) = cluster else {
+        return vec![sql.replace("{db}", db)];
+    };
+    let local = |sql: &str| -> String {
+        // `FROM {db}.NAME` → `FROM {db}.NAME_local`, for every table a view reads.
+        let mut out = String::with_capacity(sql.len() + 16);
+        let mut rest = sql;
+        while let Some(at) = rest.find("FROM {db}.") {
+            let start = at + "FROM {db}.".len();
+            let end = rest[start..]
+                .find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
+                .map_or(rest.len(), |n| start + n);
+            out.push_str(&rest[..end]);
+            out.push_str("_local");
+            rest = &rest[end..];
+        }
+        out.push_str(rest);
+        out
+    };
+    let converted: Vec<String> = if let Some(rest) =
+        sql.strip_prefix("CREATE TABLE IF NOT EXISTS {db}.")
+    {
+        let name_end = rest.find([' ', '(']).unwrap_or(rest.len());
+        let name = &rest[..name_end];
+        let Some(engine_at) = rest.find(") ENGINE = ") else {
+            return vec![format!("-- cannot convert for a cluster: {sql}")];
+        };
+        let columns = &rest[name_end..=engine_at];
+        let after = &rest[engine_at + ") ENGINE = ".len()..];
+        let (engine, tail) = after.split_once('\n').unwrap_or((after, ""));
+        let (engine_name, args) = match engine.split_once('(') {
+            Some((n, a)) => (n.trim(), Some(a.strip_suffix(')').unwrap_or(a))),
+            None => (engine.trim(), None),
+        };
+        let path = format!("'/clickhouse/tables/{{shard}}/{{db}}/{name}', '{{replica}}'");
+        let replicated = match args {
+            Some(a) if !a.is_empty() => format!("Replicated{engine_name}({path}, {a})"),
+            _ => format!("Replicated{engine_name}({path})"),
+        };
+        let key = if columns.contains("trace_id String") {
+            "cityHash64(trace_id)"
+        } else {
+            "rand()"
+        };
+        vec![
+            format!(
+                "CREATE TABLE IF NOT EXISTS {{db}}.{name}_local ON CLUSTER {c}{columns} ENGINE = {replicated}\n{tail}"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {{db}}.{name} ON CLUSTER {c} AS {{db}}.{name}_local ENGINE = Distributed({c}, {{db}}, {name}_local, {key})"
+            ),
+        ]
+    } else if let Some(rest) = sql.strip_prefix("CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.") {
+        let (name, rest) = rest.split_once(" TO {db}.").unwrap_or((rest, ""));
+        let target_end = rest
+            .find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
+            .unwrap_or(rest.len());
+        vec![format!(
+            "CREATE MATERIALIZED VIEW IF NOT EXISTS {{db}}.{name} ON CLUSTER {c} TO {{db}}.{}_local{}",
+            &rest[..target_end],
+            local(&rest[target_end..])
+        )]
+    } else if let Some(table) = sql.strip_prefix("DROP TABLE IF EXISTS ") {
+        vec![format!("DROP TABLE IF EXISTS {table} ON CLUSTER {c}")]
+    } else {
+        // Data statements (the route_stats backfill) run once, through the
+        // distributed tables.
+        vec![sql.to_string()]
+    };
+    converted
+        .into_iter()
+        .map(|s| s.replace("{db}", db))
+        .collect()
 }
 
 /// Spans in ClickHouse over HTTP (RowBinary inserts).
@@ -357,6 +463,8 @@ pub struct ClickHouseStore {
     /// quotes `db.table` as one name, so the database goes in the session instead).
     in_database: clickhouse::Client,
     database: String,
+    /// The cluster (`remote_servers` name) the schema spans, if any.
+    cluster: Option<String>,
     /// Set once every migration has run. Until then inserts are refused as
     /// retryable (so they go to the spool): a span written before a materialized
     /// view exists never reaches that view's table, and would be missing from the
@@ -380,6 +488,7 @@ impl ClickHouseStore {
         user: Option<&str>,
         password: Option<&str>,
         compress: bool,
+        cluster: Option<&str>,
     ) -> Self {
         // 18.16 does not send the column types the crate validates rows against.
         let mut client = clickhouse::Client::default()
@@ -396,10 +505,18 @@ impl ClickHouseStore {
         if let Some(password) = password {
             client = client.with_password(password);
         }
+        let mut in_database = client.clone().with_database(database);
+        if cluster.is_some() {
+            // An insert through a Distributed table is acknowledged only once every
+            // shard it touched has stored its part (not when the receiving server
+            // queued it), so an acknowledged export is on the shards' replicas.
+            in_database = in_database.with_setting("insert_distributed_sync", "1");
+        }
         Self {
-            in_database: client.clone().with_database(database),
+            in_database,
             client,
             database: database.to_string(),
+            cluster: cluster.map(str::to_string),
             migrated: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -423,18 +540,11 @@ impl ClickHouseStore {
     /// from several collectors at once: every statement is `IF NOT EXISTS`.
     pub async fn migrate(&self) -> Result<Vec<u32>, StoreError> {
         let db = &self.database;
-        self.client
-            .query(&format!("CREATE DATABASE IF NOT EXISTS {db}"))
-            .execute()
-            .await
-            .map_err(unavailable)?;
-        self.client
-            .query(&format!(
-                "CREATE TABLE IF NOT EXISTS {db}.schema_migrations (version UInt32, description String, applied DateTime DEFAULT now()) ENGINE = MergeTree ORDER BY version"
-            ))
-            .execute()
-            .await
-            .map_err(unavailable)?;
+        let cluster = self.cluster.as_deref();
+        let on_cluster = cluster.map_or_else(String::new, |c| format!(" ON CLUSTER {c}"));
+        self.ddl(&format!("CREATE DATABASE IF NOT EXISTS {db}{on_cluster}"))
+            .await?;
+        self.ddl(&migrations_table(db, cluster)).await?;
         let done: Vec<u32> = self
             .client
             .query(&format!(
@@ -448,11 +558,9 @@ impl ClickHouseStore {
             if done.contains(version) {
                 continue;
             }
-            self.client
-                .query(&sql.replace("{db}", db))
-                .execute()
-                .await
-                .map_err(unavailable)?;
+            for statement in statements(sql, db, cluster) {
+                self.ddl(&statement).await?;
+            }
             self.client
                 .query(&format!(
                     "INSERT INTO {db}.schema_migrations (version, description) VALUES (?, ?)"
@@ -467,6 +575,21 @@ impl ClickHouseStore {
         }
         self.migrated.store(true, Ordering::Release);
         Ok(applied)
+    }
+
+    /// Runs one schema statement. On a cluster a server that does not finish its
+    /// part of `ON CLUSTER` DDL in time (it is down) is a reason to retry, not a
+    /// rejected migration: the task waits in ZooKeeper and runs when it is back.
+    async fn ddl(&self, sql: &str) -> Result<(), StoreError> {
+        match self.client.query(sql).execute().await {
+            Err(clickhouse::error::Error::BadResponse(message))
+                if self.cluster.is_some()
+                    && (message.contains("Code: 159") || message.contains("Watching task")) =>
+            {
+                Err(StoreError::Unavailable(message))
+            }
+            other => other.map_err(unavailable),
+        }
     }
 }
 
@@ -529,7 +652,7 @@ mod names_tests {
     /// this keeps them equal to the one definition the CLI writes with.
     #[test]
     fn the_route_events_migration_reads_the_names_the_cli_writes() {
-        let sql = schema_sql("strangler");
+        let sql = schema_sql("strangler", None);
         assert!(sql.contains(&format!("name = '{ROUTE_CHANGE_SPAN}'")));
         for key in [
             attr::CHANGE_ROUTE,
@@ -548,13 +671,91 @@ mod names_tests {
 }
 
 #[cfg(test)]
+mod cluster_tests {
+    use super::*;
+
+    #[test]
+    fn on_a_cluster_every_table_is_replicated_and_distributed_and_every_view_reads_local_tables() {
+        let mut tables = 0;
+        for (version, _, sql) in MIGRATIONS {
+            let out = statements(sql, "strangler", Some("c"));
+            let single = statements(sql, "strangler", None);
+            assert_eq!(single, vec![sql.replace("{db}", "strangler")], "{version}");
+            for statement in &out {
+                assert!(
+                    !statement.contains("{db}") && !statement.starts_with("--"),
+                    "{version}: {statement}"
+                );
+                if statement.starts_with("CREATE") || statement.starts_with("DROP") {
+                    assert!(
+                        statement.contains(" ON CLUSTER c"),
+                        "{version}: {statement}"
+                    );
+                }
+            }
+            if sql.starts_with("CREATE TABLE") {
+                tables += 1;
+                assert_eq!(out.len(), 2, "{version}");
+                assert!(
+                    out[0].contains("_local ON CLUSTER c (")
+                        && out[0].contains("ENGINE = Replicated"),
+                    "{version}: {}",
+                    out[0]
+                );
+                assert!(
+                    out[0].contains("'/clickhouse/tables/{shard}/strangler/"),
+                    "{}",
+                    out[0]
+                );
+                assert!(
+                    out[1].contains("ENGINE = Distributed(c, strangler, "),
+                    "{}",
+                    out[1]
+                );
+            }
+            if sql.starts_with("CREATE MATERIALIZED VIEW") {
+                assert!(
+                    out[0].contains("_local\nAS SELECT"),
+                    "{version}: {}",
+                    out[0]
+                );
+                assert!(
+                    out[0].contains("FROM strangler.spans_local")
+                        || out[0].contains("FROM strangler.metric_points_local"),
+                    "{version}: {}",
+                    out[0]
+                );
+            }
+        }
+        assert!(tables >= 8);
+        let spans = statements(MIGRATIONS[0].2, "strangler", Some("c"));
+        assert!(
+            spans[1].ends_with("spans_local, cityHash64(trace_id))"),
+            "{}",
+            spans[1]
+        );
+        let summing = statements(MIGRATIONS[12].2, "strangler", Some("c"));
+        assert!(
+            summing[0].contains("ReplicatedSummingMergeTree('/clickhouse/tables/{shard}/strangler/route_stats', '{replica}', (requests, errors, hits, diff_match, diff_mismatch))"),
+            "{}",
+            summing[0]
+        );
+        assert!(
+            schema_sql("strangler", Some("c"))
+                .starts_with("CREATE DATABASE IF NOT EXISTS strangler ON CLUSTER c;")
+        );
+    }
+}
+
+#[cfg(test)]
 mod readiness_tests {
     use super::*;
 
     #[tokio::test]
     async fn an_unmigrated_store_refuses_inserts_as_retryable_and_is_not_ready() {
         // Nothing listens on port 9 of loopback; the refusal must come before any request.
-        let store = ClickHouseStore::new("http://127.0.0.1:9", "strangler", None, None, false);
+        let store =
+            ClickHouseStore::new("http://127.0.0.1:9", "strangler", None, None, false, None);
         let err = store
             .insert(&[SpanRow::default()])
             .await
