@@ -11,6 +11,7 @@ pub mod model;
 pub mod pipeline;
 pub mod query;
 pub mod receive;
+pub mod rowbinary;
 pub mod server;
 pub mod spool;
 pub mod store;

@@ -20,6 +20,9 @@ pub struct Metrics {
     pub failed: IntCounter,
     /// Requests refused as malformed.
     pub malformed: IntCounter,
+    /// Times the span spool could not be read for replay (a replay round ends there
+    /// and the next one, half a second later, tries again).
+    pub spool_errors: IntCounter,
     /// Bytes in the spool.
     pub spool_bytes: IntGauge,
     /// Metric points inserted into the store directly.
@@ -106,6 +109,11 @@ impl Metrics {
                 &registry,
                 "strangler_collector_requests_malformed_total",
                 "Export requests refused as malformed",
+            ),
+            spool_errors: counter(
+                &registry,
+                "strangler_collector_spool_errors_total",
+                "Span spool reads that failed during replay (retried every half second)",
             ),
             spool_bytes,
             registry,

@@ -89,7 +89,7 @@ pub enum InvalidSpan {
     },
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
@@ -173,7 +173,7 @@ fn find<'a>(keys: &'a [String], values: &'a [String], key: &str) -> Option<&'a s
         .map(|i| values[i].as_str())
 }
 
-fn attrs_json(list: &[KeyValue]) -> serde_json::Value {
+pub(crate) fn attrs_json(list: &[KeyValue]) -> serde_json::Value {
     serde_json::Value::Object(
         list.iter()
             .map(|kv| {
@@ -190,26 +190,7 @@ fn attrs_json(list: &[KeyValue]) -> serde_json::Value {
 /// an invalid identity (the OTLP spec makes that a client error). Takes the request
 /// by value so decoded strings move into the rows instead of being copied.
 pub fn rows_from_request(request: ExportTraceServiceRequest) -> Result<Vec<SpanRow>, InvalidSpan> {
-    let mut index = 0;
-    for rs in &request.resource_spans {
-        for ss in &rs.scope_spans {
-            for span in &ss.spans {
-                if span.trace_id.len() != 16 || span.trace_id.iter().all(|b| *b == 0) {
-                    return Err(InvalidSpan::TraceId {
-                        index,
-                        len: span.trace_id.len(),
-                    });
-                }
-                if span.span_id.len() != 8 || span.span_id.iter().all(|b| *b == 0) {
-                    return Err(InvalidSpan::SpanId {
-                        index,
-                        len: span.span_id.len(),
-                    });
-                }
-                index += 1;
-            }
-        }
-    }
+    let index = crate::rowbinary::validate(&request)?;
     let mut rows = Vec::with_capacity(index);
     for rs in request.resource_spans {
         let (resource_keys, resource_values) =

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::metrics::Metrics;
-use crate::model::SpanRow;
+use crate::rowbinary::Encoded;
 use crate::spool::Spool;
 use crate::store::{SpanStore, StoreError};
 
@@ -54,7 +54,7 @@ pub enum SubmitError {
 }
 
 struct Job {
-    rows: Vec<SpanRow>,
+    spans: Encoded,
     ack: oneshot::Sender<Result<(), String>>,
     _permit: OwnedSemaphorePermit,
 }
@@ -108,8 +108,8 @@ impl Pipeline {
     }
 
     /// Queues rows and waits until they are stored or spooled.
-    pub async fn submit(&self, rows: Vec<SpanRow>) -> Result<(), SubmitError> {
-        let n = rows.len();
+    pub async fn submit(&self, spans: Encoded) -> Result<(), SubmitError> {
+        let n = spans.rows;
         if n == 0 {
             return Ok(());
         }
@@ -136,7 +136,7 @@ impl Pipeline {
         let (ack, done) = oneshot::channel();
         self.tx
             .send(Job {
-                rows,
+                spans,
                 ack,
                 _permit: permit,
             })
@@ -159,13 +159,13 @@ async fn writer(
 ) {
     let in_flight = Arc::new(Semaphore::new(config.inserts_in_flight.max(1)));
     while let Some(first) = rx.recv().await {
-        let mut count = first.rows.len();
+        let mut count = first.spans.rows;
         let mut jobs = vec![first];
         let deadline = tokio::time::Instant::now() + config.batch_timeout;
         while count < config.batch_size {
             tokio::select! {
                 job = rx.recv() => match job {
-                    Some(job) => { count += job.rows.len(); jobs.push(job); }
+                    Some(job) => { count += job.spans.rows; jobs.push(job); }
                     None => break,
                 },
                 _ = tokio::time::sleep(config.batch_linger) => break,
@@ -197,19 +197,19 @@ async fn write_batch(
     healthy: &AtomicBool,
     timeout: Duration,
 ) {
-    let mut rows = Vec::with_capacity(jobs.iter().map(|j| j.rows.len()).sum());
+    let mut spans = Encoded::default();
     let mut acks = Vec::with_capacity(jobs.len());
     let mut permits = Vec::with_capacity(jobs.len());
     for job in jobs {
-        rows.extend(job.rows);
+        spans.append(job.spans);
         acks.push(job.ack);
         permits.push(job._permit);
     }
-    let n = rows.len() as u64;
+    let n = spans.rows as u64;
     // While the store is known to be down, go straight to the spool instead of
     // waiting for every batch to time out.
     let stored = if healthy.load(Ordering::Acquire) {
-        match tokio::time::timeout(timeout, store.insert(&rows)).await {
+        match tokio::time::timeout(timeout, store.insert(&spans)).await {
             Ok(Ok(())) => true,
             Ok(Err(StoreError::Migrating)) => {
                 tracing::debug!("the store is still migrating; spooling {n} spans");
@@ -234,7 +234,7 @@ async fn write_batch(
         metrics.written.inc_by(n);
         Ok(())
     } else {
-        match spool.push(&rows) {
+        match spool.push_encoded(&spans) {
             Ok(()) => {
                 metrics.spooled.inc_by(n);
                 metrics
@@ -253,6 +253,7 @@ async fn write_batch(
         let _ = ack.send(result.clone());
     }
     drop(permits);
+    spans.recycle();
 }
 
 /// How often the spool is checked while the store is down.
@@ -280,16 +281,22 @@ async fn replayer(
             continue;
         }
         loop {
-            let crate::spool::Merged { files: paths, rows } = match spool.oldest_merged(batch_size)
-            {
+            let crate::spool::MergedEncoded {
+                files: paths,
+                spans,
+            } = match spool.oldest_encoded(batch_size) {
                 Ok(Some(batch)) => batch,
                 Ok(None) => break,
+                // Ends this round: retrying at once would spin (a directory that
+                // cannot be read stays so); a corrupt batch was moved aside, so the
+                // next round goes on past it.
                 Err(e) => {
-                    tracing::error!("{e}");
-                    continue;
+                    metrics.spool_errors.inc();
+                    tracing::error!("{e}; replay paused until the next round");
+                    break;
                 }
             };
-            match tokio::time::timeout(timeout, store.insert(&rows)).await {
+            match tokio::time::timeout(timeout, store.insert(&spans)).await {
                 Ok(Ok(())) => {
                     for path in &paths {
                         if let Err(e) = spool.remove(path) {
@@ -298,7 +305,18 @@ async fn replayer(
                             );
                         }
                     }
-                    metrics.replayed.inc_by(rows.len() as u64);
+                    metrics.replayed.inc_by(spans.rows as u64);
+                    metrics
+                        .spool_bytes
+                        .set(i64::try_from(spool.used_bytes()).unwrap_or(i64::MAX));
+                    spans.recycle();
+                }
+                // Refused as malformed: retrying cannot help, and the batch would
+                // hold up every batch behind it.
+                Ok(Err(StoreError::Rejected(e))) => {
+                    for path in &paths {
+                        tracing::error!("{}: {e}", spool.set_aside_refused(path));
+                    }
                     metrics
                         .spool_bytes
                         .set(i64::try_from(spool.used_bytes()).unwrap_or(i64::MAX));
@@ -319,30 +337,64 @@ mod tests {
     use async_trait::async_trait;
 
     use super::*;
+    use crate::model::SpanRow;
 
     /// A store that refuses everything until it is made ready, like ClickHouse
     /// while the collector's migrations are still running.
     #[derive(Default)]
     struct NotReadyYet {
         ready: AtomicBool,
-        rows: Mutex<Vec<SpanRow>>,
+        spans: Mutex<Encoded>,
     }
 
     #[async_trait]
     impl SpanStore for NotReadyYet {
-        async fn insert(&self, rows: &[SpanRow]) -> Result<(), StoreError> {
+        async fn insert(&self, spans: &Encoded) -> Result<(), StoreError> {
             if !self.ready.load(Ordering::Acquire) {
                 return Err(StoreError::Migrating);
             }
-            self.rows
+            self.spans
                 .lock()
                 .map_err(|_| StoreError::Unavailable("poisoned".into()))?
-                .extend_from_slice(rows);
+                .append(spans.clone());
             Ok(())
         }
         async fn ping(&self) -> bool {
             self.ready.load(Ordering::Acquire)
         }
+    }
+
+    /// Regression: a spool directory that cannot be read (removed under a running
+    /// collector) made the replayer retry in a tight loop, logging an error each
+    /// time (gigabytes of log, a core busy). Now a failed read ends the round.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_spool_that_cannot_be_read_is_retried_each_round_not_in_a_tight_loop() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool_dir = dir.path().join("spool");
+        let spool = Arc::new(Spool::open(&spool_dir, 1 << 20).expect("spool"));
+        let store = Arc::new(NotReadyYet::default());
+        store.ready.store(true, Ordering::Release);
+        let metrics = Metrics::new();
+        let _pipeline = Pipeline::start(
+            Arc::clone(&store) as Arc<dyn SpanStore>,
+            Arc::clone(&spool),
+            PipelineConfig {
+                batch_size: 100,
+                batch_timeout: Duration::from_millis(20),
+                batch_linger: Duration::from_millis(5),
+                queue_capacity: 1_000,
+                inserts_in_flight: 1,
+                insert_timeout: Duration::from_secs(5),
+            },
+            metrics.clone(),
+        );
+        std::fs::remove_dir_all(&spool_dir).expect("remove the spool directory");
+        tokio::time::sleep(REPLAY_INTERVAL * 3).await;
+        let errors = metrics.spool_errors.get();
+        assert!(
+            (1..=4).contains(&errors),
+            "{errors} failed reads in three replay rounds"
+        );
     }
 
     #[tokio::test]
@@ -371,20 +423,31 @@ mod tests {
             })
             .collect();
         // Acknowledged (durable in the spool) although the store refuses writes.
-        pipeline.submit(rows.clone()).await.expect("accepted");
-        assert!(store.rows.lock().expect("lock").is_empty());
+        pipeline
+            .submit(Encoded::from_rows(&rows))
+            .await
+            .expect("accepted");
+        assert!(store.spans.lock().expect("lock").is_empty());
         assert!(spool.used_bytes() > 0);
 
         store.ready.store(true, Ordering::Release);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while store.rows.lock().expect("lock").len() < rows.len() {
+        while store.spans.lock().expect("lock").rows < rows.len() {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "the spool was not replayed"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert_eq!(*store.rows.lock().expect("lock"), rows);
+        let stored: Vec<u8> = store
+            .spans
+            .lock()
+            .expect("lock")
+            .chunks
+            .iter()
+            .flat_map(|c| c.to_vec())
+            .collect();
+        assert_eq!(stored, Encoded::from_rows(&rows).chunks[0].to_vec());
         assert_eq!(spool.used_bytes(), 0);
     }
 }

@@ -2,13 +2,12 @@
 
 use std::sync::Arc;
 
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
 use tonic::codec::CompressionEncoding;
 
 use crate::config::CollectorConfig;
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
-use crate::receive::grpc::GrpcReceiver;
+use crate::receive::grpc::{GrpcReceiver, TraceServer};
 use crate::receive::http::{HttpReceiver, router as otlp_http_router};
 use crate::spool::{Spool, SpoolError};
 use crate::store::StoreError;
@@ -95,11 +94,10 @@ pub async fn run(config: CollectorConfig) -> Result<(), RunError> {
     });
 
     let pipeline = Pipeline::start(store.clone(), spool, config.pipeline, metrics.clone());
-    let grpc_service =
-        TraceServiceServer::new(GrpcReceiver::new(pipeline.clone(), metrics.clone()))
-            .accept_compressed(CompressionEncoding::Gzip)
-            .send_compressed(CompressionEncoding::Gzip)
-            .max_decoding_message_size(config.max_body_bytes);
+    let grpc_service = TraceServer::new(
+        GrpcReceiver::new(pipeline.clone(), metrics.clone()),
+        config.max_body_bytes,
+    );
     // Metric points spool next to the spans, in a folder of their own.
     let metric_spool = Arc::new(Spool::open(
         &config.spool_dir.join("metrics"),

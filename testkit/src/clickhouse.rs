@@ -142,6 +142,11 @@ impl ClickHouse {
         format!("http://127.0.0.1:{}", self.http_port.port())
     }
 
+    /// The server's process id while it runs (to read its CPU time, say).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().and_then(ServerProcess::pid)
+    }
+
     /// The native protocol port.
     pub fn tcp_port(&self) -> u16 {
         self.tcp_port.port()

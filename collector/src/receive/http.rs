@@ -17,8 +17,8 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use prost::Message;
 
 use crate::metrics::Metrics;
-use crate::model::rows_from_request;
 use crate::pipeline::{Pipeline, SubmitError};
+use crate::rowbinary::{Refused, encode_protobuf, encode_request};
 
 /// Shared state of the HTTP receiver.
 #[derive(Clone)]
@@ -71,7 +71,7 @@ fn read_body(
     receiver: &HttpReceiver,
     headers: &HeaderMap,
     body: &Bytes,
-) -> Result<(Encoding, Vec<u8>), Box<Response>> {
+) -> Result<(Encoding, Bytes), Box<Response>> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -98,7 +98,7 @@ fn read_body(
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
     {
-        None | Some("identity") => body.to_vec(),
+        None | Some("identity") => body.clone(),
         Some("gzip") => {
             let mut out = Vec::new();
             let limit = receiver.max_body_bytes as u64 + 1;
@@ -116,7 +116,7 @@ fn read_body(
                         ),
                     )));
                 }
-                Ok(_) => out,
+                Ok(_) => Bytes::from(out),
                 Err(e) => {
                     receiver.metrics.malformed.inc();
                     return Err(Box::new(plain(
@@ -216,23 +216,26 @@ async fn export_metrics(
 }
 
 async fn export(State(receiver): State<HttpReceiver>, headers: HeaderMap, body: Bytes) -> Response {
-    let (encoding, request) = match decode::<ExportTraceServiceRequest>(
-        &receiver,
-        &headers,
-        &body,
-        "ExportTraceServiceRequest",
-    ) {
-        Ok(decoded) => decoded,
+    let (encoding, body) = match read_body(&receiver, &headers, &body) {
+        Ok(read) => read,
         Err(refused) => return *refused,
     };
-    let rows = match rows_from_request(request) {
-        Ok(rows) => rows,
+    // Protobuf bodies become rows without the OTLP types in between; JSON ones
+    // are decoded into them first.
+    let encoded = match encoding {
+        Encoding::Protobuf => encode_protobuf(&body),
+        Encoding::Json => serde_json::from_slice::<ExportTraceServiceRequest>(&body)
+            .map_err(|e| Refused::Decode(e.to_string()))
+            .and_then(|request| Ok(encode_request(&request)?)),
+    };
+    let spans = match encoded {
+        Ok(spans) => spans,
         Err(e) => {
             receiver.metrics.malformed.inc();
             return plain(StatusCode::BAD_REQUEST, e.to_string());
         }
     };
-    match receiver.pipeline.submit(rows).await {
+    match receiver.pipeline.submit(spans).await {
         Ok(()) => acknowledged(
             encoding,
             ExportTraceServiceResponse {

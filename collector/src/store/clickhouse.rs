@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use async_trait::async_trait;
 
 use super::{SpanStore, StoreError};
-use crate::model::SpanRow;
+use crate::rowbinary::{Encoded, SPAN_COLUMNS};
 
 /// The `route_stats` row of each span (the feed of migration 15 and the backfill of
 /// migration 14: one text, so the two count alike).
@@ -616,17 +616,17 @@ impl ClickHouseStore {
 
 #[async_trait]
 impl SpanStore for ClickHouseStore {
-    async fn insert(&self, rows: &[SpanRow]) -> Result<(), StoreError> {
+    async fn insert(&self, spans: &Encoded) -> Result<(), StoreError> {
         if !self.is_migrated() {
             return Err(StoreError::Migrating);
         }
-        let mut insert = self
-            .in_database
-            .insert::<SpanRow>("spans")
-            .await
-            .map_err(unavailable)?;
-        for row in rows {
-            insert.write(row).await.map_err(unavailable)?;
+        // The rows are RowBinary already (encoded once, by the receiver): sent as
+        // they are, chunk by chunk, with no row-by-row serialization here.
+        let mut insert = self.in_database.insert_formatted_with(format!(
+            "INSERT INTO spans ({SPAN_COLUMNS}) FORMAT RowBinary"
+        ));
+        for chunk in &spans.chunks {
+            insert.send(chunk.clone()).await.map_err(unavailable)?;
         }
         insert.end().await.map_err(unavailable)
     }
@@ -757,7 +757,7 @@ mod readiness_tests {
         let store =
             ClickHouseStore::new("http://127.0.0.1:9", "strangler", None, None, false, None);
         let err = store
-            .insert(&[SpanRow::default()])
+            .insert(&Encoded::from_rows(&[crate::model::SpanRow::default()]))
             .await
             .expect_err("refused before migration");
         assert!(err.is_retryable(), "{err}");

@@ -4,7 +4,7 @@ pub mod clickhouse;
 
 use async_trait::async_trait;
 
-use crate::model::SpanRow;
+use crate::rowbinary::Encoded;
 
 /// Why a store call failed.
 #[derive(Debug, thiserror::Error)]
@@ -35,8 +35,8 @@ impl StoreError {
 /// identical rows). Calls may run concurrently.
 #[async_trait]
 pub trait SpanStore: Send + Sync + 'static {
-    /// Stores rows.
-    async fn insert(&self, rows: &[SpanRow]) -> Result<(), StoreError>;
+    /// Stores span rows (RowBinary, in the `spans` column order).
+    async fn insert(&self, spans: &Encoded) -> Result<(), StoreError>;
     /// Whether the store answers.
     async fn ping(&self) -> bool;
 }
