@@ -577,7 +577,8 @@ async fn no_acknowledged_span_is_lost_or_stored_twice_across_a_clickhouse_outage
             .map(|d| {
                 d.filter_map(|e| e.ok())
                     .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| n.ends_with(".batch.json"))
+                    // Span batches (and JSON ones an older collector wrote).
+                    .filter(|n| n.ends_with(".spans.rowbinary") || n.ends_with(".batch.json"))
                     .collect()
             })
             .unwrap_or_default()
