@@ -676,3 +676,61 @@ async fn a_transaction_larger_than_a_batch_lands_whole_through_staging_copy_and_
     stop.cancel();
     cdc.await.expect("join").expect("cdc run");
 }
+
+/// Regression (found by the soak, tests/soak.rs): verify keyed rows by the first
+/// key column only, so on a composite key the rows sharing it folded into one per
+/// side and equal tables were reported DIFFERENT. Now: clean when equal, and a
+/// tampered row is named by its whole key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_compares_rows_of_a_composite_key_by_the_whole_key() {
+    let (src, tgt) = tokio::join!(Postgres::start(), Postgres::start());
+    let (src, tgt) = (src.expect("source pg"), tgt.expect("target pg"));
+    src.create_database("legacy").await.expect("db");
+    tgt.create_database("shop").await.expect("db");
+    let source = src.connect("legacy").await.expect("source");
+    let target = tgt.connect("shop").await.expect("target");
+    source
+        .batch_execute(
+            "CREATE TABLE items (order_id bigint, product_id int, qty int NOT NULL, price_cents int NOT NULL, PRIMARY KEY (order_id, product_id));
+             INSERT INTO items SELECT o, p, p, o * 10 + p FROM generate_series(1, 40) o, generate_series(1, 3) p;",
+        )
+        .await
+        .expect("source");
+    target
+        .batch_execute(
+            "CREATE TABLE lines (order_id bigint, product_id int, qty int NOT NULL, unit_price numeric(10,2) NOT NULL, PRIMARY KEY (order_id, product_id));",
+        )
+        .await
+        .expect("target");
+    let config = CdcConfig::parse(
+        &format!(
+            "[source]\nurl = \"{}\"\n[target]\nurl = \"{}\"\n[apply]\nbatch_ms = 10\n\n\
+             [[map]]\ntarget = \"lines\"\nsql = \"SELECT order_id, product_id, qty, price_cents / 100.0 AS unit_price FROM items\"\n",
+            src.url("legacy"),
+            tgt.url("shop")
+        ),
+        Path::new("cdc.toml"),
+    )
+    .expect("config");
+    let stop = strangler_cdc::CancellationToken::new();
+    let cdc = start(&config, &stop);
+    wait_caught_up(&source, &target, &config.slot, Duration::from_secs(60)).await;
+    let reports = strangler_cdc::ops::verify::verify(&config, Duration::from_secs(30))
+        .await
+        .expect("verify");
+    assert!(reports[0].clean(), "{:?}", reports[0]);
+    assert_eq!(reports[0].source_rows, 120, "every row, not every order");
+    target
+        .execute(
+            "UPDATE lines SET qty = 99 WHERE order_id = 7 AND product_id = 2",
+            &[],
+        )
+        .await
+        .expect("tamper");
+    let reports = strangler_cdc::ops::verify::verify(&config, Duration::from_secs(30))
+        .await
+        .expect("verify");
+    assert_eq!(reports[0].different, ["(7,2)"], "{:?}", reports[0]);
+    stop.cancel();
+    cdc.await.expect("join").expect("stops");
+}

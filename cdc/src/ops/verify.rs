@@ -59,13 +59,14 @@ struct Side<'a> {
     /// `SELECT <key expr> AS k, md5(row(<cols>)::text) AS h FROM … ` with a
     /// `{range}` placeholder for the key condition.
     rows_sql: String,
-    /// The numeric key expression, for ranges.
+    /// The key expression: the column's for ranges over a numeric key, a row of
+    /// every key column's for a composite key.
     key_expr: String,
 }
 
 fn sides<'a>(plan: &TablePlan, source: &'a Client, target: &'a Client) -> (Side<'a>, Side<'a>) {
     let m = &plan.mapping;
-    let key = plan.target.key.first().cloned().unwrap_or_default();
+    let keys = &plan.target.key;
     let ty = |col: &str| {
         plan.target
             .columns
@@ -79,12 +80,29 @@ fn sides<'a>(plan: &TablePlan, source: &'a Client, target: &'a Client) -> (Side<
         .map(|o| format!("({})::{}", o.sql, ty(&o.column)))
         .collect::<Vec<_>>()
         .join(", ");
-    let src_key = m
-        .outputs
-        .iter()
-        .find(|o| o.column == key)
-        .map(|o| format!("({})::{}", o.sql, ty(&o.column)))
-        .unwrap_or_default();
+    let src_part = |col: &String| {
+        m.outputs
+            .iter()
+            .find(|o| &o.column == col)
+            .map(|o| format!("({})::{}", o.sql, ty(&o.column)))
+            .unwrap_or_default()
+    };
+    // Every key column: a composite key compared by its first column alone folded
+    // the rows sharing it into one (each side keeping an arbitrary one), and
+    // reported equal rows as different.
+    let (src_key, tgt_key) = match keys.as_slice() {
+        [one] => (src_part(one), ident(one)),
+        many => (
+            format!(
+                "row({})",
+                many.iter().map(src_part).collect::<Vec<_>>().join(", ")
+            ),
+            format!(
+                "row({})",
+                many.iter().map(|k| ident(k)).collect::<Vec<_>>().join(", ")
+            ),
+        ),
+    };
     let qualifier = m.source_table.clone();
     let filter = m
         .filter
@@ -103,8 +121,7 @@ fn sides<'a>(plan: &TablePlan, source: &'a Client, target: &'a Client) -> (Side<
         .collect::<Vec<_>>()
         .join(", ");
     let target_rows = format!(
-        "SELECT ({})::text AS k, md5(row({tgt_cols})::text) AS h FROM {} WHERE {{range}}",
-        ident(&key),
+        "SELECT ({tgt_key})::text AS k, md5(row({tgt_cols})::text) AS h FROM {} WHERE {{range}}",
         plan.target.quoted()
     );
     (
@@ -116,7 +133,7 @@ fn sides<'a>(plan: &TablePlan, source: &'a Client, target: &'a Client) -> (Side<
         Side {
             client: target,
             rows_sql: target_rows,
-            key_expr: ident(&key),
+            key_expr: tgt_key,
         },
     )
 }
