@@ -129,6 +129,22 @@ struct Figures {
     ratio_same_schema: f64,
 }
 
+/// A child process killed when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl KillOnDrop {
+    fn stop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// A second copy of the collector's whole schema, in database `db`.
 async fn create_schema(client: &clickhouse::Client, db: &str, cluster: Option<&str>) {
     for statement in strangler_collector::store::clickhouse::schema_sql(db, cluster)
@@ -211,7 +227,7 @@ async fn measure(
         ),
     )
     .expect("config");
-    let mut collector = Command::new(strangler_bin())
+    let collector = Command::new(strangler_bin())
         .args(["collector", "run", "--config"])
         .arg(&config)
         .env("STRANGLER_LOG", "warn")
@@ -219,7 +235,10 @@ async fn measure(
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn collector");
-    let pid = collector.id();
+    // Killed however this function ends (a failed assertion included): a collector
+    // left running after its ClickHouse and spool directory are gone spins logging.
+    let mut collector = KillOnDrop(collector);
+    let pid = collector.0.id();
     let deadline = Instant::now() + Duration::from_secs(120);
     while client
         .query("SELECT count() FROM strangler.schema_migrations WHERE version = 20")
@@ -289,8 +308,7 @@ async fn measure(
         servers_cpu() - servers_before,
     );
     let rss = peak_rss_mib(pid);
-    let _ = collector.kill();
-    let _ = collector.wait();
+    collector.stop();
 
     // The reference: the same rows from a Native file through clickhouse-client,
     // into a table like `spans` (on a cluster: replicated local tables and a
