@@ -110,7 +110,8 @@ impl Postgres {
             cmd.uid(uid).gid(gid);
         }
         let log_path = self.dir.path().join("postgres.log");
-        let mut process = ServerProcess::spawn(SERVER, cmd, &log_path, Signal::SIGINT)?;
+        let mut process = ServerProcess::spawn(SERVER, cmd, &log_path, Signal::SIGINT)?
+            .escalate_with(Signal::SIGQUIT);
         let conninfo = self.conninfo("postgres");
         process
             .wait_ready(READY_DEADLINE, || {

@@ -26,6 +26,8 @@ pub struct ServerProcess {
     child: Option<Child>,
     log_path: PathBuf,
     stop_signal: Signal,
+    /// Sent when `stop_signal` did not stop it in time, before SIGKILL.
+    escalate: Option<Signal>,
 }
 
 impl ServerProcess {
@@ -58,7 +60,15 @@ impl ServerProcess {
             child: Some(child),
             log_path: log_path.to_path_buf(),
             stop_signal,
+            escalate: None,
         })
+    }
+
+    /// Sends `signal` when the stop signal did not stop the server in time, before
+    /// killing it (PostgreSQL: SIGQUIT, its immediate shutdown).
+    pub fn escalate_with(mut self, signal: Signal) -> Self {
+        self.escalate = Some(signal);
+        self
     }
 
     /// The OS process id.
@@ -132,11 +142,33 @@ impl ServerProcess {
         if let Ok(pid) = i32::try_from(child.id()) {
             let _ = kill(Pid::from_raw(pid), self.stop_signal);
         }
-        let started = Instant::now();
-        while started.elapsed() < STOP_GRACE {
-            match child.try_wait() {
-                Ok(Some(_)) | Err(_) => return,
-                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+        let wait = |child: &mut Child, grace: Duration| {
+            let started = Instant::now();
+            while started.elapsed() < grace {
+                match child.try_wait() {
+                    Ok(Some(_)) | Err(_) => return true,
+                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+            false
+        };
+        if wait(&mut child, STOP_GRACE) {
+            return;
+        }
+        // A server whose clean stop hangs (PostgreSQL's waits on its walsenders) gets
+        // its own abrupt stop first, which also ends its child processes; killing
+        // only the parent would leave them holding its resources (shared memory),
+        // and the next start on that data directory would fail.
+        if let Some(signal) = self.escalate
+            && let Ok(pid) = i32::try_from(child.id())
+        {
+            tracing::warn!(
+                server = self.name,
+                "did not stop in {STOP_GRACE:?}; sending {signal}"
+            );
+            let _ = kill(Pid::from_raw(pid), signal);
+            if wait(&mut child, STOP_GRACE) {
+                return;
             }
         }
         tracing::warn!(

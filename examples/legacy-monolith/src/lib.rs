@@ -35,6 +35,60 @@ pub async fn connect(url: &str) -> Result<Arc<Client>, tokio_postgres::Error> {
     Ok(Arc::new(client))
 }
 
+/// A database handle that opens a new connection when the last one was lost (the
+/// server restarted, the network dropped), as a connection pool would: requests
+/// fail while the database is away and work again once it is back. A handle made
+/// from a bare client (`From<Arc<Client>>`) cannot reconnect.
+#[derive(Clone)]
+pub struct Db {
+    url: Option<Arc<str>>,
+    client: Arc<tokio::sync::Mutex<Arc<Client>>>,
+}
+
+impl Db {
+    /// Connects to `url`, reconnecting later as needed.
+    pub async fn connect(url: &str) -> Result<Self, tokio_postgres::Error> {
+        Ok(Self {
+            url: Some(url.into()),
+            client: Arc::new(tokio::sync::Mutex::new(connect(url).await?)),
+        })
+    }
+
+    /// The live connection, reopened first if it was lost.
+    pub async fn get(&self) -> Result<Arc<Client>, tokio_postgres::Error> {
+        let mut client = self.client.lock().await;
+        if client.is_closed()
+            && let Some(url) = &self.url
+        {
+            *client = connect(url).await?;
+        }
+        Ok(Arc::clone(&client))
+    }
+}
+
+impl From<Arc<Client>> for Db {
+    fn from(client: Arc<Client>) -> Self {
+        Self {
+            url: None,
+            client: Arc::new(tokio::sync::Mutex::new(client)),
+        }
+    }
+}
+
+/// A handler's connection, from the app's [`Db`].
+struct Conn(Arc<Client>);
+
+impl axum::extract::FromRequestParts<Db> for Conn {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        _parts: &mut axum::http::request::Parts,
+        db: &Db,
+    ) -> Result<Self, ApiError> {
+        db.get().await.map(Conn).map_err(db_error)
+    }
+}
+
 /// Serves `app` on `listen` until the process ends.
 pub async fn serve(listen: std::net::SocketAddr, app: axum::Router) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
@@ -119,7 +173,8 @@ pub mod legacy {
     }
 
     /// All routes of the shop.
-    pub fn app(db: Arc<Client>) -> axum::Router {
+    pub fn app(db: impl Into<Db>) -> axum::Router {
+        let db: Db = db.into();
         use axum::routing::get;
         axum::Router::new()
             .route("/", get(home))
@@ -135,7 +190,7 @@ pub mod legacy {
             }))
     }
 
-    async fn home(State(db): State<Arc<Client>>) -> Result<Html<String>, ApiError> {
+    async fn home(Conn(db): Conn) -> Result<Html<String>, ApiError> {
         let rows = db
             .query(
                 "SELECT id, sku, name, price_cents FROM products ORDER BY id",
@@ -158,10 +213,7 @@ pub mod legacy {
         Ok(Html(html))
     }
 
-    async fn customer_page(
-        State(db): State<Arc<Client>>,
-        Path(id): Path<i32>,
-    ) -> Result<Html<String>, ApiError> {
+    async fn customer_page(Conn(db): Conn, Path(id): Path<i32>) -> Result<Html<String>, ApiError> {
         let Some(c) = db
             .query_opt("SELECT name, email FROM customers WHERE id = $1", &[&id])
             .await
@@ -193,7 +245,7 @@ pub mod legacy {
         Ok(Html(html))
     }
 
-    async fn products(State(db): State<Arc<Client>>) -> Result<Json<Value>, ApiError> {
+    async fn products(Conn(db): Conn) -> Result<Json<Value>, ApiError> {
         let rows = db
             .query(
                 "SELECT id, sku, name, price_cents FROM products ORDER BY id",
@@ -211,10 +263,7 @@ pub mod legacy {
         )))
     }
 
-    async fn customer(
-        State(db): State<Arc<Client>>,
-        Path(id): Path<i32>,
-    ) -> Result<Json<Value>, ApiError> {
+    async fn customer(Conn(db): Conn, Path(id): Path<i32>) -> Result<Json<Value>, ApiError> {
         let row = db
             .query_opt(
                 "SELECT id, email, name FROM customers WHERE id = $1",
@@ -261,20 +310,14 @@ pub mod legacy {
         })))
     }
 
-    async fn order(
-        State(db): State<Arc<Client>>,
-        Path(id): Path<i64>,
-    ) -> Result<Json<Value>, ApiError> {
+    async fn order(Conn(db): Conn, Path(id): Path<i64>) -> Result<Json<Value>, ApiError> {
         order_json(&db, id)
             .await?
             .map(Json)
             .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no order {id}")))
     }
 
-    async fn orders(
-        State(db): State<Arc<Client>>,
-        Query(q): Query<ByCustomer>,
-    ) -> Result<Json<Value>, ApiError> {
+    async fn orders(Conn(db): Conn, Query(q): Query<ByCustomer>) -> Result<Json<Value>, ApiError> {
         let ids: Vec<i64> = match q.customer_id {
             Some(c) => {
                 db.query(
@@ -301,10 +344,7 @@ pub mod legacy {
         Ok(Json(Value::Array(out)))
     }
 
-    async fn place_order(
-        State(db): State<Arc<Client>>,
-        Json(new): Json<NewOrder>,
-    ) -> Result<Response, ApiError> {
+    async fn place_order(Conn(db): Conn, Json(new): Json<NewOrder>) -> Result<Response, ApiError> {
         if new.items.is_empty() || new.items.iter().any(|i| i.qty <= 0) {
             return Err(ApiError(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -376,20 +416,24 @@ pub mod orders {
 
     #[derive(Clone)]
     struct Ctx {
-        db: Arc<Client>,
+        db: Db,
         compat: Arc<std::sync::atomic::AtomicBool>,
     }
 
     /// The service's routes; `compat` answers money exactly as the legacy shop does.
-    pub fn app(db: Arc<Client>, compat: bool) -> axum::Router {
+    pub fn app(db: impl Into<Db>, compat: bool) -> axum::Router {
         switchable(db, Arc::new(std::sync::atomic::AtomicBool::new(compat)))
     }
 
     /// Like [`app`], with the fix switched on and off while it runs (the demo's
     /// "deploy"; a restart would leave the router's pooled connections on the old
     /// process for a while).
-    pub fn switchable(db: Arc<Client>, compat: Arc<std::sync::atomic::AtomicBool>) -> axum::Router {
+    pub fn switchable(
+        db: impl Into<Db>,
+        compat: Arc<std::sync::atomic::AtomicBool>,
+    ) -> axum::Router {
         use axum::routing::get;
+        let db: Db = db.into();
         axum::Router::new()
             .route("/health", get(|| async { "ok\n" }))
             .route("/api/orders", get(orders).post(place_order))
@@ -414,6 +458,9 @@ pub mod orders {
         let ts = TS.replace("created_at", "placed_at");
         let Some(o) = ctx
             .db
+            .get()
+            .await
+            .map_err(db_error)?
             .query_opt(
                 &format!("SELECT id, buyer_id, state, total::text, email, {ts} FROM orders_v2 WHERE id = $1"),
                 &[&id],
@@ -425,6 +472,9 @@ pub mod orders {
         };
         let items = ctx
             .db
+            .get()
+            .await
+            .map_err(db_error)?
             .query(
                 "SELECT product_id, qty, unit_price::text FROM order_lines WHERE order_id = $1 ORDER BY product_id",
                 &[&id],
@@ -463,6 +513,9 @@ pub mod orders {
         let ids: Vec<i64> = match q.customer_id {
             Some(c) => {
                 ctx.db
+                    .get()
+                    .await
+                    .map_err(db_error)?
                     .query(
                         "SELECT id FROM orders_v2 WHERE buyer_id = $1 ORDER BY id",
                         &[&c],
@@ -471,6 +524,9 @@ pub mod orders {
             }
             None => {
                 ctx.db
+                    .get()
+                    .await
+                    .map_err(db_error)?
                     .query("SELECT id FROM orders_v2 ORDER BY id DESC LIMIT 20", &[])
                     .await
             }
@@ -503,6 +559,9 @@ pub mod orders {
         // Prices and e-mail come from the catalog and buyers tables CDC keeps in sync.
         let row = ctx
             .db
+            .get()
+            .await
+            .map_err(db_error)?
             .query_opt(
                 "WITH b AS (SELECT email FROM buyers WHERE id = $1),
                       lines AS (SELECT u.p AS product_id, u.q AS qty, c.unit_price

@@ -22,8 +22,9 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let db = strangler_example::connect(&args.db).await?;
-    strangler_example::legacy::migrate(&db, args.seed).await?;
+    // Reconnects after a database restart, as a pool would.
+    let db = strangler_example::Db::connect(&args.db).await?;
+    strangler_example::legacy::migrate(&*db.get().await?, args.seed).await?;
     tracing::info!(listen = %args.listen, "legacy shop listening");
     strangler_example::serve(args.listen, strangler_example::legacy::app(db)).await?;
     Ok(())

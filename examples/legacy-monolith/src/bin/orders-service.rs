@@ -22,8 +22,9 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let db = strangler_example::connect(&args.db).await?;
-    strangler_example::orders::migrate(&db).await?;
+    // Reconnects after a database restart, as a pool would.
+    let db = strangler_example::Db::connect(&args.db).await?;
+    strangler_example::orders::migrate(&*db.get().await?).await?;
     tracing::info!(listen = %args.listen, compat = args.compat, "orders service listening");
     strangler_example::serve(args.listen, strangler_example::orders::app(db, args.compat)).await?;
     Ok(())
