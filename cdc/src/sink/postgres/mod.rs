@@ -690,7 +690,13 @@ pub async fn tag_origin(target: &Client, name: &str) -> Result<(), ApplyError> {
             .await
         {
             Ok(_) => return Ok(()),
-            Err(e) if attempts < 50 && e.to_string().contains("already active") => {
+            // 55006 object_in_use: "replication origin … is already active for PID …".
+            // (Matched by code: the error's Display is only "db error", so the text
+            // match this replaced never fired and a quick restart stopped the run.)
+            Err(e)
+                if attempts < 50
+                    && e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) =>
+            {
                 attempts += 1;
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
