@@ -406,7 +406,9 @@ async fn drop_slot(source: &Client, slot: &str) -> Result<(), CdcError> {
             .await;
         match r {
             Ok(_) => return Ok(()),
-            Err(e) if e.to_string().contains("is active") => {
+            // 55006 object_in_use ("replication slot … is active for PID …"), by code:
+            // the error's Display is only "db error".
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(e) => return Err(CdcError::Source(e)),
