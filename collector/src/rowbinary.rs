@@ -455,6 +455,9 @@ pub fn encode_protobuf(body: &[u8]) -> Result<Encoded, Refused> {
     Ok(encode_request(&request)?)
 }
 
+/// A container message's single field 1 (if given) and repeated field 2.
+type Container<'a> = (Option<&'a [u8]>, Vec<&'a [u8]>);
+
 /// A protobuf message being read in place.
 struct Wire<'a> {
     buf: &'a [u8],
@@ -508,6 +511,34 @@ impl<'a> Wire<'a> {
         }
     }
 
+    /// `ResourceSpans` and `ScopeSpans` have one shape: field 1 a message given at
+    /// most once (`None` from here when twice: prost would merge them), field 2 the
+    /// repeated messages below, field 3 a `schema_url` string.
+    fn container(body: &'a [u8]) -> Option<Container<'a>> {
+        let (mut single, mut repeated) = (None, Vec::new());
+        let mut w = Wire { buf: body };
+        while let Some((tag, wire)) = w.next()? {
+            match tag {
+                1 => {
+                    Wire::expect(wire, WireType::LengthDelimited)?;
+                    if single.replace(w.bytes()?).is_some() {
+                        return None;
+                    }
+                }
+                2 => {
+                    Wire::expect(wire, WireType::LengthDelimited)?;
+                    repeated.push(w.bytes()?);
+                }
+                3 => {
+                    Wire::expect(wire, WireType::LengthDelimited)?;
+                    w.str()?;
+                }
+                _ => w.skip(wire)?,
+            }
+        }
+        Some((single, repeated))
+    }
+
     /// The next field must have this wire type (as prost requires of known fields).
     fn expect(wire: WireType, want: WireType) -> Option<()> {
         (wire == want).then_some(())
@@ -541,28 +572,7 @@ fn resource_spans<'a>(
     buf: &mut Vec<u8>,
     attrs: &mut Vec<(&'a str, Cow<'a, str>)>,
 ) -> Option<usize> {
-    let mut resource = None;
-    let mut scopes = Vec::new();
-    let mut w = Wire { buf: body };
-    while let Some((tag, wire)) = w.next()? {
-        match tag {
-            1 => {
-                Wire::expect(wire, WireType::LengthDelimited)?;
-                if resource.replace(w.bytes()?).is_some() {
-                    return None;
-                }
-            }
-            2 => {
-                Wire::expect(wire, WireType::LengthDelimited)?;
-                scopes.push(w.bytes()?);
-            }
-            3 => {
-                Wire::expect(wire, WireType::LengthDelimited)?;
-                w.str()?;
-            }
-            _ => w.skip(wire)?,
-        }
-    }
+    let (resource, scopes) = Wire::container(body)?;
     // Once per resource: the general decoder is cheap enough here.
     let resource = match resource {
         Some(bytes) => Some(<Resource as prost::Message>::decode(bytes).ok()?),
@@ -582,28 +592,7 @@ fn scope_spans<'a>(
     buf: &mut Vec<u8>,
     attrs: &mut Vec<(&'a str, Cow<'a, str>)>,
 ) -> Option<usize> {
-    let mut scope = None;
-    let mut spans = Vec::new();
-    let mut w = Wire { buf: body };
-    while let Some((tag, wire)) = w.next()? {
-        match tag {
-            1 => {
-                Wire::expect(wire, WireType::LengthDelimited)?;
-                if scope.replace(w.bytes()?).is_some() {
-                    return None;
-                }
-            }
-            2 => {
-                Wire::expect(wire, WireType::LengthDelimited)?;
-                spans.push(w.bytes()?);
-            }
-            3 => {
-                Wire::expect(wire, WireType::LengthDelimited)?;
-                w.str()?;
-            }
-            _ => w.skip(wire)?,
-        }
-    }
+    let (scope, spans) = Wire::container(body)?;
     let scope = match scope {
         Some(bytes) => Some(<InstrumentationScope as prost::Message>::decode(bytes).ok()?),
         None => None,
