@@ -359,9 +359,7 @@ async fn measure(
     // The same rows into a second copy of the collector's whole schema (spans with
     // the views it feeds): what ClickHouse itself takes for the collector's table.
     create_schema(&client, "strangler_ref", cluster).await;
-    let before = servers_cpu();
     let same_schema = native_insert(&port, &file, "strangler_ref.spans");
-    let _same_schema_cpu = servers_cpu() - before;
     // And as RowBinary, the format the collector sends, in one insert.
     let rowbinary = dir.path().join("spans.rowbinary");
     let status = Command::new("clickhouse-client")

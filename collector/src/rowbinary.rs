@@ -50,11 +50,6 @@ impl Encoded {
         self.rows += other.rows;
     }
 
-    /// Total bytes.
-    pub fn len(&self) -> usize {
-        self.chunks.iter().map(Bytes::len).sum()
-    }
-
     /// Whether it holds no rows.
     pub fn is_empty(&self) -> bool {
         self.rows == 0
