@@ -46,6 +46,9 @@ pub(super) struct PgHistory {
     url: String,
     shown: String,
     client: Mutex<Option<Client>>,
+    /// Whether this process already made sure the tables exist: once is enough,
+    /// later connections (reconnects, move locks, leases) skip it.
+    schema_ready: std::sync::atomic::AtomicBool,
 }
 
 impl PgHistory {
@@ -54,6 +57,7 @@ impl PgHistory {
             url: url.to_string(),
             shown: without_password(url),
             client: Mutex::new(None),
+            schema_ready: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -79,9 +83,13 @@ impl PgHistory {
             // Its error surfaces as the client's next call failing.
             let _ = connection.await;
         });
-        let tx = client.transaction().await.map_err(|e| self.error(&e))?;
-        tx.batch_execute(SCHEMA).await.map_err(|e| self.error(&e))?;
-        tx.commit().await.map_err(|e| self.error(&e))?;
+        if !self.schema_ready.load(std::sync::atomic::Ordering::Acquire) {
+            let tx = client.transaction().await.map_err(|e| self.error(&e))?;
+            tx.batch_execute(SCHEMA).await.map_err(|e| self.error(&e))?;
+            tx.commit().await.map_err(|e| self.error(&e))?;
+            self.schema_ready
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
         Ok(client)
     }
 
