@@ -738,3 +738,98 @@ async fn the_routers_aggregates_arrive_as_metric_points_with_exact_counts_across
     let counted = counted().await;
     assert!((counted - 50.0).abs() < f64::EPSILON, "{counted}");
 }
+
+/// Regression test for a bug the soak found (#23): an export stored in ClickHouse
+/// whose acknowledgement was lost (the collector SIGKILLed while ClickHouse
+/// finished the insert) came again from the router carrying the same counts plus
+/// newer ones, and was counted twice. The router now sends such an export again
+/// unchanged, marked as a retry; the collector skips a retry it already holds and
+/// stores one it does not.
+#[tokio::test]
+async fn a_retried_metrics_export_is_counted_once_whether_or_not_it_was_stored() {
+    use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
+    use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+    use strangler_model::{Backend, Reason};
+    use strangler_router::stats::export::{Baseline, request};
+    use strangler_router::stats::{Key, Role, Stats};
+
+    let ch = ClickHouse::start().await.expect("clickhouse");
+    let collector = Collector::start(&ch.http_url(), "").await;
+    collector.wait_ready().await;
+    let stats = Stats::default();
+    let orders = stats.route("orders");
+    let key = Key {
+        backend: Backend::Legacy,
+        reason: Reason::Flag,
+        role: Role::Primary,
+        status: 200,
+    };
+    let retry =
+        |mut r: opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest| {
+            for rm in &mut r.resource_metrics {
+                if let Some(resource) = rm.resource.as_mut() {
+                    resource.attributes.push(KeyValue {
+                        key: strangler_model::names::attr::EXPORT_RETRY.into(),
+                        value: Some(AnyValue {
+                            value: Some(any_value::Value::StringValue("true".into())),
+                        }),
+                        ..Default::default()
+                    });
+                }
+            }
+            r
+        };
+    let mut client = MetricsServiceClient::connect(collector.grpc_url())
+        .await
+        .expect("connect");
+    // Stored, and its answer (as far as the router knows) lost: it comes again.
+    for _ in 0..7 {
+        orders.record(key, false, Duration::from_millis(3));
+    }
+    let (first, next) = request(&stats, &Baseline::default(), "strangler-router", "soak-1");
+    // As the router does: again until acknowledged (a retry waits while the
+    // collector's spool drains, as it does just after a start).
+    let export = async |client: &mut MetricsServiceClient<_>, r| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Err(e) = client.export(Clone::clone(&r)).await {
+            assert!(Instant::now() < deadline, "never acknowledged: {e}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    export(&mut client, first.clone()).await;
+    export(&mut client, retry(first)).await;
+    // Never arrived the first time: the retry is stored.
+    for _ in 0..5 {
+        orders.record(key, false, Duration::from_millis(3));
+    }
+    let (second, _) = request(&stats, &next, "strangler-router", "soak-1");
+    export(&mut client, retry(second)).await;
+
+    let db = ch_client(&ch);
+    let counted = || async {
+        db.query(
+            "SELECT toFloat64(sum(requests)) FROM strangler.route_stats WHERE route = 'orders'",
+        )
+        .fetch_one::<f64>()
+        .await
+        .unwrap_or(-1.0)
+    };
+    support::wait_until(Duration::from_secs(10), "12 requests counted", || async {
+        counted().await >= 12.0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let n = counted().await;
+    assert!(
+        (n - 12.0).abs() < f64::EPSILON,
+        "{n} requests counted, 12 made"
+    );
+    assert!(
+        collector
+            .metric("strangler_collector_metric_points_duplicate_total")
+            .await
+            > 0,
+        "the duplicate was recognised\n{}",
+        collector.log()
+    );
+}

@@ -3,7 +3,16 @@
 //! store is away (down, or still migrating) points go straight to the spool and a
 //! replayer moves them in once it is back. Only when both fail is the export
 //! refused, as retryable: a delta exporter such as the router's then resends the
-//! counts with its next export, so nothing is counted twice or lost.
+//! counts with its next export, so nothing is lost.
+//!
+//! An export can be stored and its acknowledgement still lost (the collector killed
+//! while ClickHouse finished the insert): the router then sends it again unchanged,
+//! marked `strangler.export.retry`, and a retry whose first point the store already
+//! holds is acknowledged without storing it twice. A retry is never spooled: until
+//! ClickHouse is reachable and the spool (where the first attempt may wait) is
+//! replayed, it is refused as retryable and the exporter keeps it. Not covered: a
+//! first attempt whose insert ClickHouse finishes only after the retry was checked
+//! (the retry comes an export interval later).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,11 +66,42 @@ impl MetricsWriter {
     /// Stores one export's points; `Err` (why) when neither the store nor the
     /// spool took them.
     pub async fn write(&self, request: ExportMetricsServiceRequest) -> Result<(), String> {
+        let retry = request.resource_metrics.iter().any(|rm| {
+            rm.resource.as_ref().is_some_and(|r| {
+                r.attributes
+                    .iter()
+                    .any(|a| a.key == strangler_model::names::attr::EXPORT_RETRY)
+            })
+        });
         let rows = crate::metric_model::metric_rows_from_request(request);
         if rows.is_empty() {
             return Ok(());
         }
         let n = rows.len() as u64;
+        if retry && let Some(first) = rows.first() {
+            // Only the store can say whether the first attempt arrived, and only
+            // once the spool (where it may wait) is drained: until then the retry
+            // is refused as retryable, and the exporter keeps it.
+            if !self.healthy.load(Ordering::Acquire) {
+                return Err(
+                    "a retried export waits until ClickHouse is reachable and the spool replayed"
+                        .into(),
+                );
+            }
+            match tokio::time::timeout(self.timeout, self.store.holds_metric_point(first)).await {
+                Ok(Ok(true)) => {
+                    self.metrics.points_duplicate.inc_by(n);
+                    tracing::info!(
+                        instance = first.instance.as_str(),
+                        "a retried metrics export was stored already; not storing it twice"
+                    );
+                    return Ok(());
+                }
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => return Err(format!("checking a retried export: {e}")),
+                Err(_) => return Err("checking a retried export took too long".into()),
+            }
+        }
         let stored = if self.healthy.load(Ordering::Acquire) {
             match tokio::time::timeout(self.timeout, self.store.insert_metrics(&rows)).await {
                 Ok(Ok(())) => Ok(()),

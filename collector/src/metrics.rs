@@ -31,6 +31,8 @@ pub struct Metrics {
     pub points_spooled: IntCounter,
     /// Metric points moved from the spool into the store.
     pub points_replayed: IntCounter,
+    /// Metric points of retried exports the store held already (not stored again).
+    pub points_duplicate: IntCounter,
 }
 
 impl Default for Metrics {
@@ -74,6 +76,11 @@ impl Metrics {
                 &registry,
                 "strangler_collector_metric_points_replayed_total",
                 "OTLP metric points moved from the spool into ClickHouse",
+            ),
+            points_duplicate: counter(
+                &registry,
+                "strangler_collector_metric_points_duplicate_total",
+                "OTLP metric points of retried exports ClickHouse held already, not stored again",
             ),
             received: counter(
                 &registry,

@@ -76,6 +76,10 @@ pub mod attr {
     pub const COUNTED: &str = "strangler.counted";
     /// [`COUNTED`]'s value.
     pub const COUNTED_BY_AGGREGATES: &str = "aggregates";
+    /// Resource attribute (`"true"`) of a metrics export sent again, unchanged,
+    /// because the first attempt was not acknowledged: the receiver may hold it
+    /// already, and a collector that does skips it.
+    pub const EXPORT_RETRY: &str = "strangler.export.retry";
     /// On a span the router kept for its outcome (an error, a fallback, a slow
     /// request, a differing pair) rather than drew at random.
     pub const SAMPLED: &str = "strangler.sampled";

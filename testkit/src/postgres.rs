@@ -183,6 +183,11 @@ impl Postgres {
         Ok(name)
     }
 
+    /// The postmaster's OS process id, while it runs (its backends are its children).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().and_then(ServerProcess::pid)
+    }
+
     /// Stops the server cleanly (fast shutdown); [`Postgres::restart`] brings it back.
     pub fn stop(&mut self) {
         if let Some(mut process) = self.process.take() {

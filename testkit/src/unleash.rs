@@ -31,8 +31,10 @@ pub const ENVIRONMENT: &str = "development";
 pub struct Unleash {
     process: Option<ServerProcess>,
     port: PortLease,
-    _dir: TempDir,
-    _postgres: Postgres,
+    node: PathBuf,
+    server_js: PathBuf,
+    dir: TempDir,
+    postgres: Postgres,
     http: reqwest::Client,
 }
 
@@ -68,14 +70,29 @@ impl Unleash {
             .prefix("strangler-unleash-")
             .tempdir()
             .map_err(io_err("creating a temp dir"))?;
-        let port = free_port()?;
-        let mut cmd = Command::new(node);
-        cmd.arg(&server_js)
-            .current_dir(dir.path())
-            .env("DATABASE_URL", postgres.url("unleash"))
+        let mut unleash = Self {
+            process: None,
+            port: free_port()?,
+            node,
+            server_js,
+            dir,
+            postgres,
+            http: reqwest::Client::new(),
+        };
+        unleash.spawn_server().await?;
+        Ok(unleash)
+    }
+
+    /// Runs unleash-server on this value's port and database, and waits until it
+    /// serves the client API with [`CLIENT_TOKEN`].
+    async fn spawn_server(&mut self) -> Result<()> {
+        let mut cmd = Command::new(&self.node);
+        cmd.arg(&self.server_js)
+            .current_dir(self.dir.path())
+            .env("DATABASE_URL", self.postgres.url("unleash"))
             .env("DATABASE_SSL", "false")
             .env("HTTP_HOST", "127.0.0.1")
-            .env("HTTP_PORT", port.port().to_string())
+            .env("HTTP_PORT", self.port.port().to_string())
             .env("INIT_ADMIN_API_TOKENS", ADMIN_TOKEN)
             .env("INIT_BACKEND_API_TOKENS", CLIENT_TOKEN)
             .env("INIT_CLIENT_API_TOKENS", CLIENT_TOKEN)
@@ -83,10 +100,10 @@ impl Unleash {
             .env("SEND_TELEMETRY", "false")
             .env("LOG_LEVEL", "warn")
             .env("TZ", "UTC");
-        let log_path = dir.path().join("unleash.log");
+        let log_path = self.dir.path().join("unleash.log");
         let mut process = ServerProcess::spawn(SERVER, cmd, &log_path, Signal::SIGTERM)?;
-        let http = reqwest::Client::new();
-        let base = format!("http://127.0.0.1:{}", port.port());
+        let base = self.url();
+        let http = self.http.clone();
         // Ready means the client API answers with our token, not only that /health is up:
         // tokens are inserted after the HTTP server starts.
         process
@@ -99,13 +116,23 @@ impl Unleash {
                 async move { matches!(request.await, Ok(r) if r.status().is_success()) }
             })
             .await?;
-        Ok(Self {
-            process: Some(process),
-            port,
-            _dir: dir,
-            _postgres: postgres,
-            http,
-        })
+        self.process = Some(process);
+        Ok(())
+    }
+
+    /// Kills the server at once (SIGKILL), as a crash would; its database and its
+    /// toggles stay, and [`Unleash::restart`] brings it back.
+    pub fn kill(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            process.kill();
+        }
+    }
+
+    /// Starts the server again on the same port and database (stopping it first
+    /// if it runs), and waits until it serves the client API.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.stop();
+        self.spawn_server().await
     }
 
     /// The server's base URL, e.g. `http://127.0.0.1:41234`.

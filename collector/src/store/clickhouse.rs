@@ -612,6 +612,33 @@ impl ClickHouseStore {
         }
         insert.end().await.map_err(unavailable)
     }
+
+    /// Whether a point of the same series, interval and instance is stored already
+    /// (what a retried export that was in fact stored the first time looks like).
+    pub async fn holds_metric_point(
+        &self,
+        row: &crate::metric_model::MetricRow,
+    ) -> Result<bool, StoreError> {
+        if !self.is_migrated() {
+            return Err(StoreError::Migrating);
+        }
+        // The table's key (name, time, instance) narrows it to a granule.
+        let n = self
+            .in_database
+            .query(
+                "SELECT count() FROM metric_points WHERE name = ? AND time = toDateTime(?) \
+                 AND instance = ? AND start_ns = ? AND time_ns = ?",
+            )
+            .bind(row.name.as_str())
+            .bind(row.time)
+            .bind(row.instance.as_str())
+            .bind(row.start_ns)
+            .bind(row.time_ns)
+            .fetch_one::<u64>()
+            .await
+            .map_err(unavailable)?;
+        Ok(n > 0)
+    }
 }
 
 #[async_trait]

@@ -1,10 +1,13 @@
 //! The route aggregates as OTLP metrics, with delta temporality, every
 //! `telemetry.metrics_interval_ms`, to `telemetry.metrics_endpoint` (OTLP/gRPC).
 //!
-//! A delta is taken against the last numbers the receiver *acknowledged*: when an
-//! export fails, the next one carries everything since the last success (its
-//! `start_time_unix_nano` says from when), so an outage of the receiver loses no
-//! count. Only cells that changed are sent.
+//! A delta is taken against the last numbers the receiver *acknowledged*, so an
+//! outage of the receiver loses no count. An export that was not acknowledged is
+//! sent again unchanged (same interval, same counts), marked
+//! `strangler.export.retry`, before anything newer: the receiver may have stored it
+//! and then crashed, or its answer may have been lost, and the collector skips a
+//! retry it already holds — so a lost acknowledgement counts nothing twice. Only
+//! cells that changed are sent.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -252,6 +255,32 @@ fn histogram_point(
     }
 }
 
+/// The exporter's side of the conversation with its receiver.
+#[derive(Debug, Default)]
+struct ExportState {
+    /// What the receiver acknowledged.
+    baseline: Baseline,
+    /// The last export failed (logged once per outage).
+    failing: bool,
+    /// An export not acknowledged, as it goes again (marked a retry), and the
+    /// baseline it leads to.
+    unacked: Option<(ExportMetricsServiceRequest, Baseline)>,
+}
+
+/// Marks every resource of `request` as sent again.
+fn mark_retry(request: &mut ExportMetricsServiceRequest) {
+    for rm in &mut request.resource_metrics {
+        let resource = rm.resource.get_or_insert_with(Resource::default);
+        if !resource
+            .attributes
+            .iter()
+            .any(|a| a.key == attr::EXPORT_RETRY)
+        {
+            resource.attributes.push(kv(attr::EXPORT_RETRY, "true"));
+        }
+    }
+}
+
 /// Sends the aggregates' deltas to one OTLP/gRPC endpoint.
 #[derive(Debug)]
 pub struct Exporter {
@@ -260,7 +289,7 @@ pub struct Exporter {
     service: String,
     instance: String,
     /// What the receiver acknowledged; the lock also keeps two exports from overlapping.
-    acked: std::sync::Mutex<(Baseline, bool)>,
+    acked: std::sync::Mutex<ExportState>,
     /// The gRPC client's runtime, built once (exports never compete with requests).
     runtime: tokio::runtime::Runtime,
 }
@@ -275,34 +304,75 @@ impl Exporter {
             instance: format!("{:016x}", rand::random::<u64>()),
             // The first export's counts start now, when counting starts, not at the
             // first export (the collector dates counts by their interval's start).
-            acked: std::sync::Mutex::new((
-                Baseline {
+            acked: std::sync::Mutex::new(ExportState {
+                baseline: Baseline {
                     at_ns: now_ns(),
                     ..Baseline::default()
                 },
-                false,
-            )),
+                ..ExportState::default()
+            }),
             runtime: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?,
         })
     }
 
-    /// Exports what changed since the last acknowledged export; blocks (its own
-    /// runtime), so call it off the async runtime.
+    /// Sends again the export not acknowledged, if any, then what changed since the
+    /// last acknowledged one; blocks (its own runtime), so call it off the async
+    /// runtime.
     pub fn export_once(&self) -> Result<(), String> {
         let mut guard = self
             .acked
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (baseline, failing) = &mut *guard;
-        let (request, next) = request(&self.stats, baseline, &self.service, &self.instance);
-        if request.resource_metrics.is_empty() {
-            baseline.at_ns = next.at_ns;
-            return Ok(());
+        let state = &mut *guard;
+        loop {
+            let (request, next, retry) = match state.unacked.take() {
+                Some((request, next)) => (request, next, true),
+                None => {
+                    let (request, next) =
+                        request(&self.stats, &state.baseline, &self.service, &self.instance);
+                    if request.resource_metrics.is_empty() {
+                        state.baseline.at_ns = next.at_ns;
+                        return Ok(());
+                    }
+                    (request, next, false)
+                }
+            };
+            match self.send(request.clone()) {
+                Ok(()) => {
+                    state.baseline = next;
+                    if state.failing {
+                        tracing::info!("metrics export to {} works again", self.endpoint);
+                        state.failing = false;
+                    }
+                    // After a retry, the counts since go now too.
+                    if !retry {
+                        return Ok(());
+                    }
+                }
+                // Sent again as it is: the baseline does not move.
+                Err(e) => {
+                    if !state.failing {
+                        tracing::warn!(
+                            "metrics export to {} failed (it is sent again, unchanged, next time): {e}",
+                            self.endpoint
+                        );
+                        state.failing = true;
+                    }
+                    let mut again = request;
+                    mark_retry(&mut again);
+                    state.unacked = Some((again, next));
+                    return Err(e);
+                }
+            }
         }
+    }
+
+    /// One export request to the endpoint, within 10 s.
+    fn send(&self, request: ExportMetricsServiceRequest) -> Result<(), String> {
         let endpoint = self.endpoint.clone();
-        let sent = self.runtime.block_on(async {
+        self.runtime.block_on(async {
             let attempt = async {
                 let mut client = MetricsServiceClient::connect(endpoint)
                     .await
@@ -310,33 +380,13 @@ impl Exporter {
                 client
                     .export(request)
                     .await
+                    .map(drop)
                     .map_err(|e| e.message().to_string())
             };
             tokio::time::timeout(Duration::from_secs(10), attempt)
                 .await
                 .map_err(|_| "no answer within 10 s".to_string())?
-        });
-        match sent {
-            Ok(_) => {
-                *baseline = next;
-                if *failing {
-                    tracing::info!("metrics export to {} works again", self.endpoint);
-                    *failing = false;
-                }
-                Ok(())
-            }
-            // Kept for the next export: the baseline does not move.
-            Err(e) => {
-                if !*failing {
-                    tracing::warn!(
-                        "metrics export to {} failed (the next one carries these counts): {e}",
-                        self.endpoint
-                    );
-                    *failing = true;
-                }
-                Err(e)
-            }
-        }
+        })
     }
 }
 
@@ -407,6 +457,42 @@ mod tests {
         let (_, all) = request(&stats, &acked, "r", "i");
         let (empty, _) = request(&stats, &all, "r", "i");
         assert!(empty.resource_metrics.is_empty());
+    }
+
+    #[test]
+    fn an_unacknowledged_export_goes_again_unchanged_and_marked_before_newer_counts() {
+        let stats = Arc::new(Stats::default());
+        let orders = stats.route("orders");
+        let key = Key {
+            backend: Backend::New,
+            reason: Reason::Flag,
+            role: Role::Primary,
+            status: 200,
+        };
+        for _ in 0..3 {
+            orders.record(key, false, Duration::from_millis(4));
+        }
+        // Port 1 refuses: the export is not acknowledged.
+        let exporter = Exporter::new(Arc::clone(&stats), "http://127.0.0.1:1".into(), "r".into())
+            .expect("exporter");
+        assert!(exporter.export_once().is_err());
+        orders.record(key, false, Duration::from_millis(4));
+        assert!(exporter.export_once().is_err());
+        let state = exporter.acked.lock().expect("lock");
+        let (again, _) = state.unacked.as_ref().expect("kept for the next attempt");
+        // The first attempt's three, not the fourth (that goes after it).
+        assert_eq!(requests_in(again), 3);
+        let marks = again
+            .resource_metrics
+            .iter()
+            .flat_map(|rm| rm.resource.iter().flat_map(|r| &r.attributes))
+            .filter(|a| a.key == attr::EXPORT_RETRY)
+            .count();
+        assert_eq!(
+            marks,
+            again.resource_metrics.len(),
+            "marked once per resource"
+        );
     }
 
     #[test]
