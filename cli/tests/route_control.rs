@@ -334,6 +334,94 @@ async fn rollback_takes_effect_through_overrides_when_unleash_and_a_router_are_d
     assert!(history.contains("\"rollback\""), "{history}");
 }
 
+/// Regression test for a window the soak's routing check names (#23): a forward
+/// move whose override clear landed just after a concurrent rollback's override
+/// lifted that rollback until the move noticed it and undid itself. A forward move
+/// now clears each router's override only if its version is the one it read
+/// before it looked at the history; here the interleaving is played step by step
+/// against a real router: the version read, a rollback's override, the move's
+/// conditional clear.
+#[tokio::test]
+async fn a_forward_moves_conditional_clear_never_lifts_an_override_a_rollback_set_after_it_looked()
+{
+    let legacy = Upstream::start("legacy").await;
+    let new = Upstream::start("new").await;
+    let router_config = format!(
+        "[legacy]\nupstream = \"{}\"\n\n{}",
+        legacy.addr,
+        route_section(new.addr)
+    );
+    let files = [("flags.json", flags_doc("strangler.orders", true, 100))];
+    let files: Vec<(&str, &str)> = files.iter().map(|(n, c)| (*n, c.as_str())).collect();
+    let router = Router::start(&router_config, &files, &[]).await;
+    assert_eq!(share_new(&sides_for(&router, 50).await), 1.0);
+    let http = reqwest::Client::new();
+    let admin = |method: reqwest::Method, path: &str| {
+        http.request(method, router.admin_url(path))
+            .bearer_auth(&router.token)
+    };
+    // The forward move reads the override's version...
+    let status: serde_json::Value = admin(reqwest::Method::GET, "/routes/orders")
+        .send()
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("json");
+    let seen = status["override_version"]
+        .as_str()
+        .expect("override_version")
+        .to_string();
+    // ... a rollback pushes its override ...
+    let put = admin(reqwest::Method::PUT, "/routes/orders/override")
+        .json(&serde_json::json!({"backend": "legacy"}))
+        .send()
+        .await
+        .expect("PUT");
+    assert!(put.status().is_success());
+    assert_eq!(share_new(&sides_for(&router, 50).await), 0.0);
+    // ... and the move's clear, conditional on what it saw, is refused.
+    let clear = admin(
+        reqwest::Method::DELETE,
+        &format!("/routes/orders/override?if_version={seen}"),
+    )
+    .send()
+    .await
+    .expect("DELETE");
+    assert_eq!(clear.status(), reqwest::StatusCode::CONFLICT);
+    assert!(
+        clear
+            .text()
+            .await
+            .unwrap_or_default()
+            .contains("changed since"),
+        "says why"
+    );
+    assert_eq!(
+        share_new(&sides_for(&router, 50).await),
+        0.0,
+        "the rollback's override holds"
+    );
+    // Whoever saw the rollback's version (a later forward move) may lift it.
+    let status: serde_json::Value = admin(reqwest::Method::GET, "/routes/orders")
+        .send()
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("json");
+    let now = status["override_version"].as_str().unwrap_or_default();
+    let clear = admin(
+        reqwest::Method::DELETE,
+        &format!("/routes/orders/override?if_version={now}"),
+    )
+    .send()
+    .await
+    .expect("DELETE");
+    assert!(clear.status().is_success());
+    assert_eq!(share_new(&sides_for(&router, 50).await), 1.0);
+}
+
 #[tokio::test]
 async fn on_the_file_source_canary_rewrites_the_flags_file_the_router_watches() {
     let legacy = Upstream::start("legacy").await;

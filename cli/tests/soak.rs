@@ -286,6 +286,23 @@ fn cli(dir: &Path, args: &[&str]) -> std::process::Output {
         .expect("strangler")
 }
 
+/// The route's history entries, as `strangler route history -o json` prints them.
+fn history(dir: &Path) -> Vec<Value> {
+    let out = cli(
+        dir,
+        &[
+            "route",
+            "--config",
+            "strangler.toml",
+            "history",
+            "orders",
+            "-o",
+            "json",
+        ],
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
 /// Requests the collector counts for the route (served, not shadow copies), read
 /// from ClickHouse.
 async fn collector_count(ch_url: &str) -> Option<u64> {
@@ -719,20 +736,7 @@ async fn the_stack_under_a_fault_every_few_seconds_loses_no_order_and_honours_ev
                     5 | 6 => vec!["promote".into(), "orders".into()],
                     _ => {
                         // Back to a state recorded earlier (any entry of the route).
-                        let out = cli(
-                            d,
-                            &[
-                                "route",
-                                "--config",
-                                "strangler.toml",
-                                "history",
-                                "orders",
-                                "-o",
-                                "json",
-                            ],
-                        );
-                        let entries: Vec<Value> =
-                            serde_json::from_slice(&out.stdout).unwrap_or_default();
+                        let entries = history(d);
                         if entries.is_empty() {
                             vec!["rollback".into(), "orders".into()]
                         } else {
@@ -865,19 +869,7 @@ async fn the_stack_under_a_fault_every_few_seconds_loses_no_order_and_honours_ev
 
     // Routing: the controller's rollbacks, from the history (second resolution:
     // taken as returned at the end of the recorded second).
-    let history = cli(
-        d,
-        &[
-            "route",
-            "--config",
-            "strangler.toml",
-            "history",
-            "orders",
-            "-o",
-            "json",
-        ],
-    );
-    let entries: Vec<Value> = serde_json::from_slice(&history.stdout).unwrap_or_default();
+    let entries = history(d);
     let mut controller_moves: BTreeMap<String, u64> = BTreeMap::new();
     for e in entries.iter().filter(|e| e["actor"] == CONTROLLER) {
         let action = e["action"].as_str().unwrap_or("?").to_string();

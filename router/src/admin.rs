@@ -8,7 +8,7 @@
 //! | GET | `/routes` | every route with override, flag state and last-minute counts |
 //! | GET | `/routes/{name}` | one route |
 //! | PUT | `/routes/{name}/override` | body `{"backend": "legacy" \| "new"}` |
-//! | DELETE | `/routes/{name}/override` | clears the override |
+//! | DELETE | `/routes/{name}/override` | clears the override; `?if_version=V` only while its version is `V` (else 409) |
 //! | GET | `/routes/{name}/shadow` | comparison results: counts, differing paths, mismatch samples |
 //! | POST | `/routes/{name}/calibrate` | body `{"requests": N}`: learn legacy's own noise from N pairs |
 //! | GET | `/routes/{name}/calibration` | progress and suggested ignore rules with their noise rates |
@@ -67,6 +67,9 @@ pub struct RouteStatus {
     /// The override, if any.
     #[serde(rename = "override")]
     pub override_backend: Option<Backend>,
+    /// The override's version: `DELETE …/override?if_version=V` clears it only
+    /// while it is still `V`.
+    pub override_version: String,
     /// The toggle's state.
     pub flag_state: FlagState,
     /// The new service's circuit breaker.
@@ -140,6 +143,7 @@ impl AdminApi {
             new_upstream: route.new_upstream.authority.clone(),
             flag: route.flag.clone(),
             override_backend: self.state.overrides.get(name),
+            override_version: self.state.overrides.version(name),
             flag_state: self.state.flags.state(&route.flag),
             breaker: runtime.state.breaker.state(),
             legacy: counts(Backend::Legacy),
@@ -251,7 +255,25 @@ impl AdminApi {
                 let Some(route) = table.get(name) else {
                     return error(StatusCode::NOT_FOUND, &format!("no route named {name:?}"));
                 };
-                self.state.overrides.set(name, None);
+                // Versions are hex, a dot and digits: nothing to percent-decode.
+                let if_version = session.req_header().uri.query().and_then(|q| {
+                    q.split('&')
+                        .find_map(|kv| kv.strip_prefix("if_version="))
+                        .map(str::to_string)
+                });
+                match if_version {
+                    Some(version) => {
+                        if let Err(current) = self.state.overrides.clear_if(name, &version) {
+                            return error(
+                                StatusCode::CONFLICT,
+                                &format!(
+                                    "the override of {name} changed since version {version} (now {current}): not cleared"
+                                ),
+                            );
+                        }
+                    }
+                    None => self.state.overrides.set(name, None),
+                }
                 tracing::info!(route = name, "override cleared through the admin API");
                 json_response(StatusCode::OK, &self.status_of(route))
             }

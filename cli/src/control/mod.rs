@@ -5,6 +5,7 @@ pub mod announce;
 pub mod flagstore;
 pub mod routers;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -421,6 +422,14 @@ impl Controller {
         } else {
             None
         };
+        // The routers' override versions, read before the history: an override a
+        // rollback sets after this is never cleared by this move (its clear is
+        // conditional on these versions).
+        let versions = if forward {
+            self.fleet.override_versions(route_name).await
+        } else {
+            HashMap::new()
+        };
         // What the history held before this move wrote anything.
         let recorded = self.history.for_route(route_name).await?;
         let seen = recorded.len();
@@ -449,12 +458,12 @@ impl Controller {
             (flags, replies)
         } else {
             self.apply_flags(route, to).await?;
-            (Ok(()), self.fleet.clear_override(route_name).await)
+            (Ok(()), Vec::new())
         };
-        let routers = router_outcomes(replies);
+        let mut routers = router_outcomes(replies);
         let took_effect = flags.is_ok() || routers.iter().any(|r| r.ok);
         // The change took effect here; recording and announcing it is not part of its time.
-        let took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let mut took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         if took_effect {
             let entry = Entry {
                 reason,
@@ -478,6 +487,15 @@ impl Controller {
                 return Err(ControlError::RolledBackMeanwhile {
                     route: route_name.to_string(),
                 });
+            }
+            // A forward move lifts the routers' overrides only now, recorded with no
+            // rollback since it began, and on each router only if no rollback set
+            // one since it read its version: until then a rollback's override holds,
+            // so nothing is served by the new side after a rollback returned.
+            if forward {
+                routers =
+                    router_outcomes(self.fleet.clear_override_if(route_name, &versions).await);
+                took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
             }
             if !forward && entries.iter().skip(seen).any(|e| e.to != State::Legacy) {
                 self.reassert_legacy(route, route_name).await;

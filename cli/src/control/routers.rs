@@ -1,5 +1,6 @@
 //! Talking to every router's admin API at once.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -65,10 +66,11 @@ impl Fleet {
         out
     }
 
+    /// Calls every router; `path` gives each router's path from its URL.
     async fn call_all(
         &self,
         method: reqwest::Method,
-        path: String,
+        path: &(dyn Fn(&str) -> String + Sync),
         body: Option<Value>,
     ) -> Vec<RouterReply> {
         let mut tasks = tokio::task::JoinSet::new();
@@ -87,7 +89,7 @@ impl Fleet {
         for (index, url) in urls.iter().enumerate() {
             let http = self.http.clone();
             let token = self.token.clone();
-            let full = format!("{url}{path}");
+            let full = format!("{url}{}", path(url));
             let method = method.clone();
             let body = body.clone();
             let url = url.clone();
@@ -144,19 +146,43 @@ impl Fleet {
 
     /// Pushes an override (`legacy` or `new`) for `route` to every router in parallel.
     pub async fn set_override(&self, route: &str, backend: &str) -> Vec<RouterReply> {
+        let path = format!("/routes/{route}/override");
         self.call_all(
             reqwest::Method::PUT,
-            format!("/routes/{route}/override"),
+            &|_| path.clone(),
             Some(json!({ "backend": backend })),
         )
         .await
     }
 
-    /// Clears `route`'s override on every router.
-    pub async fn clear_override(&self, route: &str) -> Vec<RouterReply> {
+    /// Each router's version of `route`'s override, by admin URL (routers that did
+    /// not answer are missing).
+    pub async fn override_versions(&self, route: &str) -> HashMap<String, String> {
+        self.get_all(&format!("/routes/{route}"))
+            .await
+            .into_iter()
+            .filter_map(|r| {
+                let version = r.result.ok()?["override_version"].as_str()?.to_string();
+                Some((r.url, version))
+            })
+            .collect()
+    }
+
+    /// Clears `route`'s override on every router — on each whose version was read
+    /// (`versions`, from [`Fleet::override_versions`]) only if it is still that
+    /// version: a router where a rollback set it since answers 409 and keeps it.
+    pub async fn clear_override_if(
+        &self,
+        route: &str,
+        versions: &HashMap<String, String>,
+    ) -> Vec<RouterReply> {
+        let path = format!("/routes/{route}/override");
         self.call_all(
             reqwest::Method::DELETE,
-            format!("/routes/{route}/override"),
+            &|url| match versions.get(url) {
+                Some(v) => format!("{path}?if_version={v}"),
+                None => path.clone(),
+            },
             None,
         )
         .await
@@ -164,20 +190,19 @@ impl Fleet {
 
     /// GETs an admin path on every router.
     pub async fn get_all(&self, path: &str) -> Vec<RouterReply> {
-        self.call_all(reqwest::Method::GET, path.to_string(), None)
+        self.call_all(reqwest::Method::GET, &|_| path.to_string(), None)
             .await
     }
 
     /// POSTs a JSON body to an admin path on every router.
     pub async fn post_all(&self, path: &str, body: Value) -> Vec<RouterReply> {
-        self.call_all(reqwest::Method::POST, path.to_string(), Some(body))
+        self.call_all(reqwest::Method::POST, &|_| path.to_string(), Some(body))
             .await
     }
 
     /// Every router's view of every route.
     pub async fn routes(&self) -> Vec<RouterReply> {
-        self.call_all(reqwest::Method::GET, "/routes".to_string(), None)
-            .await
+        self.get_all("/routes").await
     }
 }
 

@@ -79,9 +79,28 @@ pub fn pinned_side(headers: &HeaderMap, name: &str) -> Option<Backend> {
 }
 
 /// Per-route admin overrides; read on every request without locking.
-#[derive(Debug, Default)]
+///
+/// Each route's override has a version that changes with every set or clear, so a
+/// caller can clear it only if nobody changed it since it looked
+/// ([`Overrides::clear_if`]): a forward move must not undo a rollback that landed
+/// meanwhile. Versions carry a per-process nonce, so one read from a router that
+/// restarted since never matches.
+#[derive(Debug)]
 pub struct Overrides {
     map: ArcSwap<HashMap<String, Backend>>,
+    /// Changes per route; the lock also orders writers (the request path never takes it).
+    changes: std::sync::Mutex<HashMap<String, u64>>,
+    nonce: u64,
+}
+
+impl Default for Overrides {
+    fn default() -> Self {
+        Self {
+            map: ArcSwap::default(),
+            changes: std::sync::Mutex::default(),
+            nonce: rand::random(),
+        }
+    }
 }
 
 impl Overrides {
@@ -95,8 +114,49 @@ impl Overrides {
         map.get(route).copied()
     }
 
+    /// The version of a route's override (changes with every set and clear).
+    pub fn version(&self, route: &str) -> String {
+        let changes = self
+            .changes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.version_of(&changes, route)
+    }
+
+    fn version_of(&self, changes: &HashMap<String, u64>, route: &str) -> String {
+        format!(
+            "{:016x}.{}",
+            self.nonce,
+            changes.get(route).copied().unwrap_or(0)
+        )
+    }
+
     /// Sets (`Some`) or clears (`None`) a route's override.
     pub fn set(&self, route: &str, backend: Option<Backend>) {
+        let mut changes = self
+            .changes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.write(&mut changes, route, backend);
+    }
+
+    /// Clears a route's override if its version is still `version`; else returns
+    /// the current version and changes nothing.
+    pub fn clear_if(&self, route: &str, version: &str) -> Result<(), String> {
+        let mut changes = self
+            .changes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let current = self.version_of(&changes, route);
+        if current != version {
+            return Err(current);
+        }
+        self.write(&mut changes, route, None);
+        Ok(())
+    }
+
+    fn write(&self, changes: &mut HashMap<String, u64>, route: &str, backend: Option<Backend>) {
+        *changes.entry(route.to_string()).or_default() += 1;
         self.map.rcu(|current| {
             let mut next = HashMap::clone(current);
             match backend {
@@ -215,6 +275,22 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+
+    #[test]
+    fn an_override_is_cleared_only_by_whoever_saw_its_current_version() {
+        let overrides = Overrides::default();
+        let seen = overrides.version("orders");
+        // A rollback lands after the forward move looked.
+        overrides.set("orders", Some(Backend::Legacy));
+        assert!(overrides.clear_if("orders", &seen).is_err());
+        assert_eq!(overrides.get("orders"), Some(Backend::Legacy));
+        // Who saw the rollback's version may clear it.
+        let now = overrides.version("orders");
+        assert!(overrides.clear_if("orders", &now).is_ok());
+        assert_eq!(overrides.get("orders"), None);
+        // Another process's versions never match.
+        assert!(Overrides::default().clear_if("orders", &now).is_err());
+    }
     use crate::config::RouterConfig;
     use crate::flags::parse_features;
 
