@@ -277,7 +277,7 @@ async fn rollback_takes_effect_through_overrides_when_unleash_and_a_router_are_d
     );
     let files = [("flags.json", flags_doc("strangler.orders", true, 100))];
     let files: Vec<(&str, &str)> = files.iter().map(|(n, c)| (*n, c.as_str())).collect();
-    let r1 = Router::start(&router_config, &files, &[]).await;
+    let mut r1 = Router::start(&router_config, &files, &[]).await;
     let r2 = Router::start(&router_config, &files, &[]).await;
     for r in [&r1, &r2] {
         assert_eq!(share_new(&sides_for(r, 50).await), 1.0);
@@ -332,6 +332,17 @@ async fn rollback_takes_effect_through_overrides_when_unleash_and_a_router_are_d
     let history =
         std::fs::read_to_string(dir.path().join("strangler.history.jsonl")).expect("history");
     assert!(history.contains("\"rollback\""), "{history}");
+    // The flags still send everyone to new; a router that restarts keeps the
+    // rollback's override (kept in `strangler.overrides.json` beside its config)
+    // instead of following them.
+    r1.kill_and_restart().await;
+    assert_eq!(
+        share_new(&sides_for(&r1, 100).await),
+        0.0,
+        "the override survived the restart\n{}",
+        r1.log()
+    );
+    assert!(r1.dir.path().join("strangler.overrides.json").is_file());
 }
 
 /// Regression test for a window the soak's routing check names (#23): a forward

@@ -43,10 +43,14 @@ impl RouterState {
         metrics: Metrics,
         telemetry: Telemetry,
     ) -> Self {
+        let overrides = match &config.admin.overrides_file {
+            Some(file) => Overrides::persisted(file.clone()),
+            None => Overrides::default(),
+        };
         Self {
             snapshot: ArcSwap::from_pointee(Snapshot::build(config, None, &metrics.stats)),
             admin_token: None,
-            overrides: Overrides::default(),
+            overrides,
             flags,
             metrics,
             telemetry,

@@ -193,6 +193,7 @@ pub struct Router {
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
     pub token: String,
+    env: Vec<(String, String)>,
 }
 
 impl Drop for Router {
@@ -255,19 +256,11 @@ impl Router {
         let config_path = dir.path().join("strangler.toml");
         std::fs::write(&config_path, config).expect("write config");
         let token = "test-admin-token".to_string();
-        let log = std::fs::File::create(dir.path().join("router.log")).expect("log");
-        let mut cmd = Command::new(strangler_bin());
-        cmd.args(["router", "run", "--config"])
-            .arg(&config_path)
-            .env("STRANGLER_ADMIN_TOKEN", &token)
-            .env("STRANGLER_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().expect("spawn strangler");
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let child = Self::spawn(dir.path(), &config_path, &token, &env);
         let mut router = Self {
             child,
             port,
@@ -276,9 +269,39 @@ impl Router {
             dir,
             config_path,
             token,
+            env,
         };
         router.wait_healthy().await;
         router
+    }
+
+    fn spawn(dir: &Path, config_path: &Path, token: &str, env: &[(String, String)]) -> Child {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(dir.join("router.log"))
+            .expect("log");
+        let mut cmd = Command::new(strangler_bin());
+        cmd.args(["router", "run", "--config"])
+            .arg(config_path)
+            .env("STRANGLER_ADMIN_TOKEN", token)
+            .env("STRANGLER_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.spawn().expect("spawn strangler")
+    }
+
+    /// SIGKILLs the router and starts it again on the same config, directory and
+    /// ports; returns once it is healthy.
+    pub async fn kill_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::spawn(self.dir.path(), &self.config_path, &self.token, &self.env);
+        self.wait_healthy().await;
     }
 
     async fn wait_healthy(&mut self) {

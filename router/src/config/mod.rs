@@ -412,6 +412,8 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// Where the bearer token comes from; without one the API stays on loopback.
     pub token: SecretSource,
+    /// Where overrides are kept across restarts (`None`: not kept).
+    pub overrides_file: Option<PathBuf>,
 }
 
 /// TLS termination settings: PEM files, re-read on reload (SIGHUP or a change of the

@@ -71,6 +71,7 @@ pub(super) struct RawAdmin {
     pub(super) listen: Option<String>,
     pub(super) token_env: Option<String>,
     pub(super) token_file: Option<PathBuf>,
+    pub(super) overrides_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -91,7 +91,7 @@ fn validate_sections(raw: RawConfig, path: &Path) -> Result<RouterConfig, String
     };
     let routes = routes(raw.routes)?;
     let flags = flags(&raw.flags, base)?;
-    let admin = admin(&raw.admin, base)?;
+    let admin = admin(&raw.admin, base, path)?;
     let control = raw
         .control
         .build(
@@ -439,8 +439,10 @@ fn flags(raw: &RawFlags, base: &Path) -> Result<FlagsConfig, String> {
     })
 }
 
-/// `[admin]`: where the admin API listens and where its token comes from.
-fn admin(raw: &RawAdmin, base: &Path) -> Result<AdminConfig, String> {
+/// `[admin]`: where the admin API listens, where its token comes from, and where
+/// overrides are kept (default `<config name>.overrides.json` beside the config;
+/// `""` keeps none).
+fn admin(raw: &RawAdmin, base: &Path, config: &Path) -> Result<AdminConfig, String> {
     let listen = socket(
         raw.listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN),
         "admin.listen",
@@ -452,7 +454,22 @@ fn admin(raw: &RawAdmin, base: &Path) -> Result<AdminConfig, String> {
                 .unwrap_or_else(|| DEFAULT_ADMIN_TOKEN_ENV.into()),
         ),
     };
-    Ok(AdminConfig { listen, token })
+    let overrides_file = match &raw.overrides_file {
+        Some(file) if file.as_os_str().is_empty() => None,
+        Some(file) => Some(base.join(file)),
+        None => {
+            let stem = config
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("strangler");
+            Some(base.join(format!("{stem}.overrides.json")))
+        }
+    };
+    Ok(AdminConfig {
+        listen,
+        token,
+        overrides_file,
+    })
 }
 
 /// `[telemetry]`.

@@ -85,12 +85,18 @@ pub fn pinned_side(headers: &HeaderMap, name: &str) -> Option<Backend> {
 /// ([`Overrides::clear_if`]): a forward move must not undo a rollback that landed
 /// meanwhile. Versions carry a per-process nonce, so one read from a router that
 /// restarted since never matches.
+///
+/// With a file ([`Overrides::persisted`]), every change is written to it (atomically:
+/// a temporary file, fsync, rename) and a restarted router starts from it, so a
+/// rollback pushed to the routers while the flag store was down survives a restart
+/// of the router instead of giving way to the stale flags.
 #[derive(Debug)]
 pub struct Overrides {
     map: ArcSwap<HashMap<String, Backend>>,
     /// Changes per route; the lock also orders writers (the request path never takes it).
     changes: std::sync::Mutex<HashMap<String, u64>>,
     nonce: u64,
+    file: Option<std::path::PathBuf>,
 }
 
 impl Default for Overrides {
@@ -99,11 +105,71 @@ impl Default for Overrides {
             map: ArcSwap::default(),
             changes: std::sync::Mutex::default(),
             nonce: rand::random(),
+            file: None,
         }
     }
 }
 
 impl Overrides {
+    /// Overrides kept in `file`: those it holds now apply at once. A file that
+    /// cannot be read or parsed is reported and ignored (the router starts with
+    /// none, and rewrites it at the next change).
+    pub fn persisted(file: std::path::PathBuf) -> Self {
+        let kept: HashMap<String, Backend> = match std::fs::read(&file) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::error!(
+                    "{} holds no overrides this router can read ({e}); starting with none",
+                    file.display()
+                );
+                HashMap::new()
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
+            Err(e) => {
+                tracing::error!(
+                    "cannot read the overrides kept in {} ({e}); starting with none",
+                    file.display()
+                );
+                HashMap::new()
+            }
+        };
+        for (route, backend) in &kept {
+            tracing::warn!(
+                route = route.as_str(),
+                backend = backend.as_str(),
+                "override kept from before the restart ({})",
+                file.display()
+            );
+        }
+        Self {
+            map: ArcSwap::from_pointee(kept),
+            file: Some(file),
+            ..Self::default()
+        }
+    }
+
+    /// Writes the overrides to the file, if there is one; a failure is logged (the
+    /// override applies in this process regardless).
+    fn save(&self) {
+        let Some(file) = &self.file else {
+            return;
+        };
+        let write = || -> std::io::Result<()> {
+            use std::io::Write as _;
+            let bytes = serde_json::to_vec_pretty(&**self.map.load())?;
+            let tmp = file.with_extension("json.tmp");
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, file)
+        };
+        if let Err(e) = write() {
+            tracing::error!(
+                "cannot keep the overrides in {} ({e}): a restart of this router would forget them",
+                file.display()
+            );
+        }
+    }
+
     /// The override for a route.
     pub fn get(&self, route: &str) -> Option<Backend> {
         let map = self.map.load();
@@ -165,6 +231,8 @@ impl Overrides {
             };
             next
         });
+        // Under the lock, so the file's order of writes is the overrides' order.
+        self.save();
     }
 }
 
@@ -275,6 +343,22 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+
+    #[test]
+    fn overrides_kept_in_a_file_apply_again_after_a_restart_and_a_bad_file_means_none() {
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("router.overrides.json");
+        let first = Overrides::persisted(file.clone());
+        first.set("orders", Some(Backend::Legacy));
+        first.set("cart", Some(Backend::New));
+        first.set("cart", None);
+        // The restarted process.
+        let again = Overrides::persisted(file.clone());
+        assert_eq!(again.get("orders"), Some(Backend::Legacy));
+        assert_eq!(again.get("cart"), None);
+        std::fs::write(&file, b"{not json").expect("write");
+        assert_eq!(Overrides::persisted(file).get("orders"), None);
+    }
 
     #[test]
     fn an_override_is_cleared_only_by_whoever_saw_its_current_version() {
