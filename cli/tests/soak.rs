@@ -8,6 +8,8 @@
 //! - a restart of either PostgreSQL or of ClickHouse;
 //! - a stall (SIGSTOP, then SIGCONT a few seconds later) of the orders service or
 //!   of a whole database (the postmaster and every backend);
+//! - a compound one: a rollback while Unleash is down (it reaches only the
+//!   routers' overrides), and a router restarted before Unleash is back;
 //! - a route move from the CLI (canary, promote, rollback, restore), or a rollout
 //!   controller (`strangler route rollout`) started to drive the route through its
 //!   plan on the collector's evidence, rolling back on a failing gate and stopping
@@ -637,7 +639,7 @@ async fn the_stack_under_a_fault_every_few_seconds_loses_no_order_and_honours_ev
             p.sample_rss();
         }
         let began = Instant::now();
-        let kind = match rng.random_range(0..16) {
+        let kind = match rng.random_range(0..17) {
             0 => {
                 let i = rng.random_range(0..2);
                 routers[i].kill();
@@ -718,6 +720,35 @@ async fn the_stack_under_a_fault_every_few_seconds_loses_no_order_and_honours_ev
                     let _ = kill(*p, Signal::SIGCONT);
                 }
                 format!("stall {name}")
+            }
+            11 => {
+                // Compound: a rollback while Unleash is down reaches only the
+                // routers (exit 2); a router restarts before Unleash is back and
+                // must keep the rollback (its overrides file), not follow the
+                // stale flags once Unleash answers again.
+                flags.kill();
+                let out = cli(
+                    d,
+                    &["route", "--config", "strangler.toml", "rollback", "orders"],
+                );
+                let code = out.status.code();
+                if matches!(code, Some(0 | 2)) {
+                    rollbacks_returned.push(Instant::now());
+                }
+                let i = rng.random_range(0..2);
+                routers[i].kill();
+                router_kills.push((i, Instant::now()));
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                routers[i].start();
+                // Not ready without flags; alive is enough here.
+                wait_http(&format!("{}/health", admin_urls[i]), "a restarted router").await;
+                tokio::time::sleep(Duration::from_millis(1_000)).await;
+                flags.restart().await.expect("Unleash back");
+                wait_http(&format!("{}/ready", admin_urls[i]), "a restarted router").await;
+                format!(
+                    "rollback-unleash-down (exit {}, router-{i} restarted)",
+                    code.map_or("signal".into(), |c| c.to_string())
+                )
             }
             10 => {
                 if controller.running() {
