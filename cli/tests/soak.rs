@@ -885,7 +885,7 @@ async fn the_stack_under_a_fault_every_few_seconds_loses_no_order_and_honours_ev
         let cause = faults.iter().rev().find(|f| f.began <= o.done).map_or(
             "(before any fault)".to_string(),
             |f| {
-                let mut words = f.kind.split(' ');
+                let mut words = f.kind.split(" (").next().unwrap_or(&f.kind).split(' ');
                 let (a, b) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
                 let settled = o.at > f.ended + Duration::from_secs(5);
                 format!("{a} {b}{}", if settled { " (5 s after)" } else { "" })
@@ -1041,9 +1041,10 @@ async fn the_stack_under_a_fault_every_few_seconds_loses_no_order_and_honours_ev
     }
     let mut by_kind: BTreeMap<String, u64> = BTreeMap::new();
     for f in &faults {
-        *by_kind
-            .entry(f.kind.split(" (").next().unwrap_or(&f.kind).to_string())
-            .or_default() += 1;
+        // Restores by kind, not by the entry they went back to.
+        let kind = f.kind.split(" (").next().unwrap_or(&f.kind);
+        let kind = kind.split(" --to").next().unwrap_or(kind);
+        *by_kind.entry(kind.to_string()).or_default() += 1;
     }
     let writes = outcomes.iter().filter(|o| o.write).count();
     let failed = outcomes.iter().filter(|o| o.error.is_some()).count();
