@@ -149,6 +149,17 @@ async fn wait_caught_up(source: &Client, target: &Client, slot: &str, timeout: D
     }
 }
 
+/// Two clusters: `legacy` on the source, `shop` on the target, each connected.
+async fn legacy_and_shop() -> (Postgres, Postgres, Client, Client) {
+    let (src, tgt) = tokio::join!(Postgres::start(), Postgres::start());
+    let (src, tgt) = (src.expect("source pg"), tgt.expect("target pg"));
+    src.create_database("legacy").await.expect("db");
+    tgt.create_database("shop").await.expect("db");
+    let source = src.connect("legacy").await.expect("source");
+    let target = tgt.connect("shop").await.expect("target");
+    (src, tgt, source, target)
+}
+
 async fn seed(db: &Client, customers: i32, orders: i32) {
     db.execute(
         "INSERT INTO customers (email, name) SELECT 'c' || g || '@example.com', 'Customer ' || g FROM generate_series(1, $1) g",
@@ -170,12 +181,7 @@ async fn seed(db: &Client, customers: i32, orders: i32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn snapshot_then_stream_under_writes_ends_with_exactly_the_mapped_rows() {
-    let (src, tgt) = tokio::join!(Postgres::start(), Postgres::start());
-    let (src, tgt) = (src.expect("source pg"), tgt.expect("target pg"));
-    src.create_database("legacy").await.expect("db");
-    tgt.create_database("shop").await.expect("db");
-    let source = src.connect("legacy").await.expect("source");
-    let target = tgt.connect("shop").await.expect("target");
+    let (src, tgt, source, target) = legacy_and_shop().await;
     source.batch_execute(SOURCE_SCHEMA).await.expect("schema");
     target.batch_execute(TARGET_SCHEMA).await.expect("schema");
     seed(&source, 100, 5_000).await;
@@ -609,12 +615,7 @@ async fn a_transaction_larger_than_a_batch_lands_whole_through_staging_copy_and_
         .with_env_filter("strangler_cdc=debug")
         .with_test_writer()
         .try_init();
-    let (src, tgt) = tokio::join!(Postgres::start(), Postgres::start());
-    let (src, tgt) = (src.expect("source pg"), tgt.expect("target pg"));
-    src.create_database("legacy").await.expect("db");
-    tgt.create_database("shop").await.expect("db");
-    let source = src.connect("legacy").await.expect("source");
-    let target = tgt.connect("shop").await.expect("target");
+    let (src, tgt, source, target) = legacy_and_shop().await;
     source.batch_execute(SOURCE_SCHEMA).await.expect("schema");
     target.batch_execute(TARGET_SCHEMA).await.expect("schema");
     seed(&source, 10, 100).await;
@@ -683,12 +684,7 @@ async fn a_transaction_larger_than_a_batch_lands_whole_through_staging_copy_and_
 /// tampered row is named by its whole key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_compares_rows_of_a_composite_key_by_the_whole_key() {
-    let (src, tgt) = tokio::join!(Postgres::start(), Postgres::start());
-    let (src, tgt) = (src.expect("source pg"), tgt.expect("target pg"));
-    src.create_database("legacy").await.expect("db");
-    tgt.create_database("shop").await.expect("db");
-    let source = src.connect("legacy").await.expect("source");
-    let target = tgt.connect("shop").await.expect("target");
+    let (src, tgt, source, target) = legacy_and_shop().await;
     source
         .batch_execute(
             "CREATE TABLE items (order_id bigint, product_id int, qty int NOT NULL, price_cents int NOT NULL, PRIMARY KEY (order_id, product_id));

@@ -720,14 +720,7 @@ async fn the_routers_aggregates_arrive_as_metric_points_with_exact_counts_across
     // rows become visible in the source table a moment before its materialized
     // views' parts do (ClickHouse commits them one after the other), so wait for
     // them, then check nothing more arrives (no count twice).
-    let counted = || async {
-        db.query(
-            "SELECT toFloat64(sum(requests)) FROM strangler.route_stats WHERE route = 'orders'",
-        )
-        .fetch_one::<f64>()
-        .await
-        .unwrap_or(-1.0)
-    };
+    let counted = || orders_counted(&db);
     support::wait_until(
         Duration::from_secs(10),
         "route_stats counting all 50",
@@ -748,9 +741,8 @@ async fn the_routers_aggregates_arrive_as_metric_points_with_exact_counts_across
 #[tokio::test]
 async fn a_retried_metrics_export_is_counted_once_whether_or_not_it_was_stored() {
     use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
-    use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
     use strangler_model::{Backend, Reason};
-    use strangler_router::stats::export::{Baseline, request};
+    use strangler_router::stats::export::{Baseline, mark_retry, request};
     use strangler_router::stats::{Key, Role, Stats};
 
     let ch = ClickHouse::start().await.expect("clickhouse");
@@ -764,21 +756,10 @@ async fn a_retried_metrics_export_is_counted_once_whether_or_not_it_was_stored()
         role: Role::Primary,
         status: 200,
     };
-    let retry =
-        |mut r: opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest| {
-            for rm in &mut r.resource_metrics {
-                if let Some(resource) = rm.resource.as_mut() {
-                    resource.attributes.push(KeyValue {
-                        key: strangler_model::names::attr::EXPORT_RETRY.into(),
-                        value: Some(AnyValue {
-                            value: Some(any_value::Value::StringValue("true".into())),
-                        }),
-                        ..Default::default()
-                    });
-                }
-            }
-            r
-        };
+    let retry = |mut r| {
+        mark_retry(&mut r);
+        r
+    };
     let mut client = MetricsServiceClient::connect(collector.grpc_url())
         .await
         .expect("connect");
@@ -806,14 +787,7 @@ async fn a_retried_metrics_export_is_counted_once_whether_or_not_it_was_stored()
     export(&mut client, retry(second)).await;
 
     let db = ch_client(&ch);
-    let counted = || async {
-        db.query(
-            "SELECT toFloat64(sum(requests)) FROM strangler.route_stats WHERE route = 'orders'",
-        )
-        .fetch_one::<f64>()
-        .await
-        .unwrap_or(-1.0)
-    };
+    let counted = || orders_counted(&db);
     support::wait_until(Duration::from_secs(10), "12 requests counted", || async {
         counted().await >= 12.0
     })
@@ -832,4 +806,12 @@ async fn a_retried_metrics_export_is_counted_once_whether_or_not_it_was_stored()
         "the duplicate was recognised\n{}",
         collector.log()
     );
+}
+
+/// Requests `route_stats` counts for the route `orders` (-1 when the query fails).
+async fn orders_counted(db: &clickhouse::Client) -> f64 {
+    db.query("SELECT toFloat64(sum(requests)) FROM strangler.route_stats WHERE route = 'orders'")
+        .fetch_one::<f64>()
+        .await
+        .unwrap_or(-1.0)
 }

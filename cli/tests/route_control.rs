@@ -18,6 +18,14 @@ fn route_section(new: SocketAddr) -> String {
     format!("{ROUTES}new = \"{new}\"\n")
 }
 
+/// A router config body: the legacy upstream and the route to `new`.
+fn legacy_and_route(legacy: SocketAddr, new: SocketAddr) -> String {
+    format!(
+        "[legacy]\nupstream = \"{legacy}\"\n\n{}",
+        route_section(new)
+    )
+}
+
 /// Runs `strangler` with `args` and the admin token in the environment.
 fn cli(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = std::process::Command::new(strangler_bin());
@@ -270,11 +278,7 @@ async fn lifecycle_commands_change_what_both_routers_do_and_are_recorded() {
 async fn rollback_takes_effect_through_overrides_when_unleash_and_a_router_are_down() {
     let legacy = Upstream::start("legacy").await;
     let new = Upstream::start("new").await;
-    let router_config = format!(
-        "[legacy]\nupstream = \"{}\"\n\n{}",
-        legacy.addr,
-        route_section(new.addr)
-    );
+    let router_config = legacy_and_route(legacy.addr, new.addr);
     let files = [("flags.json", flags_doc("strangler.orders", true, 100))];
     let files: Vec<(&str, &str)> = files.iter().map(|(n, c)| (*n, c.as_str())).collect();
     let mut r1 = Router::start(&router_config, &files, &[]).await;
@@ -357,11 +361,7 @@ async fn a_forward_moves_conditional_clear_never_lifts_an_override_a_rollback_se
 {
     let legacy = Upstream::start("legacy").await;
     let new = Upstream::start("new").await;
-    let router_config = format!(
-        "[legacy]\nupstream = \"{}\"\n\n{}",
-        legacy.addr,
-        route_section(new.addr)
-    );
+    let router_config = legacy_and_route(legacy.addr, new.addr);
     let files = [("flags.json", flags_doc("strangler.orders", true, 100))];
     let files: Vec<(&str, &str)> = files.iter().map(|(n, c)| (*n, c.as_str())).collect();
     let router = Router::start(&router_config, &files, &[]).await;
@@ -437,11 +437,7 @@ async fn a_forward_moves_conditional_clear_never_lifts_an_override_a_rollback_se
 async fn on_the_file_source_canary_rewrites_the_flags_file_the_router_watches() {
     let legacy = Upstream::start("legacy").await;
     let new = Upstream::start("new").await;
-    let router_config = format!(
-        "[legacy]\nupstream = \"{}\"\n\n{}",
-        legacy.addr,
-        route_section(new.addr)
-    );
+    let router_config = legacy_and_route(legacy.addr, new.addr);
     let router = Router::start(
         &router_config,
         &[("flags.json", "{\"version\":2,\"features\":[]}")],
@@ -483,11 +479,7 @@ async fn on_the_file_source_canary_rewrites_the_flags_file_the_router_watches() 
 async fn routers_found_by_a_dns_name_are_each_reached_and_a_rollback_counts_every_address() {
     let legacy = Upstream::start("legacy").await;
     let new = Upstream::start("new").await;
-    let router_config = format!(
-        "[legacy]\nupstream = \"{}\"\n\n{}",
-        legacy.addr,
-        route_section(new.addr)
-    );
+    let router_config = legacy_and_route(legacy.addr, new.addr);
     let flags = flags_doc("strangler.orders", true, 100);
     let admin = free_port().expect("port");
     let mut routers = Vec::new();
@@ -633,11 +625,7 @@ async fn router_and_operators_config(
 ) -> (Upstream, Upstream, Router, String) {
     let legacy = Upstream::start("legacy").await;
     let new = Upstream::start("new").await;
-    let router_config = format!(
-        "[legacy]\nupstream = \"{}\"\n\n{}",
-        legacy.addr,
-        route_section(new.addr)
-    );
+    let router_config = legacy_and_route(legacy.addr, new.addr);
     let router = Router::start(
         &router_config,
         &[("flags.json", &flags_doc("strangler.orders", true, 0))],

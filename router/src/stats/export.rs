@@ -267,8 +267,8 @@ struct ExportState {
     unacked: Option<(ExportMetricsServiceRequest, Baseline)>,
 }
 
-/// Marks every resource of `request` as sent again.
-fn mark_retry(request: &mut ExportMetricsServiceRequest) {
+/// Marks every resource of `request` as sent again ([`attr::EXPORT_RETRY`]).
+pub fn mark_retry(request: &mut ExportMetricsServiceRequest) {
     for rm in &mut request.resource_metrics {
         let resource = rm.resource.get_or_insert_with(Resource::default);
         if !resource
@@ -412,6 +412,14 @@ mod tests {
     use super::*;
     use crate::stats::{Key, Role};
 
+    /// A request the new side answered with 200 because of the flag.
+    const SERVED_BY_NEW: Key = Key {
+        backend: Backend::New,
+        reason: Reason::Flag,
+        role: Role::Primary,
+        status: 200,
+    };
+
     fn requests_in(r: &ExportMetricsServiceRequest) -> i64 {
         r.resource_metrics
             .iter()
@@ -434,12 +442,7 @@ mod tests {
     fn deltas_count_from_the_last_acknowledged_export_so_a_failed_one_loses_nothing() {
         let stats = Stats::default();
         let orders = stats.route("orders");
-        let key = Key {
-            backend: Backend::New,
-            reason: Reason::Flag,
-            role: Role::Primary,
-            status: 200,
-        };
+        let key = SERVED_BY_NEW;
         for _ in 0..3 {
             orders.record(key, false, Duration::from_millis(4));
         }
@@ -463,12 +466,7 @@ mod tests {
     fn an_unacknowledged_export_goes_again_unchanged_and_marked_before_newer_counts() {
         let stats = Arc::new(Stats::default());
         let orders = stats.route("orders");
-        let key = Key {
-            backend: Backend::New,
-            reason: Reason::Flag,
-            role: Role::Primary,
-            status: 200,
-        };
+        let key = SERVED_BY_NEW;
         for _ in 0..3 {
             orders.record(key, false, Duration::from_millis(4));
         }
